@@ -1,0 +1,27 @@
+# make demo: the embedded default run end to end.  make test: the test suite.
+# Both create .venv when needed and install the project into it (torch 2.13.0 is taken first when
+# no torch is installed, so pip does not pull a CUDA build where a CPU one is wanted).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test install clean
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m megasimpo demo --out demo_run
+
+test: $(STAMP)
+	$(PY) -m pytest tests -q
+
+clean:
+	rm -rf $(VENV) demo_run .pytest_cache

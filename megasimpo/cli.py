@@ -1,0 +1,92 @@
+"""Command line: parse -> build -> run -> close. See DESIGN.md section 3 for the contract."""
+
+import argparse
+import sys
+
+import yaml
+
+from megasimpo.config import LOSSES, LossConfig, TrainConfig
+
+LOSS_FIELDS = {"beta", "gamma_beta_ratio", "label_smoothing", "loss_type", "sft_weight",
+               "cpo_alpha", "rdpo_alpha"}
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="preference training (SimPO by default)",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("--load", help="model checkpoint directory")
+    p.add_argument("--data", nargs="+", help="training dataset prefix(es)")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--loss", choices=LOSSES)
+    p.add_argument("--ref", choices=("live", "precomputed"))
+    p.add_argument("--ref-logps", help="scored JSONL for --ref precomputed")
+    for name in ("tp", "pp", "vpp", "cp", "micro-batch-size", "global-batch-size", "seq-length",
+                 "steps", "epochs", "eval-interval", "save-interval", "exit-interval",
+                 "log-interval", "seed"):
+        p.add_argument(f"--{name}", type=int)
+    for name in ("lr", "min-lr", "warmup-ratio", "weight-decay", "clip-grad", "beta",
+                 "gamma-beta-ratio", "sft-weight", "label-smoothing", "cpo-alpha", "rdpo-alpha"):
+        p.add_argument(f"--{name}", type=float)
+    p.add_argument("--gamma", type=float, help="absolute SimPO margin (= beta * gamma-beta-ratio)")
+    p.add_argument("--loss-type", choices=("sigmoid", "hinge"))
+    p.add_argument("--precision", choices=("bf16", "fp8", "fp32"))
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction)
+    p.add_argument("--recompute", action="store_true")
+    p.add_argument("--eval-data", nargs="+")
+    p.add_argument("--config", help="YAML file of the same options (flags override it)")
+
+
+def train_config(args: dict) -> TrainConfig:
+    """TrainConfig from parsed flags over an optional YAML file (flags win)."""
+    opts = {}
+    if "config" in args:
+        with open(args["config"]) as f:
+            loaded = yaml.safe_load(f) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{args['config']}: expected a mapping of option: value")
+        opts.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    opts.update({k: v for k, v in args.items() if k not in ("config", "command")})
+    loss_opts = {k: opts.pop(k) for k in list(opts) if k in LOSS_FIELDS}
+    name = opts.pop("loss", "simpo")
+    gamma = opts.pop("gamma", None)
+    if gamma is not None:
+        beta = loss_opts.get("beta") or LossConfig(name=name).beta
+        loss_opts["gamma_beta_ratio"] = gamma / beta
+    for key in ("data", "eval_data"):
+        if key in opts:
+            opts[key] = tuple([opts[key]] if isinstance(opts[key], str) else opts[key])
+    missing = [k for k in ("load", "data", "out") if k not in opts]
+    if missing:
+        raise ValueError("train needs " + ", ".join("--" + k for k in missing))
+    known = set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s): {', '.join(unknown)}")
+    return TrainConfig(loss=LossConfig(name=name, **loss_opts), **opts)
+
+
+def main(argv=None) -> None:
+    """Entry point of ``megasimpo`` / ``python -m megasimpo``."""
+    parser = argparse.ArgumentParser(prog="megasimpo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    demo = sub.add_parser("demo", help="tiny model + bundled data, SimPO at TP=2 on CPU")
+    demo.add_argument("--out", default="demo_run")
+    demo.add_argument("--steps", type=int, default=60)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            from megasimpo.trainer import train
+
+            train(train_config(vars(args)))
+        elif args.command == "demo":
+            from megasimpo.demo import run_demo
+
+            run_demo(args.out, steps=args.steps)
+    except ValueError as e:
+        print(f"megasimpo {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,318 @@
+"""Typed, frozen run configuration, grouped by concern.
+
+Every field is documented where it is declared; values are validated in ``__post_init__`` so a bad
+value fails at start-up with the value in the message. Values derived from the checkpoint or the world
+(layout, batch split) come from the planner and ``ModelConfig.from_hf``, not from the user.
+"""
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+LOSSES = ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo")
+REFERENCE_LOSSES = ("dpo", "ipo", "rdpo")  # losses that need reference-model log-probs
+DEFAULT_BETA = {"simpo": 2.0, "dpo": 0.1, "ipo": 0.1, "cpo": 0.1, "orpo": 0.1, "rdpo": 0.1}
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Llama-3 style RoPE frequency scaling (HF ``rope_scaling`` with ``rope_type: llama3``)."""
+
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder, as read from an HF ``config.json``."""
+
+    architecture: str = "LlamaForCausalLM"  # HF architectures[0]
+    num_layers: int  # transformer layers
+    hidden_size: int  # model width
+    ffn_hidden_size: int  # SwiGLU intermediate size
+    num_attention_heads: int  # query heads
+    num_query_groups: int  # KV heads (GQA); == num_attention_heads for MHA
+    head_dim: int  # per-head width (kv_channels)
+    vocab_size: int  # embedding rows (unpadded, as in the checkpoint)
+    max_position_embeddings: int  # longest sequence the model was built for
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: Optional[RopeScaling] = None  # Llama-3 scaling, None for plain RoPE
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_word_embeddings: bool = False  # output layer shares the input embedding
+    qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
+    dtype: str = "bfloat16"  # dtype the weights were stored in
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "head_dim", "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name}={getattr(self, name)} must be positive")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(
+                f"model config: num_attention_heads={self.num_attention_heads} is not a multiple "
+                f"of num_key_value_heads={self.num_query_groups}"
+            )
+
+    @property
+    def num_parameters(self) -> int:
+        """Total parameter count (embeddings counted once when tied)."""
+        h, f, L, v = self.hidden_size, self.ffn_hidden_size, self.num_layers, self.vocab_size
+        q = self.num_attention_heads * self.head_dim
+        kv = 2 * self.num_query_groups * self.head_dim
+        attn = h * (q + kv) + q * h + (q + kv if self.qkv_bias else 0)
+        per_layer = attn + 3 * h * f + 2 * h
+        return L * per_layer + h + v * h * (1 if self.tie_word_embeddings else 2)
+
+    @classmethod
+    def from_hf(cls, path: str) -> "ModelConfig":
+        """Reads an HF ``config.json`` (or the directory holding it)."""
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            try:
+                hf = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        return cls.from_hf_dict(hf, source=path)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
+        """Builds a ModelConfig from the parsed HF config dictionary."""
+        arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"{source}: architectures={hf.get('architectures')} is not supported; supported: "
+                + ", ".join(SUPPORTED_ARCHITECTURES)
+            )
+
+        def need(key):
+            if key not in hf:
+                raise ValueError(f"{source}: missing field {key!r}")
+            return hf[key]
+
+        heads = need("num_attention_heads")
+        rope = hf.get("rope_scaling") or None
+        rope_theta = hf.get("rope_theta", 10000.0)
+        if rope is None and isinstance(hf.get("rope_parameters"), dict):  # transformers >= 5 layout
+            params = hf["rope_parameters"]
+            rope_theta = params.get("rope_theta", rope_theta)
+            rope = params if params.get("rope_type", "default") != "default" else None
+        scaling = None
+        if rope is not None:
+            kind = rope.get("rope_type", rope.get("type"))
+            if kind != "llama3":
+                raise ValueError(
+                    f"{source}: rope_scaling type {kind!r} is not supported (supported: llama3)"
+                )
+            scaling = RopeScaling(
+                factor=float(rope["factor"]),
+                low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                original_max_position_embeddings=int(
+                    rope.get("original_max_position_embeddings", 8192)
+                ),
+            )
+        hidden = need("hidden_size")
+        return cls(
+            architecture=arch,
+            num_layers=need("num_hidden_layers"),
+            hidden_size=hidden,
+            ffn_hidden_size=need("intermediate_size"),
+            num_attention_heads=heads,
+            num_query_groups=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hidden // heads,
+            vocab_size=need("vocab_size"),
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            rope_theta=float(rope_theta),
+            rope_scaling=scaling,
+            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"),
+        )
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for metadata files and config.yaml."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    """Which preference loss, and its hyper-parameters (paper defaults)."""
+
+    name: str = "simpo"  # one of LOSSES
+    beta: Optional[float] = None  # None -> DEFAULT_BETA[name]; IPO's tau; ORPO's lambda
+    gamma_beta_ratio: float = 0.5  # SimPO target margin over beta (gamma = beta * ratio)
+    label_smoothing: float = 0.0  # conservative-DPO / SimPO label smoothing in [0, 0.5)
+    loss_type: str = "sigmoid"  # "sigmoid" or "hinge" (SimPO, DPO, R-DPO, CPO)
+    sft_weight: float = 0.0  # SimPO: weight of the chosen-response NLL added to the loss
+    cpo_alpha: float = 1.0  # CPO: weight of the chosen-response NLL
+    rdpo_alpha: float = 0.0  # R-DPO: length-regularisation strength alpha (per token)
+
+    def __post_init__(self):
+        if self.name not in LOSSES:
+            raise ValueError(f"--loss {self.name!r} is not one of {', '.join(LOSSES)}")
+        if self.beta is None:
+            object.__setattr__(self, "beta", DEFAULT_BETA[self.name])
+        if self.beta <= 0:
+            raise ValueError(f"--beta {self.beta} must be positive")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing {self.label_smoothing} must be in [0, 0.5)")
+        if self.loss_type not in ("sigmoid", "hinge"):
+            raise ValueError(f"loss_type {self.loss_type!r} must be 'sigmoid' or 'hinge'")
+        if self.sft_weight < 0:
+            raise ValueError(f"--sft-weight {self.sft_weight} must be >= 0")
+
+    @property
+    def gamma(self) -> float:
+        """SimPO's absolute target reward margin."""
+        return self.beta * self.gamma_beta_ratio
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether this loss compares against a reference model."""
+        return self.name in REFERENCE_LOSSES
+
+
+@dataclass(frozen=True, kw_only=True)
+class Layout:
+    """How one model replica is split over ranks, and how many replicas there are."""
+
+    tp: int = 1  # tensor-parallel size (splits heads, FFN and vocabulary)
+    pp: int = 1  # pipeline-parallel stages
+    vpp: Optional[int] = None  # virtual stages (model chunks) per pipeline rank, interleaved schedule
+    cp: int = 1  # context-parallel size (splits the sequence; needs Transformer Engine attention)
+    dp: int = 1  # data-parallel replicas = world / (tp * pp * cp)
+    sequence_parallel: bool = False  # shard norms/dropout activations over TP (only with tp > 1)
+
+    @property
+    def world_size(self) -> int:
+        """Ranks the layout occupies."""
+        return self.tp * self.pp * self.cp * self.dp
+
+    @property
+    def num_chunks(self) -> int:
+        """Model chunks each rank holds (vpp, or 1 without interleaving)."""
+        return self.vpp or 1
+
+    @classmethod
+    def resolve(cls, model: ModelConfig, world_size: int, *, tp: int = 1, pp: int = 1,
+                vpp: Optional[int] = None, cp: int = 1,
+                sequence_parallel: Optional[bool] = None,
+                fused_norms: bool = False) -> "Layout":
+        """Checks a requested split against the model and the world; DP takes the remaining ranks.
+
+        Raises ValueError naming the offending values, so a bad layout fails before any process
+        group or weight is created. ``fused_norms``: TE or apex norms are importable (sequence
+        parallelism needs them; it is on by default whenever they are and tp > 1).
+        """
+        for name, v in (("--tp", tp), ("--pp", pp), ("--cp", cp)):
+            if v < 1:
+                raise ValueError(f"{name} {v} must be >= 1")
+        model_ranks = tp * pp * cp
+        if world_size % model_ranks:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp} = {model_ranks}"
+            )
+        if model.num_attention_heads % tp:
+            raise ValueError(
+                f"--tp {tp} does not divide the model's {model.num_attention_heads} attention heads"
+            )
+        if model.num_query_groups % tp:
+            raise ValueError(
+                f"--tp {tp} does not divide the model's {model.num_query_groups} KV heads"
+                " (num_key_value_heads)"
+            )
+        if vpp is not None and vpp > 1 and pp == 1:
+            raise ValueError(f"--vpp {vpp} needs --pp > 1 (interleaving splits pipeline stages)")
+        chunks = pp * (vpp or 1)
+        if model.num_layers % chunks:
+            raise ValueError(
+                f"the model's {model.num_layers} layers do not split evenly over pp*vpp = "
+                f"{pp}*{vpp or 1} = {chunks} pipeline chunks"
+            )
+        if sequence_parallel is None:
+            sequence_parallel = tp > 1 and fused_norms
+        if sequence_parallel and tp == 1:
+            raise ValueError("sequence parallelism needs --tp > 1")
+        if sequence_parallel and not fused_norms:
+            raise ValueError("sequence parallelism needs Transformer Engine or apex norms "
+                             "(neither imports here)")
+        return cls(tp=tp, pp=pp, vpp=vpp if vpp and vpp > 1 else None, cp=cp,
+                   dp=world_size // model_ranks, sequence_parallel=sequence_parallel)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One training run: inputs, outputs, schedule and the requested (partial) layout."""
+
+    load: str  # model checkpoint to start from (tools/convert_hf.py import, or a run's model/)
+    data: tuple  # training dataset prefixes (.bin/.idx), concatenated
+    out: str  # run directory: metrics, config.yaml, checkpoints, final model/
+    loss: LossConfig = field(default_factory=LossConfig)
+    ref: str = "live"  # reference log-probs for dpo/ipo/rdpo: "live" frozen copy or "precomputed"
+    ref_logps: Optional[str] = None  # --ref precomputed: JSONL from `megasimpo score` (default: beside data)
+    tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline-parallel size
+    vpp: Optional[int] = None  # virtual pipeline chunks per rank
+    cp: int = 1  # context-parallel size
+    sequence_parallel: Optional[bool] = None  # None: on when tp > 1 and fused norms exist
+    micro_batch_size: int = 1  # pairs per micro-batch per DP rank
+    global_batch_size: int = 128  # pairs per optimizer step, all ranks
+    seq_length: Optional[int] = None  # None: longest pair in the data (capped by the model)
+    steps: Optional[int] = None  # optimizer steps; None: epochs x steps per epoch
+    epochs: int = 1  # passes over the training data when steps is None
+    lr: float = 6e-7  # peak learning rate (SimPO's Llama-3-8B-Instruct setting)
+    min_lr: float = 0.0  # cosine floor
+    warmup_ratio: float = 0.1  # share of steps with linear warm-up
+    weight_decay: float = 0.0  # AdamW weight decay
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0  # global grad-norm clip
+    precision: Optional[str] = None  # bf16 | fp8 | fp32; None: bf16 on GPU, fp32 on CPU
+    eval_data: tuple = ()  # held-out prefixes
+    eval_interval: int = 0  # evaluate every N steps (and at start and end); 0: start and end only
+    save_interval: int = 0  # full checkpoint every N steps; 0: final model only
+    exit_interval: Optional[int] = None  # checkpoint and exit 0 after step N
+    log_interval: int = 1  # metrics rows every N steps
+    seed: int = 1234  # data order and any random init
+    recompute: bool = False  # full activation recompute
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("--data needs at least one dataset prefix")
+        if self.ref not in ("live", "precomputed"):
+            raise ValueError(f"--ref {self.ref!r} must be 'live' or 'precomputed'")
+        for name in ("micro_batch_size", "global_batch_size", "epochs", "log_interval"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"--steps {self.steps} must be >= 1")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError(f"--lr {self.lr} / --min-lr {self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)")
+
+    def to_dict(self) -> dict:
+        """Plain dict (for config.yaml)."""
+        d = dataclasses.asdict(self)
+        d["data"], d["eval_data"] = list(self.data), list(self.eval_data)
+        return d

@@ -1,0 +1,96 @@
+"""Where step metrics go: RUN_DIR/metrics.jsonl, TensorBoard, and the throughput figures.
+
+FLOPs follow Megatron's accounting for a dense GQA SwiGLU decoder: every weight GEMM costs 2 FLOPs
+per multiply-add per token, attention scores and values cost 2 x 2 x s x (heads x head_dim) per token
+per layer, halved for the causal mask, and training costs 3x the forward (forward + 2x backward).
+"""
+
+import json
+import os
+import resource
+from typing import Optional
+
+import torch
+
+from megasimpo.config import ModelConfig
+from megasimpo.model import padded_vocab_size
+
+# Dense BF16 peak TFLOP/s by device name fragment (FP8 is twice these on Hopper).
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "B200": 2250.0}
+
+
+def forward_flops_per_token(model: ModelConfig, seq_length: int) -> float:
+    """Forward FLOPs per token, logits included, causal attention halved."""
+    h, q = model.hidden_size, model.num_attention_heads * model.head_dim
+    kv = 2 * model.num_query_groups * model.head_dim
+    gemm = h * (q + kv) + q * h + 3 * h * model.ffn_hidden_size  # QKV, proj, SwiGLU fc1+fc2
+    attention = 2 * seq_length * q / 2  # QK^T and AV, causal half
+    return 2.0 * (model.num_layers * (gemm + attention) + h * padded_vocab_size(model.vocab_size))
+
+
+def step_flops(model: ModelConfig, seq_length: int, num_sequences: int, *,
+               reference_forwards: int = 0) -> float:
+    """FLOPs of one optimizer step over ``num_sequences`` padded rows (+ frozen forwards)."""
+    per_seq = forward_flops_per_token(model, seq_length) * seq_length
+    return per_seq * num_sequences * (3 + reference_forwards)
+
+
+def peak_tflops(precision: str) -> Optional[float]:
+    """This GPU's dense peak TFLOP/s for the precision, or None when unknown (CPU)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, bf16 in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return bf16 * (2 if precision == "fp8" else 1) if precision != "fp32" else bf16 / 2
+    return None
+
+
+def peak_memory_gb() -> float:
+    """Peak GPU memory allocated (GPU) or peak resident set size (CPU), in GB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+
+
+class MetricsSink:
+    """Appends metric rows to metrics.jsonl and TensorBoard (rank 0 only; others no-op)."""
+
+    def __init__(self, run_dir: str, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self._file = None
+        self._tb = None
+        if enabled:
+            os.makedirs(run_dir, exist_ok=True)
+            self._file = open(self.path, "a")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            except Exception:  # TensorBoard is optional at run time; JSONL is the contract
+                self._tb = None
+
+    def write(self, row: dict) -> None:
+        """One row: {"step": int, name: float, ...}."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)):
+                    self._tb.add_scalar(k, v, row["step"])
+
+    def close(self) -> None:
+        """Flushes and closes the files."""
+        if self._file:
+            self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(run_dir: str) -> list:
+    """The rows of RUN_DIR/metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

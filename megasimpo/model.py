@@ -1,0 +1,227 @@
+"""Megatron-Core GPTModel chunks for a Llama-family ModelConfig.
+
+Llama, Mistral and Qwen2 are the same GPTModel: RMSNorm, SwiGLU MLP, RoPE (optionally Llama-3
+scaled), grouped-query attention, tied or untied embeddings, optional QKV bias. The Transformer
+Engine layer spec is used when ``transformer_engine`` imports, Megatron's local spec otherwise; both
+save the same checkpoint keys (the local spec maps its norms onto TE's fused names).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megasimpo.config import Layout, ModelConfig
+
+VOCAB_MULTIPLE = 128  # embedding rows are padded to this so checkpoints reshard to any TP <= 128
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    """Embedding/output rows as stored: vocab rounded up to VOCAB_MULTIPLE (padding never scores)."""
+    return math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+def have_te() -> bool:
+    """Whether Transformer Engine's PyTorch extension imports here."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def have_fused_norms() -> bool:
+    """Whether norms that support sequence parallelism (TE or apex) are available."""
+    if have_te():
+        return True
+    try:
+        from megatron.core.fusions.fused_layer_norm import HAVE_FUSED_LAYER_NORM
+    except Exception:
+        return False
+    return bool(HAVE_FUSED_LAYER_NORM) and torch.cuda.is_available()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Precision:
+    """Numerics of a run: weight/compute dtype and FP8."""
+
+    name: str = "bf16"  # bf16 | fp8 | fp32
+
+    def __post_init__(self):
+        if self.name not in ("bf16", "fp8", "fp32"):
+            raise ValueError(f"--precision {self.name!r} must be bf16, fp8 or fp32")
+        if self.name == "fp8" and not have_te():
+            raise ValueError("--precision fp8 needs Transformer Engine on a CUDA GPU")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Parameter and activation dtype (FP8 runs keep BF16 weights; TE casts GEMM inputs)."""
+        return torch.float32 if self.name == "fp32" else torch.bfloat16
+
+    @classmethod
+    def default(cls) -> "Precision":
+        """BF16 on GPU, FP32 on CPU (CPU BF16 matmuls are slow and only approximate)."""
+        return cls(name="bf16" if torch.cuda.is_available() else "fp32")
+
+
+def transformer_config(model: ModelConfig, layout: Layout, precision: Precision, *,
+                       init_weights: bool = True, recompute: bool = False):
+    """Megatron TransformerConfig for this model, layout and precision."""
+    from megatron.core.transformer import TransformerConfig
+
+    on_gpu = torch.cuda.is_available()
+    te = have_te()
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.sequence_parallel,
+        params_dtype=precision.dtype,
+        pipeline_dtype=precision.dtype,
+        bf16=precision.dtype == torch.bfloat16,
+        fp8="hybrid" if precision.name == "fp8" else None,
+        fp8_recipe="delayed" if precision.name == "fp8" else "delayed",
+        fp8_amax_history_len=1024 if precision.name == "fp8" else 1,
+        fp8_amax_compute_algo="max" if precision.name == "fp8" else "most_recent",
+        # Fused kernels exist only on CUDA (some only with TE/apex); numerics are the same.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=te,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=te,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=init_weights,
+        # Losses return sums over pairs and the pair count; Megatron divides by the global count.
+        calculate_per_token_loss=True,
+        recompute_granularity="full" if recompute else None,
+        recompute_method="uniform" if recompute else None,
+        recompute_num_layers=1 if recompute else None,
+        deallocate_pipeline_outputs=True,
+    )
+
+
+def layer_spec(model: ModelConfig):
+    """TE spec when Transformer Engine is usable, else Megatron's local (pure PyTorch) spec."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if have_te():
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def _apply_rope_scaling(gpt, model: ModelConfig) -> None:
+    """Sets Llama-3 scaled RoPE frequencies from the checkpoint's own scaling parameters.
+
+    GPTModel only forwards the factor (with Llama-3.1's other constants hard-coded), so the
+    frequencies are recomputed from the full set the HF config gives.
+    """
+    rope = gpt.rotary_pos_emb
+    s = model.rope_scaling
+    dim = model.head_dim
+    base = 1.0 / (model.rope_theta ** (
+        torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
+    if s is not None:
+        base = rope._apply_scaling(base, factor=s.factor, low_freq_factor=s.low_freq_factor,
+                                   high_freq_factor=s.high_freq_factor,
+                                   original_max_position_embeddings=s.original_max_position_embeddings)
+    rope.inv_freq = base
+
+
+def build_chunks(model: ModelConfig, layout: Layout, precision: Precision, *,
+                 init_weights: bool = True, recompute: bool = False,
+                 seed: Optional[int] = None) -> list:
+    """This rank's model chunks (one per virtual stage), unwrapped, on the current device.
+
+    With ``init_weights`` the weights are drawn from ``seed`` exactly as a single-rank model would
+    draw them (CPU initialisation splits a full master weight), so any layout starts identical.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    from megasimpo.parallel.groups import chunk_stages
+
+    config = transformer_config(model, layout, precision, init_weights=init_weights,
+                                recompute=recompute)
+    spec = layer_spec(model)
+    chunks = []
+    if seed is not None:
+        torch.manual_seed(seed)
+    for vp in range(layout.num_chunks):
+        vp_stage = vp if layout.vpp else None
+        pre, post = chunk_stages(vp_stage)
+        gpt = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(model.vocab_size),
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(model.rope_theta) if float(model.rope_theta).is_integer()
+            else model.rope_theta,
+            vp_stage=vp_stage,
+        )
+        _apply_rope_scaling(gpt, model)
+        if torch.cuda.is_available():
+            gpt.cuda(torch.cuda.current_device())
+        chunks.append(gpt)
+    return chunks
+
+
+def wrap_for_training(chunks: list, precision: Precision) -> list:
+    """Float16Module (BF16) + Megatron DDP with the distributed optimizer's grad buffers."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.transformer.module import Float16Module
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=True,
+        check_for_nan_in_grad=False,  # non-finite steps are skipped by the trainer instead
+    )
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        config = chunk.config
+        module = Float16Module(config, chunk) if config.bf16 else chunk
+        wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config,
+                                               module=module, disable_bucketing=i > 0))
+    return wrapped
+
+
+def wrap_frozen(chunks: list, precision: Precision) -> list:
+    """A frozen model (live reference / scoring): precision cast, eval mode, no grads."""
+    from megatron.core.transformer.module import Float16Module
+
+    out = []
+    for chunk in chunks:
+        module = Float16Module(chunk.config, chunk) if chunk.config.bf16 else chunk
+        module.eval()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        out.append(module)
+    return out
+
+
+def unwrap(module):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module

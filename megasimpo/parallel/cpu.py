@@ -1,0 +1,72 @@
+"""Running Megatron-Core on CPU with gloo (tests, the demo, machines without CUDA).
+
+Megatron-Core 0.16 assumes CUDA in a handful of places that are not numerics: factory calls with
+``device="cuda"``, ``Tensor.cuda()``, ``torch.cuda.current_device()`` as a device argument, the CUDA
+RNG helpers used by its RNG tracker, ``torch.cuda.synchronize`` and the optimizer's dtype asserts on
+``Tensor.type()`` names. :func:`enable` redirects exactly those to the CPU. It is a no-op when CUDA is
+available, and it never changes what any kernel computes: every redirected call lands on the same
+CPU op it would have run had the caller asked for the CPU.
+"""
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CUDA_TYPE_NAMES = {
+    torch.float32: "torch.cuda.FloatTensor",
+    torch.float16: "torch.cuda.HalfTensor",
+    torch.bfloat16: "torch.cuda.BFloat16Tensor",
+}
+_enabled = False
+_mode = None
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # Integers are CUDA ordinals in Megatron's calls (torch.cuda.current_device()).
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps CUDA device arguments to the CPU and reports CUDA type names for CPU tensors."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to:
+            args = tuple("cpu" if i > 0 and _is_cuda(a) else a for i, a in enumerate(args))
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = _CUDA_TYPE_NAMES.get(args[0].dtype)
+            if name is not None:
+                return name
+        return func(*args, **kwargs)
+
+
+def enable() -> bool:
+    """Installs the CPU redirect when CUDA is absent; returns whether it is active. Idempotent."""
+    global _enabled, _mode
+    if torch.cuda.is_available():
+        return False
+    if _enabled:
+        return True
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.manual_seed = lambda *a, **k: None
+    torch.cuda.manual_seed_all = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.empty_cache = lambda: None
+    # The RNG tracker (dropout, TP weight init) forks and restores "CUDA" states: use the CPU one.
+    mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    _mode = _CudaToCpuMode()
+    _mode.__enter__()
+    _enabled = True
+    return True

@@ -1,0 +1,141 @@
+"""forward_step and loss_func for Megatron's ``get_forward_backward_func``.
+
+A micro-batch of b pairs is 2b rows (chosen rows, then rejected rows), so a pair's two sequences
+always meet in the same loss call. On the last pipeline stage the logits become vocab-parallel
+per-token log-probs, then masked per-sequence sums (all-reduced over CP), then the preference loss.
+The loss function returns the SUM over pairs and the pair count; Megatron divides the gradients by
+the global pair count (``calculate_per_token_loss``), so any DP/PP/micro-batch split averages alike.
+"""
+
+from functools import partial
+from typing import Optional
+
+import torch
+
+from megasimpo.config import LossConfig
+from megasimpo.losses import PairLogps, preference_loss
+from megasimpo.parallel.groups import ProcessGroups
+from megasimpo.parallel.logprobs import sequence_logps, vocab_parallel_logprobs
+
+# Statistics every reporting rank sends, in this order, after the loss's own metrics.
+COUNT_KEYS = ("lengths/chosen", "lengths/rejected", "rank_accuracy", "num_pairs", "num_tokens")
+
+
+def cp_slice(batch: dict, cp_rank: int, cp_size: int) -> dict:
+    """This CP rank's share of every [rows, s] tensor: chunks r and 2cp-1-r of 2cp (load balance).
+
+    Megatron's context-parallel attention expects exactly this split of the causal sequence.
+    """
+    if cp_size == 1:
+        return batch
+    out = {}
+    for key, t in batch.items():
+        if t.dim() == 2 and key != "ref_logps":
+            chunks = t.view(t.shape[0], 2 * cp_size, t.shape[1] // (2 * cp_size))
+            out[key] = torch.cat([chunks[:, cp_rank], chunks[:, 2 * cp_size - 1 - cp_rank]], 1)
+        else:
+            out[key] = t
+    return out
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
+    """Sets logits of the padding rows of the embedding (ids >= vocab_size) to -inf.
+
+    logits [..., v_pad/tp]; the padding exists only so every TP size divides the vocabulary, and it
+    must not take probability mass the HF model would not give it.
+    """
+    shard = logits.shape[-1]
+    first_pad = vocab_size - tp_rank * shard
+    if first_pad >= shard:
+        return logits
+    pad = torch.arange(shard, device=logits.device) >= max(first_pad, 0)
+    return logits.masked_fill(pad, float("-inf"))
+
+
+class PairStep:
+    """The per-micro-batch computation, bound to a loss and this rank's groups."""
+
+    def __init__(self, loss: LossConfig, groups: ProcessGroups, vocab_size: int):
+        self.loss = loss
+        self.groups = groups
+        self.vocab_size = vocab_size
+        self.metric_keys = self._metric_keys(loss)
+
+    @staticmethod
+    def _metric_keys(loss: LossConfig) -> tuple:
+        """The loss's metric names in a fixed order (also validates the loss options early)."""
+        one = torch.ones(1)
+        ref = one if loss.needs_reference else None
+        _, metrics = preference_loss(loss, PairLogps(-one, -one, one, one, ref, ref))
+        return tuple(sorted(metrics))
+
+    @property
+    def stat_keys(self) -> tuple:
+        """Names of the entries of the statistics vector each micro-batch reports."""
+        return ("loss",) + self.metric_keys + COUNT_KEYS
+
+    def _sequence_logps(self, batch: dict, output: torch.Tensor):
+        """[2b, s, v/tp] logits -> per-sequence (sums [2b], counts [2b])."""
+        logits = mask_padded_vocab(output, self.vocab_size, self.groups.tp_rank)
+        token_logps = vocab_parallel_logprobs(logits, batch["labels"], self.groups.tp)
+        return sequence_logps(token_logps, batch["loss_mask"], self.groups.cp)
+
+    def forward_step(self, data_iterator, model, *, loss_fn=None):
+        """Megatron forward_step: runs this stage's chunk, returns (output, loss closure)."""
+        batch = cp_slice(next(data_iterator), self.groups.cp_rank, self.groups.layout.cp)
+        output = model(batch["tokens"], batch["position_ids"], None)
+        return output, partial(loss_fn or self.loss_func, batch)
+
+    def loss_func(self, batch: dict, output: torch.Tensor):
+        """(loss sum x CP size, pair count, {"stats": vector in ``stat_keys`` order})."""
+        sums, counts = self._sequence_logps(batch, output)
+        b = sums.shape[0] // 2
+        ref = batch.get("ref_logps")
+        x = PairLogps(sums[:b], sums[b:], counts[:b], counts[b:],
+                      None if ref is None else ref[:, 0], None if ref is None else ref[:, 1])
+        weights = batch.get("weights")
+        loss_sum, metrics = preference_loss(self.loss, x, weights)
+        w = torch.ones(b) if weights is None else weights.float()
+        avg = sums.detach() / counts
+        stats = [loss_sum.detach()] + [metrics[k] for k in self.metric_keys] + [
+            (counts[:b] * w).sum(), (counts[b:] * w).sum(),
+            ((avg[:b] > avg[b:]).float() * w).sum(), w.sum(), batch["num_tokens"].float().sum(),
+        ]
+        num_pairs = w.sum().to(torch.int)
+        # Each CP rank computes the same loss from all-reduced sums but back-propagates only
+        # into its own tokens; Megatron sums gradients over DP x CP and divides by the pair
+        # count summed over DP x CP, so the CP factor restores the true gradient.
+        return loss_sum * self.groups.layout.cp, num_pairs, {
+            "stats": torch.stack([s.float().reshape(()) for s in stats])}
+
+    def score_func(self, batch: dict, output: torch.Tensor):
+        """Forward-only loss closure returning per-pair summed log-probs and token counts."""
+        sums, counts = self._sequence_logps(batch, output)
+        b = sums.shape[0] // 2
+        return (sums.sum() * 0.0, torch.tensor(0, dtype=torch.int),
+                {"logps": torch.stack([sums[:b], sums[b:]], 1).detach(),
+                 "counts": torch.stack([counts[:b], counts[b:]], 1)})
+
+
+def reduce_stats(step: PairStep, outputs: list, groups: ProcessGroups) -> Optional[dict]:
+    """Sums micro-batch statistics, then over the world (one reporting rank per DP replica).
+
+    Returns per-pair means (and token totals) on every rank; every rank must call it.
+    """
+    import torch.distributed as dist
+
+    vec = torch.zeros(len(step.stat_keys), dtype=torch.float64)
+    if groups.reports_metrics:
+        for out in outputs:
+            vec += out["stats"].double().cpu()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        vec = vec.to(dev)
+        dist.all_reduce(vec)
+        vec = vec.cpu()
+    total = dict(zip(step.stat_keys, vec.tolist()))
+    n = max(total["num_pairs"], 1.0)
+    out = {k: v / n for k, v in total.items() if k not in ("num_pairs", "num_tokens")}
+    out["num_pairs"] = total["num_pairs"]
+    out["num_tokens"] = total["num_tokens"]
+    return out

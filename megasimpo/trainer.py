@@ -1,0 +1,287 @@
+"""The training loop: Megatron schedules, DDP, distributed optimizer, cosine LR, eval, metrics.
+
+One optimizer step = this rank's micro-batches through ``get_forward_backward_func`` (Megatron's
+own no-pipelining, 1F1B or interleaved schedule), ``finalize_model_grads`` (DP reduce-scatter,
+embedding sync, division by the global pair count), then the distributed optimizer. A live DPO
+reference is a frozen copy at the same layout that runs forward-only over the same micro-batches.
+"""
+
+import dataclasses
+import math
+import os
+import time
+from typing import Optional
+
+import torch
+import yaml
+
+from megasimpo import checkpoint
+from megasimpo.config import Layout, TrainConfig
+from megasimpo.data.indexed import PairDataset
+from megasimpo.data.loader import (BatchLayout, PairSampler, collate_pairs, count_truncated,
+                                   default_seq_length)
+from megasimpo.metrics import MetricsSink, peak_memory_gb, peak_tflops, step_flops
+from megasimpo.model import (Precision, build_chunks, have_fused_norms, unwrap, wrap_for_training,
+                             wrap_frozen)
+from megasimpo.parallel import groups as pgroups
+from megasimpo.step import PairStep, reduce_stats
+
+PAD_ID = 0  # right padding under a causal mask is never attended to nor scored
+
+
+class ConcatPairs:
+    """Several pair datasets read as one (``--data A B``), in the order given."""
+
+    def __init__(self, prefixes):
+        self.parts = [PairDataset(p) for p in prefixes]
+        self.offsets = [0]
+        for part in self.parts:
+            self.offsets.append(self.offsets[-1] + len(part))
+
+    def __len__(self):
+        return self.offsets[-1]
+
+    def __getitem__(self, i):
+        for k, part in enumerate(self.parts):
+            if i < self.offsets[k + 1]:
+                return part[i - self.offsets[k]]
+        raise IndexError(i)
+
+    def lengths(self):
+        import numpy as np
+
+        return np.concatenate([p.lengths() for p in self.parts])
+
+
+def make_batch(dataset, indices, seq_length: int, weights=None) -> dict:
+    """Collated micro-batch for pair ``indices`` plus real-token count and pair weights."""
+    pairs = [dataset[int(i)] for i in indices]
+    batch = collate_pairs(pairs, seq_length, PAD_ID)
+    rows = [len(p.prompt_ids) + len(r) - 1 for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
+    batch["num_tokens"] = torch.tensor(sum(min(n, seq_length) for n in rows))
+    batch["weights"] = torch.ones(len(pairs)) if weights is None else torch.as_tensor(weights)
+    if torch.cuda.is_available():
+        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    return batch
+
+
+class Trainer:
+    """Builds everything for a TrainConfig at the current world size, then runs it."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        rank, world = pgroups.init_distributed()
+        self.is_rank0 = rank == 0
+        self.model_cfg = checkpoint.model_config(cfg.load)
+        self.layout = Layout.resolve(self.model_cfg, world, tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp,
+                                     cp=cfg.cp, sequence_parallel=cfg.sequence_parallel,
+                                     fused_norms=have_fused_norms())
+        self.precision = Precision(name=cfg.precision) if cfg.precision else Precision.default()
+        self.groups = pgroups.initialize(self.layout, cfg.seed)
+        self.step_fn = PairStep(cfg.loss, self.groups, self.model_cfg.vocab_size)
+        self._setup_data()
+        self._setup_model()
+
+    # ----- set-up -------------------------------------------------------------------------
+
+    def _setup_data(self):
+        cfg, lay = self.cfg, self.layout
+        self.train_data = ConcatPairs(cfg.data)
+        self.eval_data = ConcatPairs(cfg.eval_data) if cfg.eval_data else None
+        per_step = cfg.micro_batch_size * lay.dp
+        if cfg.global_batch_size % per_step:
+            raise ValueError(
+                f"--global-batch-size {cfg.global_batch_size} is not a multiple of "
+                f"micro-batch-size x DP = {cfg.micro_batch_size} x {lay.dp} = {per_step}")
+        self.num_microbatches = cfg.global_batch_size // per_step
+        multiple = 2 * lay.cp * (lay.tp if lay.sequence_parallel else 1)
+        cap = self.model_cfg.max_position_embeddings
+        datasets = [self.train_data] + ([self.eval_data] if self.eval_data else [])
+        self.seq_length = cfg.seq_length or max(default_seq_length(d, multiple, cap) for d in datasets)
+        if self.seq_length % multiple:
+            raise ValueError(f"--seq-length {self.seq_length} must be a multiple of {multiple} "
+                             f"(2 x cp{' x tp with sequence parallelism' if lay.sequence_parallel else ''})")
+        self.num_truncated = sum(count_truncated(d, self.seq_length) for d in datasets)
+        self.sampler = PairSampler(
+            len(self.train_data),
+            BatchLayout(micro_batch_size=cfg.micro_batch_size, num_microbatches=self.num_microbatches,
+                        dp_rank=self.groups.dp_rank, dp_size=lay.dp),
+            cfg.seed)
+        self.num_steps = cfg.steps or cfg.epochs * self.sampler.steps_per_epoch
+
+    def _setup_model(self):
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg = self.cfg
+        chunks = build_chunks(self.model_cfg, self.layout, self.precision, init_weights=False,
+                              recompute=cfg.recompute)
+        checkpoint.load_model(chunks, cfg.load)
+        self.model = wrap_for_training(chunks, self.precision)
+        self.reference = None
+        if cfg.loss.needs_reference:
+            if cfg.ref != "live":
+                raise ValueError("--ref precomputed is not available yet; use --ref live")
+            ref_chunks = build_chunks(self.model_cfg, self.layout, self.precision, init_weights=False)
+            checkpoint.load_model(ref_chunks, cfg.load)
+            self.reference = wrap_frozen(ref_chunks, self.precision)
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr,
+                            weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,
+                            adam_beta2=cfg.adam_beta2, adam_eps=1e-8,
+                            bf16=self.precision.dtype == torch.bfloat16,
+                            params_dtype=self.precision.dtype, clip_grad=cfg.clip_grad,
+                            use_distributed_optimizer=True),
+            self.model)
+        self.warmup_steps = int(cfg.warmup_ratio * self.num_steps)
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=self.warmup_steps, lr_decay_steps=self.num_steps,
+            lr_decay_style="cosine", start_wd=cfg.weight_decay, end_wd=cfg.weight_decay,
+            wd_incr_steps=self.num_steps, wd_incr_style="constant")
+        config = unwrap(self.model[0]).config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        no_sync = [m.no_sync for m in self.model]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+
+    def resolved(self) -> dict:
+        """Every derived choice of this run (printed and saved as config.yaml)."""
+        lay = self.layout
+        return {
+            "run": self.cfg.to_dict(),
+            "model": self.model_cfg.to_dict(),
+            "layout": dataclasses.asdict(lay),
+            "derived": {
+                "world_size": lay.world_size, "precision": self.precision.name,
+                "seq_length": self.seq_length, "micro_batch_size": self.cfg.micro_batch_size,
+                "num_microbatches": self.num_microbatches, "steps": self.num_steps,
+                "warmup_steps": self.warmup_steps, "beta": self.cfg.loss.beta,
+                "train_pairs": len(self.train_data),
+                "eval_pairs": len(self.eval_data) if self.eval_data else 0,
+                "pairs_dropped_per_epoch": self.sampler.dropped_per_epoch,
+                "pairs_prompt_truncated": self.num_truncated,
+                "transformer_engine": unwrap(self.model[0]).config.fp8 is not None
+                or "TE" in type(unwrap(self.model[0]).decoder.layers[0].self_attention.core_attention).__name__,
+            },
+        }
+
+    # ----- passes ---------------------------------------------------------------------------
+
+    def _run(self, model, batches, *, forward_only: bool, loss_fn=None):
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        step = self.step_fn
+        fn = step.forward_step if loss_fn is None else (
+            lambda it, m: step.forward_step(it, m, loss_fn=loss_fn))
+        iters = [iter(batches) for _ in model]
+        return get_forward_backward_func()(
+            forward_step_func=fn, data_iterator=iters if len(iters) > 1 else iters[0],
+            model=model, num_microbatches=len(batches), seq_length=self.seq_length,
+            micro_batch_size=2 * len(batches[0]["weights"]), forward_only=forward_only)
+
+    def _attach_reference(self, batches) -> None:
+        """Live reference: forward-only pass; last-stage ranks get [b, 2] reference log-probs."""
+        outputs = self._run(self.reference, batches, forward_only=True,
+                            loss_fn=self.step_fn.score_func)
+        for batch, out in zip(batches, outputs or []):
+            batch["ref_logps"] = out["logps"]
+
+    def train_step(self, step: int) -> dict:
+        """One optimizer step; returns the reduced metrics row."""
+        t0 = time.perf_counter()
+        batches = [make_batch(self.train_data, idx, self.seq_length)
+                   for idx in self.sampler.step_indices(step)]
+        if self.reference is not None:
+            self._attach_reference(batches)
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = self._run(self.model, batches, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=1)
+        stats = reduce_stats(self.step_fn, outputs, self.groups)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        row = {"step": step + 1, **{k: v for k, v in stats.items() if k not in ("num_pairs", "num_tokens")}}
+        flops = step_flops(self.model_cfg, self.seq_length, 2 * self.cfg.global_batch_size,
+                           reference_forwards=1 if self.reference is not None else 0)
+        tflops = flops / dt / self.layout.world_size / 1e12
+        peak = peak_tflops(self.precision.name)
+        row.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm or 0.0),
+                   tokens_per_sec=stats["num_tokens"] / dt, tflops_per_gpu=tflops,
+                   mfu=tflops / peak if peak else None, mem_peak_gb=peak_memory_gb(),
+                   step_time_s=dt)
+        return row
+
+    def evaluate(self, dataset) -> dict:
+        """Held-out metrics over every pair of ``dataset`` (filler pairs weigh 0)."""
+        mbs, dp = self.cfg.micro_batch_size, self.layout.dp
+        n = len(dataset)
+        per_rank = math.ceil(n / dp)
+        num_mb = math.ceil(per_rank / mbs)
+        idx = list(range(self.groups.dp_rank, n, dp))
+        weights = [1.0] * len(idx) + [0.0] * (num_mb * mbs - len(idx))
+        idx += [0] * (num_mb * mbs - len(idx))
+        batches = []
+        for k in range(num_mb):
+            sl = slice(k * mbs, (k + 1) * mbs)
+            batches.append(make_batch(dataset, idx[sl], self.seq_length, weights[sl]))
+        if self.reference is not None:
+            self._attach_reference(batches)
+        with torch.no_grad():
+            outputs = self._run(self.model, batches, forward_only=True)
+        stats = reduce_stats(self.step_fn, outputs, self.groups)
+        return {f"eval_{k}": v for k, v in stats.items() if k not in ("num_pairs", "num_tokens")}
+
+    # ----- the run --------------------------------------------------------------------------
+
+    def run(self) -> list:
+        """Trains for the configured steps; writes metrics, config.yaml and RUN_DIR/final_model."""
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        resolved = self.resolved()
+        if self.is_rank0:
+            os.makedirs(cfg.out, exist_ok=True)
+            with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
+                yaml.safe_dump(resolved, f, sort_keys=False)
+            print("megasimpo train:", yaml.safe_dump(resolved["derived"] | resolved["layout"],
+                                                    default_flow_style=True).strip(), flush=True)
+        sink = MetricsSink(cfg.out, self.is_rank0)
+        rows = []
+        try:
+            if self.eval_data is not None:
+                row = {"step": 0, **self.evaluate(self.eval_data)}
+                sink.write(row)
+                rows.append(row)
+            bar = tqdm(range(self.num_steps), desc="train", disable=not self.is_rank0,
+                       dynamic_ncols=True)
+            for step in bar:
+                row = self.train_step(step)
+                done = step + 1
+                if self.eval_data is not None and (
+                        done == self.num_steps
+                        or (cfg.eval_interval and done % cfg.eval_interval == 0)):
+                    row.update(self.evaluate(self.eval_data))
+                if done % cfg.log_interval == 0 or done == self.num_steps:
+                    sink.write(row)
+                rows.append(row)
+                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+            checkpoint.save_model([unwrap(m) for m in self.model], self.model_cfg,
+                                  os.path.join(cfg.out, "final_model"), source=cfg.load,
+                                  tokenizer_dir=checkpoint.tokenizer_dir(cfg.load))
+        finally:
+            sink.close()
+        return rows
+
+
+def train(cfg: TrainConfig) -> list:
+    """Runs one training job in this process (a rank of a torchrun job or a single process)."""
+    try:
+        return Trainer(cfg).run()
+    finally:
+        pgroups.destroy()
