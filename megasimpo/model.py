@@ -67,7 +67,7 @@ class Precision:
 
 
 def transformer_config(model: ModelConfig, layout: Layout, precision: Precision, *,
-                       init_weights: bool = True, recompute: bool = False):
+                       recompute: bool = False):
     """Megatron TransformerConfig for this model, layout and precision."""
     from megatron.core.transformer import TransformerConfig
 
@@ -107,13 +107,20 @@ def transformer_config(model: ModelConfig, layout: Layout, precision: Precision,
         persist_layer_norm=False,
         gradient_accumulation_fusion=te,
         use_cpu_initialization=not on_gpu,
-        perform_initialization=init_weights,
+        # Always initialise, even before loading a checkpoint: Megatron-Core 0.16 sets the
+        # tensor-parallel attributes (tensor_model_parallel, partition_dim) only while
+        # initialising, and without them the grad norm counts one TP shard of each weight.
+        perform_initialization=True,
         # Losses return sums over pairs and the pair count; Megatron divides by the global count.
         calculate_per_token_loss=True,
         recompute_granularity="full" if recompute else None,
         recompute_method="uniform" if recompute else None,
         recompute_num_layers=1 if recompute else None,
         deallocate_pipeline_outputs=True,
+        # gloo pairs messages between two ranks by posting order; at PP=2 the previous and next
+        # stage are the same rank, so batched isend/irecv can swap a forward activation with a
+        # backward gradient of the same shape in the interleaved schedule. NCCL keeps batching.
+        batch_p2p_comm=on_gpu,
     )
 
 
@@ -145,19 +152,17 @@ def _apply_rope_scaling(gpt, model: ModelConfig) -> None:
 
 
 def build_chunks(model: ModelConfig, layout: Layout, precision: Precision, *,
-                 init_weights: bool = True, recompute: bool = False,
-                 seed: Optional[int] = None) -> list:
+                 recompute: bool = False, seed: Optional[int] = None) -> list:
     """This rank's model chunks (one per virtual stage), unwrapped, on the current device.
 
-    With ``init_weights`` the weights are drawn from ``seed`` exactly as a single-rank model would
-    draw them (CPU initialisation splits a full master weight), so any layout starts identical.
+    Weights are drawn from ``seed`` (on CPU exactly as a single-rank model would draw them: CPU
+    initialisation splits a full master weight, so any layout starts identical).
     """
     from megatron.core.models.gpt import GPTModel
 
     from megasimpo.parallel.groups import chunk_stages
 
-    config = transformer_config(model, layout, precision, init_weights=init_weights,
-                                recompute=recompute)
+    config = transformer_config(model, layout, precision, recompute=recompute)
     spec = layer_spec(model)
     chunks = []
     if seed is not None:

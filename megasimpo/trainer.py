@@ -115,7 +115,7 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.cfg
-        chunks = build_chunks(self.model_cfg, self.layout, self.precision, init_weights=False,
+        chunks = build_chunks(self.model_cfg, self.layout, self.precision,
                               recompute=cfg.recompute)
         checkpoint.load_model(chunks, cfg.load)
         self.model = wrap_for_training(chunks, self.precision)
@@ -123,7 +123,7 @@ class Trainer:
         if cfg.loss.needs_reference:
             if cfg.ref != "live":
                 raise ValueError("--ref precomputed is not available yet; use --ref live")
-            ref_chunks = build_chunks(self.model_cfg, self.layout, self.precision, init_weights=False)
+            ref_chunks = build_chunks(self.model_cfg, self.layout, self.precision)
             checkpoint.load_model(ref_chunks, cfg.load)
             self.reference = wrap_frozen(ref_chunks, self.precision)
         self.optimizer = get_megatron_optimizer(

@@ -6,6 +6,7 @@ function receives ``(rank, world_size, *args)`` and its return value (picklable)
 """
 
 import os
+import pickle
 import socket
 import traceback
 
@@ -31,7 +32,9 @@ def _worker(rank, world_size, port, fn, args, queue):
     cpu.enable()
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        queue.put((rank, "ok", fn(rank, world_size, *args)))
+        # Plain pickle copies tensor data; the queue's own pickler would send shared-memory
+        # handles that vanish when this process exits before the parent reads them.
+        queue.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
     except BaseException:  # report, then let the parent fail the test
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -72,7 +75,7 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 600.0):
                     errors.append(f"timed out after {timeout}s")
                 continue
             if status == "ok":
-                results[rank] = value
+                results[rank] = pickle.loads(value)
             else:
                 errors.append(f"rank {rank}:\n{value}")
     finally:
