@@ -48,7 +48,7 @@ def train_config(args: dict) -> TrainConfig:
     opts.update({k: v for k, v in args.items() if k not in ("config", "command")})
     loss_opts = {k: opts.pop(k) for k in list(opts) if k in LOSS_FIELDS}
     name = opts.pop("loss", "simpo")
-    gamma = opts.pop("gamma", None)
+    gamma = opts.pop("gamma", None)  # absolute SimPO margin, given instead of the ratio
     if gamma is not None:
         beta = loss_opts.get("beta") or LossConfig(name=name).beta
         loss_opts["gamma_beta_ratio"] = gamma / beta
@@ -65,8 +65,22 @@ def train_config(args: dict) -> TrainConfig:
     return TrainConfig(loss=LossConfig(name=name, **loss_opts), **opts)
 
 
+def quiet_known_warnings() -> None:
+    """Mutes the fallback notices Megatron-Core prints once per rank when TE/apex are absent
+    and the deprecation notices of the torch APIs it uses; our own warnings stay visible."""
+    import warnings
+
+    for text in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                 "CUDA_DEVICE_MAX_CONNECTIONS", "full scope is deprecated",
+                 "The .grad attribute of a Tensor that is not a leaf"):
+        warnings.filterwarnings("ignore", message=f".*{text}")
+    for module in ("torch.distributed", "megatron.core.dist_checkpointing", "megasimpo.parallel.cpu"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+
+
 def main(argv=None) -> None:
     """Entry point of ``megasimpo`` / ``python -m megasimpo``."""
+    quiet_known_warnings()
     parser = argparse.ArgumentParser(prog="megasimpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)

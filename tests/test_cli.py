@@ -1,0 +1,79 @@
+"""The command line end to end: torchrun train at TP=2, fail-fast layouts, YAML config."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fixtures import tiny_run_inputs
+from megasimpo.cli import train_config
+
+CONTRACT = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
+            "rewards/accuracies", "logps/chosen", "logps/rejected", "lengths/chosen",
+            "lengths/rejected", "lr", "grad_norm", "tokens_per_sec", "tflops_per_gpu", "mfu",
+            "mem_peak_gb")
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return tiny_run_inputs(str(tmp_path_factory.mktemp("cli")))
+
+
+def _run(args, nproc=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc-per-node={nproc}"] if nproc else [sys.executable])
+    return subprocess.run(launcher + ["-m", "megasimpo"] + args, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def test_torchrun_train_tp2_writes_contract_metrics(inputs, tmp_path):
+    ckpt, train, held_out = inputs
+    out = tmp_path / "run"
+    p = _run(["train", "--load", ckpt, "--data", train, "--eval-data", held_out, "--out", str(out),
+              "--tp", "2", "--steps", "3", "--global-batch-size", "8", "--micro-batch-size", "2"],
+             nproc=2)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3]
+    for r in train_rows:
+        assert set(CONTRACT) <= set(r), set(CONTRACT) - set(r)
+        assert r["tokens_per_sec"] > 0 and r["lengths/chosen"] > 0
+    assert "eval_loss" in rows[0] and rows[0]["step"] == 0 and "eval_loss" in rows[-1]
+    assert (out / "config.yaml").exists()
+    assert (out / "final_model" / "megasimpo.json").exists()
+    assert not (out / "final_model.partial").exists()
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--tp", "2"], "world size 1 is not divisible by tp*pp*cp = 2*1*1 = 2"),
+    (["--vpp", "2"], "--vpp 2 needs --pp > 1"),
+    (["--pp", "3", "--tp", "1"], "world size 1 is not divisible"),
+])
+def test_bad_layout_fails_fast(inputs, tmp_path, flags, msg):
+    ckpt, train, _ = inputs
+    t0 = time.monotonic()
+    p = _run(["train", "--load", ckpt, "--data", train, "--out", str(tmp_path / "x")] + flags)
+    assert p.returncode == 2
+    assert msg in p.stderr, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "x").exists()  # nothing was built or written
+    assert time.monotonic() - t0 < 60
+
+
+def test_yaml_config_with_flag_override(tmp_path):
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("load: m\ndata: [a, b]\nout: o\nloss: dpo\nbeta: 0.3\nsteps: 10\nlr: 1.0e-6\n")
+    cfg = train_config({"config": str(cfg_file), "steps": 4, "gamma": None} | {})
+    assert cfg.loss.name == "dpo" and cfg.loss.beta == 0.3
+    assert cfg.steps == 4 and cfg.lr == 1e-6 and cfg.data == ("a", "b")
+    cfg = train_config({"load": "m", "data": ["a"], "out": "o", "beta": 2.5, "gamma": 1.0})
+    assert cfg.loss.gamma_beta_ratio == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="train needs --out"):
+        train_config({"load": "m", "data": ["a"]})
+    with pytest.raises(ValueError, match="unknown option"):
+        train_config({"load": "m", "data": ["a"], "out": "o", "bogus": 1})

@@ -1,0 +1,69 @@
+"""Layout and config validation: pure, no process group."""
+
+import json
+
+import pytest
+
+from megasimpo.config import Layout, LossConfig, ModelConfig, TrainConfig
+
+LLAMA8B = ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+                      num_query_groups=8, head_dim=128, vocab_size=128256,
+                      max_position_embeddings=8192)
+
+
+def test_layout_dp_takes_remaining_ranks():
+    lay = Layout.resolve(LLAMA8B, 16, tp=2, pp=2)
+    assert (lay.tp, lay.pp, lay.cp, lay.dp, lay.world_size) == (2, 2, 1, 4, 16)
+    assert not lay.sequence_parallel  # no fused norms given
+    assert Layout.resolve(LLAMA8B, 16, tp=2, fused_norms=True).sequence_parallel
+
+
+@pytest.mark.parametrize("kw,world,msg", [
+    (dict(tp=3), 6, "does not divide the model's 32 attention heads"),
+    (dict(tp=16), 16, "does not divide the model's 8 KV heads"),
+    (dict(tp=2), 3, "world size 3 is not divisible by tp*pp*cp = 2*1*1 = 2"),
+    (dict(pp=3), 3, "32 layers do not split evenly over pp*vpp = 3*1"),
+    (dict(pp=2, vpp=3), 2, "32 layers do not split evenly over pp*vpp = 2*3"),
+    (dict(vpp=2), 1, "--vpp 2 needs --pp > 1"),
+    (dict(tp=0), 1, "--tp 0 must be >= 1"),
+    (dict(sequence_parallel=True), 1, "sequence parallelism needs --tp > 1"),
+    (dict(tp=2, sequence_parallel=True), 2, "needs Transformer Engine or apex"),
+])
+def test_bad_layouts_name_the_values(kw, world, msg):
+    with pytest.raises(ValueError, match=msg.replace("*", r"\*").replace("(", r"\(")):
+        Layout.resolve(LLAMA8B, world, **kw)
+
+
+def test_model_config_from_hf_llama3(tmp_path):
+    hf = {"architectures": ["LlamaForCausalLM"], "hidden_size": 4096, "intermediate_size": 14336,
+          "num_attention_heads": 32, "num_key_value_heads": 8, "num_hidden_layers": 32,
+          "vocab_size": 128256, "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+          "rope_theta": 500000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    m = ModelConfig.from_hf(str(tmp_path))
+    assert (m.head_dim, m.num_query_groups, m.rope_scaling.factor, m.dtype) == (128, 8, 8.0, "bfloat16")
+    # Llama-3-8B has 8.03e9 parameters.
+    assert abs(m.num_parameters - 8.03e9) < 0.01e9
+    assert ModelConfig.from_dict(m.to_dict()) == m
+
+
+def test_model_config_refuses_unknown_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ValueError, match="not supported; supported: LlamaForCausalLM"):
+        ModelConfig.from_hf(str(tmp_path))
+    (tmp_path / "config.json").write_text("{ not json")
+    with pytest.raises(ValueError, match="line 1"):
+        ModelConfig.from_hf(str(tmp_path))
+
+
+def test_loss_and_train_config_validation():
+    assert LossConfig().beta == 2.0 and LossConfig(name="dpo").beta == 0.1
+    assert LossConfig(beta=2.5, gamma_beta_ratio=0.4).gamma == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="--loss 'kto'"):
+        LossConfig(name="kto")
+    with pytest.raises(ValueError, match="--ref 'none'"):
+        TrainConfig(load="m", data=("d",), out="o", ref="none")
+    with pytest.raises(ValueError, match="--global-batch-size 0"):
+        TrainConfig(load="m", data=("d",), out="o", global_batch_size=0)
