@@ -19,7 +19,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--out", help="run directory")
     p.add_argument("--loss", choices=LOSSES)
     p.add_argument("--ref", choices=("live", "precomputed"))
-    p.add_argument("--ref-logps", help="scored JSONL for --ref precomputed")
+    p.add_argument("--ref-logps", nargs="+",
+                   help="`megasimpo score` JSONL per --data then --eval-data prefix (--ref precomputed)")
     for name in ("tp", "pp", "vpp", "cp", "micro-batch-size", "global-batch-size", "seq-length",
                  "steps", "epochs", "eval-interval", "save-interval", "exit-interval",
                  "log-interval", "seed"):
@@ -52,7 +53,7 @@ def train_config(args: dict) -> TrainConfig:
     if gamma is not None:
         beta = loss_opts.get("beta") or LossConfig(name=name).beta
         loss_opts["gamma_beta_ratio"] = gamma / beta
-    for key in ("data", "eval_data"):
+    for key in ("data", "eval_data", "ref_logps"):
         if key in opts:
             opts[key] = tuple([opts[key]] if isinstance(opts[key], str) else opts[key])
     missing = [k for k in ("load", "data", "out") if k not in opts]
@@ -84,6 +85,15 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="megasimpo", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
+    sc = sub.add_parser("score", help="per-pair summed response log-probs (DPO reference)")
+    sc.add_argument("--load", required=True)
+    sc.add_argument("--data", required=True)
+    sc.add_argument("--out", required=True)
+    sc.add_argument("--tp", type=int, default=1)
+    sc.add_argument("--pp", type=int, default=1)
+    sc.add_argument("--micro-batch-size", type=int, default=4)
+    sc.add_argument("--seq-length", type=int)
+    sc.add_argument("--precision", choices=("bf16", "fp8", "fp32"))
     demo = sub.add_parser("demo", help="tiny model + bundled data, SimPO at TP=2 on CPU")
     demo.add_argument("--out", default="demo_run")
     demo.add_argument("--steps", type=int, default=60)
@@ -93,6 +103,16 @@ def main(argv=None) -> None:
             from megasimpo.trainer import train
 
             train(train_config(vars(args)))
+        elif args.command == "score":
+            from megasimpo.parallel.groups import destroy
+            from megasimpo.score import score
+
+            try:
+                score(args.load, args.data, args.out, tp=args.tp, pp=args.pp,
+                      micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
+                      precision=args.precision)
+            finally:
+                destroy()
         elif args.command == "demo":
             from megasimpo.demo import run_demo
 

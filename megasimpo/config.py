@@ -269,7 +269,7 @@ class TrainConfig:
     out: str  # run directory: metrics, config.yaml, checkpoints, final model/
     loss: LossConfig = field(default_factory=LossConfig)
     ref: str = "live"  # reference log-probs for dpo/ipo/rdpo: "live" frozen copy or "precomputed"
-    ref_logps: Optional[str] = None  # --ref precomputed: JSONL from `megasimpo score` (default: beside data)
+    ref_logps: tuple = ()  # --ref precomputed: `megasimpo score` JSONL per --data then --eval-data prefix (default PREFIX.ref_logps.jsonl)
     tp: int = 1  # tensor-parallel size
     pp: int = 1  # pipeline-parallel size
     vpp: Optional[int] = None  # virtual pipeline chunks per rank
@@ -315,4 +315,5 @@ class TrainConfig:
         """Plain dict (for config.yaml)."""
         d = dataclasses.asdict(self)
         d["data"], d["eval_data"] = list(self.data), list(self.eval_data)
+        d["ref_logps"] = list(self.ref_logps)
         return d

@@ -117,6 +117,20 @@ class PairStep:
                  "counts": torch.stack([counts[:b], counts[b:]], 1)})
 
 
+def run_microbatches(model: list, batches: list, step: PairStep, seq_length: int, *,
+                     forward_only: bool, loss_fn=None) -> list:
+    """This rank's micro-batches through Megatron's schedule for the layout (no pipelining,
+    1F1B or interleaved); returns the loss closures' outputs on the last stage, [] elsewhere."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    fn = step.forward_step if loss_fn is None else partial(step.forward_step, loss_fn=loss_fn)
+    iters = [iter(batches) for _ in model]  # one per model chunk (virtual stage)
+    return get_forward_backward_func()(
+        forward_step_func=fn, data_iterator=iters if len(iters) > 1 else iters[0], model=model,
+        num_microbatches=len(batches), seq_length=seq_length,
+        micro_batch_size=2 * len(batches[0]["weights"]), forward_only=forward_only) or []
+
+
 def reduce_stats(step: PairStep, outputs: list, groups: ProcessGroups) -> Optional[dict]:
     """Sums micro-batch statistics, then over the world (one reporting rank per DP replica).
 

@@ -7,7 +7,6 @@ reference is a frozen copy at the same layout that runs forward-only over the sa
 """
 
 import dataclasses
-import math
 import os
 import time
 from typing import Optional
@@ -17,53 +16,13 @@ import yaml
 
 from megasimpo import checkpoint
 from megasimpo.config import Layout, TrainConfig
-from megasimpo.data.indexed import PairDataset
-from megasimpo.data.loader import (BatchLayout, PairSampler, collate_pairs, count_truncated,
-                                   default_seq_length)
+from megasimpo.data.batches import ConcatPairs, full_pass_batches, make_batch
+from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
 from megasimpo.metrics import MetricsSink, peak_memory_gb, peak_tflops, step_flops
 from megasimpo.model import (Precision, build_chunks, have_fused_norms, unwrap, wrap_for_training,
                              wrap_frozen)
 from megasimpo.parallel import groups as pgroups
-from megasimpo.step import PairStep, reduce_stats
-
-PAD_ID = 0  # right padding under a causal mask is never attended to nor scored
-
-
-class ConcatPairs:
-    """Several pair datasets read as one (``--data A B``), in the order given."""
-
-    def __init__(self, prefixes):
-        self.parts = [PairDataset(p) for p in prefixes]
-        self.offsets = [0]
-        for part in self.parts:
-            self.offsets.append(self.offsets[-1] + len(part))
-
-    def __len__(self):
-        return self.offsets[-1]
-
-    def __getitem__(self, i):
-        for k, part in enumerate(self.parts):
-            if i < self.offsets[k + 1]:
-                return part[i - self.offsets[k]]
-        raise IndexError(i)
-
-    def lengths(self):
-        import numpy as np
-
-        return np.concatenate([p.lengths() for p in self.parts])
-
-
-def make_batch(dataset, indices, seq_length: int, weights=None) -> dict:
-    """Collated micro-batch for pair ``indices`` plus real-token count and pair weights."""
-    pairs = [dataset[int(i)] for i in indices]
-    batch = collate_pairs(pairs, seq_length, PAD_ID)
-    rows = [len(p.prompt_ids) + len(r) - 1 for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
-    batch["num_tokens"] = torch.tensor(sum(min(n, seq_length) for n in rows))
-    batch["weights"] = torch.ones(len(pairs)) if weights is None else torch.as_tensor(weights)
-    if torch.cuda.is_available():
-        batch = {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-    return batch
-
+from megasimpo.step import PairStep, reduce_stats, run_microbatches
 
 class Trainer:
     """Builds everything for a TrainConfig at the current world size, then runs it."""
@@ -108,6 +67,32 @@ class Trainer:
                         dp_rank=self.groups.dp_rank, dp_size=lay.dp),
             cfg.seed)
         self.num_steps = cfg.steps or cfg.epochs * self.sampler.steps_per_epoch
+        self.train_ref = self.eval_ref = None
+        if cfg.loss.needs_reference and cfg.ref == "precomputed":
+            self._load_reference_logps()
+
+    def _load_reference_logps(self):
+        """Reference log-probs scored ahead by ``megasimpo score`` (one file per prefix)."""
+        from megasimpo.score import read_scores, default_scores_path
+
+        cfg = self.cfg
+        if self.num_truncated:
+            raise ValueError(
+                f"--ref precomputed: {self.num_truncated} pairs would have their prompt cut at "
+                f"--seq-length {self.seq_length}, but scored reference log-probs assume whole "
+                "prompts; raise --seq-length or preprocess with --max-length")
+        prefixes = list(cfg.data) + list(cfg.eval_data)
+        paths = list(cfg.ref_logps or []) or [default_scores_path(p) for p in prefixes]
+        if len(paths) != len(prefixes):
+            raise ValueError(f"--ref-logps: {len(paths)} files for {len(prefixes)} dataset prefixes "
+                             "(--data then --eval-data; one scored file each)")
+        arrays = [read_scores(path, ConcatPairs([prefix]))
+                  for path, prefix in zip(paths, prefixes)]
+        import numpy as np
+
+        self.train_ref = np.concatenate(arrays[:len(cfg.data)])
+        if cfg.eval_data:
+            self.eval_ref = np.concatenate(arrays[len(cfg.data):])
 
     def _setup_model(self):
         from megatron.core.distributed import finalize_model_grads
@@ -120,9 +105,7 @@ class Trainer:
         checkpoint.load_model(chunks, cfg.load)
         self.model = wrap_for_training(chunks, self.precision)
         self.reference = None
-        if cfg.loss.needs_reference:
-            if cfg.ref != "live":
-                raise ValueError("--ref precomputed is not available yet; use --ref live")
+        if cfg.loss.needs_reference and cfg.ref == "live":
             ref_chunks = build_chunks(self.model_cfg, self.layout, self.precision)
             checkpoint.load_model(ref_chunks, cfg.load)
             self.reference = wrap_frozen(ref_chunks, self.precision)
@@ -170,16 +153,8 @@ class Trainer:
     # ----- passes ---------------------------------------------------------------------------
 
     def _run(self, model, batches, *, forward_only: bool, loss_fn=None):
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
-        step = self.step_fn
-        fn = step.forward_step if loss_fn is None else (
-            lambda it, m: step.forward_step(it, m, loss_fn=loss_fn))
-        iters = [iter(batches) for _ in model]
-        return get_forward_backward_func()(
-            forward_step_func=fn, data_iterator=iters if len(iters) > 1 else iters[0],
-            model=model, num_microbatches=len(batches), seq_length=self.seq_length,
-            micro_batch_size=2 * len(batches[0]["weights"]), forward_only=forward_only)
+        return run_microbatches(model, batches, self.step_fn, self.seq_length,
+                                forward_only=forward_only, loss_fn=loss_fn)
 
     def _attach_reference(self, batches) -> None:
         """Live reference: forward-only pass; last-stage ranks get [b, 2] reference log-probs."""
@@ -191,7 +166,7 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """One optimizer step; returns the reduced metrics row."""
         t0 = time.perf_counter()
-        batches = [make_batch(self.train_data, idx, self.seq_length)
+        batches = [make_batch(self.train_data, idx, self.seq_length, ref_logps=self.train_ref)
                    for idx in self.sampler.step_indices(step)]
         if self.reference is not None:
             self._attach_reference(batches)
@@ -219,17 +194,8 @@ class Trainer:
 
     def evaluate(self, dataset) -> dict:
         """Held-out metrics over every pair of ``dataset`` (filler pairs weigh 0)."""
-        mbs, dp = self.cfg.micro_batch_size, self.layout.dp
-        n = len(dataset)
-        per_rank = math.ceil(n / dp)
-        num_mb = math.ceil(per_rank / mbs)
-        idx = list(range(self.groups.dp_rank, n, dp))
-        weights = [1.0] * len(idx) + [0.0] * (num_mb * mbs - len(idx))
-        idx += [0] * (num_mb * mbs - len(idx))
-        batches = []
-        for k in range(num_mb):
-            sl = slice(k * mbs, (k + 1) * mbs)
-            batches.append(make_batch(dataset, idx[sl], self.seq_length, weights[sl]))
+        batches, _ = full_pass_batches(dataset, self.groups.dp_rank, self.layout.dp,
+                                       self.cfg.micro_batch_size, self.seq_length, self.eval_ref)
         if self.reference is not None:
             self._attach_reference(batches)
         with torch.no_grad():

@@ -1,0 +1,135 @@
+"""``megasimpo score``: per-pair summed response log-probs of a model over a dataset.
+
+Output, one JSON object per pair in dataset order (DESIGN.md contract):
+``{"index", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"}``; then the
+likelihood-ranking accuracy (share of pairs whose chosen response has the higher AVERAGE log-prob,
+the quantity generation follows). The same files are DPO's precomputed reference log-probs.
+"""
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megasimpo import checkpoint
+from megasimpo.config import Layout, LossConfig
+from megasimpo.data.batches import ConcatPairs, full_pass, make_batch
+from megasimpo.data.loader import count_truncated, default_seq_length
+from megasimpo.model import Precision, build_chunks, have_fused_norms, wrap_frozen
+from megasimpo.parallel import groups as pgroups
+from megasimpo.step import PairStep, run_microbatches
+
+FIELDS = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
+WINDOW = 64  # micro-batches per schedule call: bounds host memory on large datasets
+
+
+def default_scores_path(prefix: str) -> str:
+    """Where ``--ref precomputed`` looks for a dataset's scored reference log-probs."""
+    return prefix + ".ref_logps.jsonl"
+
+
+def read_scores(path: str, dataset) -> np.ndarray:
+    """Reference log-probs [n, 2] (chosen, rejected) from a score file that matches ``dataset``.
+
+    Each line must carry its index in order and the dataset's response token counts, so a file
+    scored for other data fails here, naming the file, line and field.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no scored reference log-probs; create it with `megasimpo score "
+                         f"--load REFERENCE_CKPT --data PREFIX --out {path}`")
+    lengths = dataset.lengths()
+    out = np.zeros((len(dataset), 2), dtype=np.float64)
+    n = 0
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            for key in ("index",) + FIELDS:
+                if not isinstance(rec.get(key), (int, float)) or isinstance(rec.get(key), bool):
+                    raise ValueError(f"{path}:{lineno}: field {key!r} missing or not a number")
+            if rec["index"] != n or n >= len(dataset):
+                raise ValueError(f"{path}:{lineno}: field 'index' is {rec['index']}, expected {n} "
+                                 f"(the dataset has {len(dataset)} pairs)")
+            if (rec["chosen_tokens"], rec["rejected_tokens"]) != tuple(lengths[n, 1:]):
+                raise ValueError(
+                    f"{path}:{lineno}: chosen_tokens/rejected_tokens {rec['chosen_tokens']}/"
+                    f"{rec['rejected_tokens']} do not match the dataset's {lengths[n, 1]}/"
+                    f"{lengths[n, 2]}: the file was scored on other data")
+            out[n] = rec["chosen_logps"], rec["rejected_logps"]
+            n += 1
+    if n != len(dataset):
+        raise ValueError(f"{path}: {n} scored pairs, the dataset has {len(dataset)}")
+    return out
+
+
+def ranking_accuracy(scores: np.ndarray) -> float:
+    """Share of pairs with avg chosen log-prob > avg rejected log-prob; scores [n, 4] in FIELDS order."""
+    return float(np.mean(scores[:, 0] / scores[:, 2] > scores[:, 1] / scores[:, 3]))
+
+
+def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_batch_size: int = 4,
+          seq_length: Optional[int] = None, precision: Optional[str] = None) -> dict:
+    """Scores every pair of ``data`` with the model at ``load``; writes ``out`` atomically."""
+    from tqdm import tqdm
+
+    rank, world = pgroups.init_distributed()
+    model_cfg = checkpoint.model_config(load)
+    layout = Layout.resolve(model_cfg, world, tp=tp, pp=pp, fused_norms=have_fused_norms())
+    prec = Precision(name=precision) if precision else Precision.default()
+    groups = pgroups.initialize(layout, 0)
+    dataset = ConcatPairs([data])
+    multiple = 2 * (layout.tp if layout.sequence_parallel else 1)
+    seq_length = seq_length or default_seq_length(dataset, multiple, model_cfg.max_position_embeddings)
+    truncated = count_truncated(dataset, seq_length)
+    chunks = build_chunks(model_cfg, layout, prec)
+    checkpoint.load_model(chunks, load)
+    model = wrap_frozen(chunks, prec)
+    step = PairStep(LossConfig(), groups, model_cfg.vocab_size)
+    idx, weights = full_pass(len(dataset), groups.dp_rank, layout.dp, micro_batch_size)
+    table = torch.zeros(len(dataset), 4, dtype=torch.float64)
+    windows = range(0, len(idx), WINDOW * micro_batch_size)
+    for start in tqdm(windows, desc="score", disable=rank != 0):
+        stop = min(start + WINDOW * micro_batch_size, len(idx))
+        spans = [(k, k + micro_batch_size) for k in range(start, stop, micro_batch_size)]
+        batches = [make_batch(dataset, idx[a:b], seq_length, weights[a:b]) for a, b in spans]
+        with torch.no_grad():
+            outputs = run_microbatches(model, batches, step, seq_length, forward_only=True,
+                                       loss_fn=step.score_func)
+        if groups.reports_metrics:
+            for (a, b), o in zip(spans, outputs):
+                real = [j for j in range(b - a) if weights[a + j] > 0]
+                rows = torch.cat([o["logps"].double().cpu(), o["counts"].double().cpu()], 1)
+                table[[idx[a + j] for j in real]] = rows[real]
+    if world > 1:  # each pair was filled in by exactly one reporting rank
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        table = table.to(dev)
+        dist.all_reduce(table)
+        table = table.cpu()
+    scores = table.numpy()
+    summary = {"pairs": len(dataset), "ranking_accuracy": ranking_accuracy(scores),
+               "prompt_truncated": truncated, "seq_length": seq_length}
+    if rank == 0:
+        _write_scores(out, scores)
+        print(f"megasimpo score: {len(dataset)} pairs -> {out}; likelihood-ranking accuracy "
+              f"{summary['ranking_accuracy']:.4f} (avg chosen log-prob > avg rejected)"
+              + (f"; {truncated} prompts cut to fit --seq-length {seq_length}" if truncated else ""),
+              flush=True)
+    return summary
+
+
+def _write_scores(path: str, scores: np.ndarray) -> None:
+    """JSONL in dataset order, written to PATH.partial then renamed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = path + ".partial"
+    with open(partial, "w") as f:
+        for i, (cl, rl, ct, rt) in enumerate(scores):
+            f.write(json.dumps({"index": i, "chosen_logps": float(cl), "rejected_logps": float(rl),
+                                "chosen_tokens": int(ct), "rejected_tokens": int(rt)}) + "\n")
+    os.replace(partial, path)
