@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from megasimpo.config import ModelConfig
 from megasimpo.model import unwrap
+from megasimpo.parallel.compat import finish_optimizer_load, prepare_optimizer_for_load
 
 META_FILE = "megasimpo.json"
 FORMAT = "megasimpo-checkpoint-v1"
@@ -55,8 +56,13 @@ def _barrier() -> None:
 
 
 def atomic_save(path: str, sharded_state: dict, meta: dict,
-                tokenizer_dir: Optional[str] = None, common: Optional[dict] = None) -> None:
-    """Saves ``sharded_state`` (collective: every rank calls it) to ``path`` atomically."""
+                tokenizer_dir: Optional[str] = None, common: Optional[dict] = None,
+                per_rank: Optional[dict] = None) -> None:
+    """Saves ``sharded_state`` (collective: every rank calls it) to ``path`` atomically.
+
+    ``common``: plain values saved once (rank 0) and returned by every load; ``per_rank``:
+    {file name: object} each rank writes beside the shards (RNG states).
+    """
     from megatron.core import dist_checkpointing
 
     partial = path.rstrip("/") + ".partial"
@@ -68,6 +74,9 @@ def atomic_save(path: str, sharded_state: dict, meta: dict,
     if common:
         state.update(common)
     dist_checkpointing.save(state, partial)
+    for name, obj in (per_rank or {}).items():
+        torch.save(obj, os.path.join(partial, name))
+    _barrier()
     if _rank0():
         if tokenizer_dir and os.path.isdir(tokenizer_dir):
             shutil.copytree(tokenizer_dir, os.path.join(partial, "tokenizer"))
@@ -94,6 +103,116 @@ def load_model(chunks: list, path: str) -> None:
     state = dist_checkpointing.load(sharded_model_state(chunks), path)
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+
+
+# ----- training state: resumable checkpoints in RUN_DIR/checkpoints -----------------------------
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+# Megatron-Core 0.16's distributed-optimizer formats: "dp_reshardable" (parallel, but resumes only
+# at the same TP/PP) and "fully_reshardable" (each DP group's rank 0 gathers its shard's state into
+# the canonical per-parameter form on save; loads at any TP/PP/DP). "fully_sharded_model_space"
+# is rejected by 0.16's dist_checkpointing. Resuming at another layout is the point here.
+OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The committed checkpoint ``RUN_DIR/checkpoints/latest`` points at, or None."""
+    pointer = os.path.join(run_dir, CHECKPOINTS, LATEST)
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        path = os.path.join(run_dir, CHECKPOINTS, f.read().strip())
+    read_meta(path)  # a pointer to something incomplete is an error, not a fresh start
+    return path
+
+
+def remove_stale_partials(run_dir: str) -> None:
+    """Deletes checkpoints whose save died midway (``*.partial``): they can never be completed."""
+    ckdir = os.path.join(run_dir, CHECKPOINTS)
+    if _rank0() and os.path.isdir(ckdir):
+        for name in os.listdir(ckdir):
+            if name.endswith(".partial"):
+                shutil.rmtree(os.path.join(ckdir, name), ignore_errors=True)
+    _barrier()
+
+
+def _rng_state() -> dict:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def save_training_state(run_dir: str, step: int, chunks: list, optimizer, scheduler,
+                        model: ModelConfig, layout: dict, keep: int) -> str:
+    """Checkpoint after ``step`` optimizer steps: model, optimizer, LR schedule, data position
+    (the step: the data order is a function of it) and RNG; then ``latest`` and rotation."""
+    name = f"step_{step:07d}"
+    path = os.path.join(run_dir, CHECKPOINTS, name)
+    model_state = sharded_model_state(chunks)
+    state = dict(model_state)
+    state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=False,
+                                                      metadata=OPTIMIZER_SHARDING)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    atomic_save(path, state, {"model": model.to_dict(), "step": step, "layout": layout},
+                common={"scheduler": scheduler.state_dict(), "train": {"step": step}},
+                per_rank={f"rng_{rank:05d}.pt": _rng_state()})
+    if _rank0():
+        pointer = os.path.join(run_dir, CHECKPOINTS, LATEST)
+        with open(pointer + ".tmp", "w") as f:
+            f.write(name + "\n")
+        os.replace(pointer + ".tmp", pointer)
+        done = sorted(d for d in os.listdir(os.path.join(run_dir, CHECKPOINTS))
+                      if d.startswith("step_") and not d.endswith(".partial"))
+        for old in done[:-keep] if keep > 0 else []:
+            shutil.rmtree(os.path.join(run_dir, CHECKPOINTS, old), ignore_errors=True)
+    _barrier()
+    return path
+
+
+def load_training_state(path: str, chunks: list, optimizer, scheduler, layout: dict) -> int:
+    """Restores a training checkpoint at this rank's layout; returns the steps already done.
+
+    RNG states are restored only when the layout is unchanged (they are per rank)."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_meta(path)
+    prepare_optimizer_for_load(optimizer)
+    model_state = sharded_model_state(chunks)
+    sharded = dict(model_state)
+    sharded["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True,
+                                                        metadata=OPTIMIZER_SHARDING)
+    state = dist_checkpointing.load(sharded, path)
+    for i, chunk in enumerate(chunks):
+        unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+    optimizer.load_state_dict(state["optimizer"])
+    finish_optimizer_load(optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    rng_file = os.path.join(path, f"rng_{rank:05d}.pt")
+    if meta.get("layout") == layout and os.path.isfile(rng_file):
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    return int(state["train"]["step"])
 
 
 def tokenizer_dir(path: str) -> Optional[str]:

@@ -290,7 +290,9 @@ class TrainConfig:
     precision: Optional[str] = None  # bf16 | fp8 | fp32; None: bf16 on GPU, fp32 on CPU
     eval_data: tuple = ()  # held-out prefixes
     eval_interval: int = 0  # evaluate every N steps (and at start and end); 0: start and end only
-    save_interval: int = 0  # full checkpoint every N steps; 0: final model only
+    save_interval: int = 0  # resumable checkpoint every N steps; 0: final model only
+    keep_checkpoints: int = 2  # resumable checkpoints kept in RUN_DIR/checkpoints (0: all)
+    max_skipped_steps: int = 10  # stop after this many consecutive non-finite steps
     exit_interval: Optional[int] = None  # checkpoint and exit 0 after step N
     log_interval: int = 1  # metrics rows every N steps
     seed: int = 1234  # data order and any random init

@@ -7,6 +7,9 @@ reference is a frozen copy at the same layout that runs forward-only over the sa
 """
 
 import dataclasses
+import math
+import signal
+import json
 import os
 import time
 from typing import Optional
@@ -115,7 +118,10 @@ class Trainer:
                             adam_beta2=cfg.adam_beta2, adam_eps=1e-8,
                             bf16=self.precision.dtype == torch.bfloat16,
                             params_dtype=self.precision.dtype, clip_grad=cfg.clip_grad,
-                            use_distributed_optimizer=True),
+                            use_distributed_optimizer=True,
+                            # A constant scale of 1 changes no value but makes Megatron check the
+                            # gradients for inf/nan and skip the update when it finds any.
+                            loss_scale=1.0),
             self.model)
         self.warmup_steps = int(cfg.warmup_ratio * self.num_steps)
         self.scheduler = OptimizerParamScheduler(
@@ -128,6 +134,15 @@ class Trainer:
         config.grad_scale_func = self.optimizer.scale_loss
         no_sync = [m.no_sync for m in self.model]
         config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        self.start_step = 0
+        checkpoint.remove_stale_partials(cfg.out)
+        latest = checkpoint.latest_checkpoint(cfg.out)
+        if latest is not None:
+            self.start_step = checkpoint.load_training_state(
+                latest, self.model, self.optimizer, self.scheduler, dataclasses.asdict(self.layout))
+            if self.is_rank0:
+                print(f"megasimpo train: resuming from {latest} after step {self.start_step}",
+                      flush=True)
 
     def resolved(self) -> dict:
         """Every derived choice of this run (printed and saved as config.yaml)."""
@@ -174,10 +189,12 @@ class Trainer:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(self.model, batches, forward_only=False)
-        ok, grad_norm, _ = self.optimizer.step()
+        stats = reduce_stats(self.step_fn, outputs, self.groups)
+        ok, grad_norm = False, None
+        if math.isfinite(stats["loss"]):  # else skip: the gradients cannot be trusted either
+            ok, grad_norm, _ = self.optimizer.step()  # False when a gradient is inf/nan
         if ok:
             self.scheduler.step(increment=1)
-        stats = reduce_stats(self.step_fn, outputs, self.groups)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -186,7 +203,8 @@ class Trainer:
                            reference_forwards=1 if self.reference is not None else 0)
         tflops = flops / dt / self.layout.world_size / 1e12
         peak = peak_tflops(self.precision.name)
-        row.update(lr=self.optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm or 0.0),
+        row.update(skipped=0 if ok else 1, lr=self.optimizer.param_groups[0]["lr"],
+                   grad_norm=float("nan") if grad_norm is None else float(grad_norm),
                    tokens_per_sec=stats["num_tokens"] / dt, tflops_per_gpu=tflops,
                    mfu=tflops / peak if peak else None, mem_peak_gb=peak_memory_gb(),
                    step_time_s=dt)
@@ -205,8 +223,45 @@ class Trainer:
 
     # ----- the run --------------------------------------------------------------------------
 
+    def _stop_requested(self) -> bool:
+        """Whether any rank received SIGTERM/SIGUSR1 (all ranks agree, so all stop together)."""
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self._signal else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if torch.cuda.is_available():
+                flag = flag.cuda()
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _on_signal(self, signum, frame):
+        self._signal = signum
+
+    def save(self, done: int) -> str:
+        """Resumable checkpoint after ``done`` steps (collective)."""
+        return checkpoint.save_training_state(
+            self.cfg.out, done, self.model, self.optimizer, self.scheduler, self.model_cfg,
+            dataclasses.asdict(self.layout), keep=self.cfg.keep_checkpoints)
+
+    def _start_metrics(self) -> MetricsSink:
+        """Opens metrics.jsonl; on resume, first drops rows past the checkpoint (a run that died
+        after its last checkpoint logged steps that are about to be redone)."""
+        path = os.path.join(self.cfg.out, "metrics.jsonl")
+        if self.is_rank0 and self.start_step and os.path.exists(path):
+            with open(path) as f:
+                keep = [line for line in f if line.strip()
+                        and json.loads(line).get("step", 0) <= self.start_step]
+            with open(path + ".tmp", "w") as f:
+                f.writelines(keep)
+            os.replace(path + ".tmp", path)
+        return MetricsSink(self.cfg.out, self.is_rank0)
+
     def run(self) -> list:
-        """Trains for the configured steps; writes metrics, config.yaml and RUN_DIR/final_model."""
+        """Trains to the configured step count, resuming from RUN_DIR's latest checkpoint.
+
+        Writes metrics, config.yaml, periodic checkpoints and RUN_DIR/final_model. Stops early,
+        with a checkpoint and no final model, at ``--exit-interval`` or on SIGTERM/SIGUSR1.
+        """
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -217,31 +272,61 @@ class Trainer:
                 yaml.safe_dump(resolved, f, sort_keys=False)
             print("megasimpo train:", yaml.safe_dump(resolved["derived"] | resolved["layout"],
                                                     default_flow_style=True).strip(), flush=True)
-        sink = MetricsSink(cfg.out, self.is_rank0)
-        rows = []
+        self._signal = None
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
+        sink = self._start_metrics()
+        rows, skipped_in_a_row = [], 0
         try:
-            if self.eval_data is not None:
+            if self.eval_data is not None and self.start_step == 0:
                 row = {"step": 0, **self.evaluate(self.eval_data)}
                 sink.write(row)
                 rows.append(row)
-            bar = tqdm(range(self.num_steps), desc="train", disable=not self.is_rank0,
-                       dynamic_ncols=True)
+            bar = tqdm(range(self.start_step, self.num_steps), desc="train",
+                       disable=not self.is_rank0, dynamic_ncols=True,
+                       initial=self.start_step, total=self.num_steps)
             for step in bar:
                 row = self.train_step(step)
                 done = step + 1
+                skipped_in_a_row = skipped_in_a_row + 1 if row["skipped"] else 0
                 if self.eval_data is not None and (
                         done == self.num_steps
                         or (cfg.eval_interval and done % cfg.eval_interval == 0)):
                     row.update(self.evaluate(self.eval_data))
-                if done % cfg.log_interval == 0 or done == self.num_steps:
+                if (done % cfg.log_interval == 0 or done == self.num_steps or row["skipped"]
+                        or "eval_loss" in row):
                     sink.write(row)
                 rows.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
+                if row["skipped"] and self.is_rank0:
+                    print(f"megasimpo train: step {done}: non-finite loss or gradient "
+                          f"(loss={row['loss']}, grad_norm={row['grad_norm']}); update skipped",
+                          flush=True)
+                if skipped_in_a_row >= cfg.max_skipped_steps:
+                    raise RuntimeError(
+                        f"{skipped_in_a_row} consecutive steps (up to step {done}) had a non-finite "
+                        "loss or gradient; stopping. Check the data and lower --lr; the last "
+                        "checkpoint is intact")
+                stop = self._stop_requested()
+                exiting = stop or (cfg.exit_interval and done % cfg.exit_interval == 0
+                                   and done < self.num_steps)
+                if exiting or (cfg.save_interval and done % cfg.save_interval == 0
+                               and done < self.num_steps):
+                    path = self.save(done)
+                    if self.is_rank0:
+                        print(f"megasimpo train: checkpoint {path}", flush=True)
+                if exiting:
+                    if self.is_rank0:
+                        why = f"signal {self._signal}" if stop else f"--exit-interval {cfg.exit_interval}"
+                        print(f"megasimpo train: stopping after step {done} ({why}); run the "
+                              "same command to resume", flush=True)
+                    return rows
             checkpoint.save_model([unwrap(m) for m in self.model], self.model_cfg,
                                   os.path.join(cfg.out, "final_model"), source=cfg.load,
                                   tokenizer_dir=checkpoint.tokenizer_dir(cfg.load))
         finally:
             sink.close()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         return rows
 
 
