@@ -5,6 +5,7 @@ import sys
 
 import yaml
 
+from megasimpo import plan_cmd
 from megasimpo.config import LOSSES, LossConfig, TrainConfig
 
 LOSS_FIELDS = {"beta", "gamma_beta_ratio", "label_smoothing", "loss_type", "sft_weight",
@@ -94,11 +95,14 @@ def main(argv=None) -> None:
     sc.add_argument("--micro-batch-size", type=int, default=4)
     sc.add_argument("--seq-length", type=int)
     sc.add_argument("--precision", choices=("bf16", "fp8", "fp32"))
+    plan_cmd.add_parser(sub)
     demo = sub.add_parser("demo", help="tiny model + bundled data, SimPO at TP=2 on CPU")
     demo.add_argument("--out", default="demo_run")
     demo.add_argument("--steps", type=int, default=60)
     args = parser.parse_args(argv)
     try:
+        if args.command == "plan":
+            sys.exit(plan_cmd.run(args))
         if args.command == "train":
             from megasimpo.trainer import train
 

@@ -1,0 +1,112 @@
+"""``megasimpo plan``: the layout and per-GPU memory the planner picks, as a table or JSON.
+
+    python -m megasimpo plan (--hf-config FILE | --load CKPT) --gpus N [--gpus-per-node 8]
+        [--gpu-mem-gb 80] [--seq-length N] [--loss simpo|dpo] [--json]
+
+Nothing is started: no GPU, no process group. Impossible requests print
+``megasimpo plan: error: ...`` (with the minimum GPU count that would work) and return 2.
+"""
+
+import argparse
+import json
+import sys
+
+from megasimpo import planner
+from megasimpo.config import LOSSES, ModelConfig
+
+PARTS = (("weights", "weights (bf16)"), ("grads", "gradients (fp32)"),
+         ("optimizer", "optimizer (fp32 master + Adam, / DP*CP)"),
+         ("reference", "reference model (bf16, live DPO)"),
+         ("activations", "activations (in-flight micro-batches)"),
+         ("logits", "logits / log-prob buffers"), ("overhead", "CUDA context, NCCL, slack"))
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers ``plan`` on the ``megasimpo`` sub-command parsers."""
+    p = subparsers.add_parser("plan", help="print the parallel layout and per-GPU memory plan",
+                              description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf-config", help="HF config.json (or the HF model directory)")
+    src.add_argument("--load", help="megasimpo checkpoint directory")
+    p.add_argument("--gpus", type=int, required=True, help="total GPUs (world size)")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (TP stays inside)")
+    p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU, GB (1e9 B)")
+    p.add_argument("--seq-length", type=int, default=4096, help="tokens per sequence")
+    p.add_argument("--loss", choices=LOSSES, default="simpo")
+    p.add_argument("--ref", choices=("live", "precomputed"), default="live",
+                   help="reference log-probs of dpo/ipo/rdpo: live frozen model or `score` files")
+    p.add_argument("--global-batch-size", type=int, default=128, help="pairs per optimizer step")
+    for name in ("tp", "pp", "vpp", "cp", "micro-batch-size"):
+        p.add_argument(f"--{name}", type=int, help="fix this part of the layout, plan the rest")
+    p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
+                   help="force full activation recompute on/off")
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    return p
+
+
+def load_model_config(args) -> ModelConfig:
+    """The ModelConfig named by ``--hf-config`` or ``--load``."""
+    if args.hf_config:
+        return ModelConfig.from_hf(args.hf_config)
+    from megasimpo.checkpoint import model_config  # imports torch: only when needed
+
+    return model_config(args.load)
+
+
+def make_plan(args, model: ModelConfig) -> planner.Plan:
+    """Runs the planner with the flags of ``args``."""
+    overrides = {k: getattr(args, k) for k in planner.OVERRIDABLE}
+    return planner.plan(model, args.gpus, gpus_per_node=args.gpus_per_node,
+                        gpu_mem_gb=args.gpu_mem_gb, seq_length=args.seq_length, loss=args.loss,
+                        ref=args.ref, global_batch_size=args.global_batch_size,
+                        overrides=overrides)
+
+
+def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> str:
+    """The human-readable table: model, layout, batch, memory per GPU, reasons."""
+    m = model
+    lines = [
+        f"model   {m.architecture}: {m.num_layers} layers, hidden {m.hidden_size}, "
+        f"ffn {m.ffn_hidden_size}, {m.num_attention_heads} heads / {m.num_query_groups} KV heads, "
+        f"vocab {m.vocab_size}, {m.num_parameters / 1e9:.2f} B parameters",
+        f"world   {plan.world_size} GPUs ({gpus_per_node} per node, {plan.gpu_mem_gb:g} GB each), "
+        f"seq {plan.seq_length}, loss {plan.loss}",
+        f"layout  TP={plan.tp}  PP={plan.pp}  VPP={plan.vpp or '-'}  CP={plan.cp}  DP={plan.dp}  "
+        f"SP={'on' if plan.sequence_parallel else 'off'}  "
+        f"recompute={'full' if plan.recompute else 'off'}",
+        f"batch   {plan.micro_batch_size} pair(s) per micro-batch x {plan.num_microbatches} "
+        f"micro-batches x DP {plan.dp} = {plan.global_batch_size} pairs per step; "
+        f"pipeline bubble {plan.bubble:.1%}",
+        "",
+    ]
+    stages = plan.stages or (plan.memory,)
+    names = ["first stage", "last stage"] if len(stages) > 1 else ["per GPU"]
+    width = max(len(label) for _, label in PARTS)
+    lines.append(f"{'memory, GB per GPU':<{width + 2}}" + "".join(f"{n:>13}" for n in names))
+    for key, label in PARTS:
+        lines.append(f"  {label:<{width}}" + "".join(f"{getattr(s, key):13.2f}" for s in stages))
+    budget = planner.MEMORY_FRACTION * plan.gpu_mem_gb
+    lines.append(f"  {'total':<{width}}" + "".join(f"{s.total:13.2f}" for s in stages))
+    lines.append(f"  {'budget':<{width}}{budget:13.2f}   ({planner.MEMORY_FRACTION:.0%} of "
+                 f"{plan.gpu_mem_gb:g} GB; peak {plan.memory.total:.2f} GB)")
+    lines.append("")
+    lines.append("why")
+    lines.extend(f"  - {r}" for r in plan.reasons)
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    """Prints the plan for the parsed ``args``; returns the exit status (0, or 2 on errors)."""
+    try:
+        model = load_model_config(args)
+        result = make_plan(args, model)
+    except (ValueError, OSError) as e:
+        print(f"megasimpo plan: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(dict(result.to_dict(), gpus=result.world_size,
+                              gpus_per_node=args.gpus_per_node)))
+    else:
+        print(format_plan(result, model, args.gpus_per_node))
+    return 0

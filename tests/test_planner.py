@@ -1,0 +1,334 @@
+"""Layout planner: known layouts, the memory model against hand arithmetic, errors, `plan` CLI.
+
+Pure arithmetic, no process group. Llama-3 shapes are written out here (not read from the bundled
+examples config) so a wrong example file cannot make these pass.
+"""
+
+import argparse
+import json
+import os
+import re
+
+import pytest
+
+from megasimpo import plan_cmd, planner
+from megasimpo.config import Layout, ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LLAMA3_8B = ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
+                        num_attention_heads=32, num_query_groups=8, head_dim=128,
+                        vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+LLAMA3_70B = ModelConfig(num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
+                         num_attention_heads=64, num_query_groups=8, head_dim=128,
+                         vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
+
+
+def check_consistent(p: planner.Plan, model: ModelConfig, gpus: int, gpu_mem_gb: float = 80.0):
+    """Every constraint the trainer and Megatron's schedules impose, and the memory budget."""
+    assert p.world_size == gpus
+    assert Layout.resolve(model, gpus, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp,
+                          sequence_parallel=p.sequence_parallel, fused_norms=True) == p.layout
+    assert p.micro_batch_size * p.dp * p.num_microbatches == p.global_batch_size
+    assert p.num_microbatches >= p.pp
+    if p.vpp:
+        assert p.num_microbatches % p.pp == 0 and model.num_layers % (p.pp * p.vpp) == 0
+    assert p.seq_length % (2 * p.cp * (p.tp if p.sequence_parallel else 1)) == 0
+    assert p.sequence_parallel == (p.tp > 1)
+    assert p.memory.total <= 0.9 * gpu_mem_gb
+    assert p.memory.total == max(s.total for s in p.stages)
+    assert len(p.reasons) >= 8 and all(isinstance(r, str) and r for r in p.reasons)
+
+
+# ----- known layouts -------------------------------------------------------------------------
+
+def test_llama3_8b_on_8_gpus():
+    p = planner.plan(LLAMA3_8B, 8, seq_length=4096)
+    check_consistent(p, LLAMA3_8B, 8)
+    assert p.tp in (1, 2) and p.pp == 1 and p.cp == 1 and p.dp >= 4
+    assert not p.recompute
+
+
+@pytest.mark.parametrize("seq_length", [4096, 8192])
+@pytest.mark.parametrize("loss", ["simpo", "dpo"])
+def test_llama3_70b_on_64_gpus(seq_length, loss):
+    p = planner.plan(LLAMA3_70B, 64, seq_length=seq_length, loss=loss)
+    check_consistent(p, LLAMA3_70B, 64)
+    assert p.tp == 8 and p.sequence_parallel  # 70B needs all of a node's NVLink
+    assert p.pp in (2, 4, 8) and p.dp >= 1
+    assert (p.memory.reference > 0) == (loss == "dpo")
+
+
+def test_llama3_70b_4096_simpo_expected_layout():
+    p = planner.plan(LLAMA3_70B, 64, seq_length=4096)
+    assert (p.tp, p.pp, p.cp, p.dp, p.recompute) == (8, 2, 1, 4, False)
+    assert p.memory.total <= 72.0
+
+
+def test_recompute_only_when_nothing_fits_without_it():
+    assert not planner.plan(LLAMA3_70B, 64, seq_length=8192).recompute
+    p = planner.plan(LLAMA3_70B, 64, seq_length=32768)
+    check_consistent(p, LLAMA3_70B, 64)
+    assert p.recompute
+    with pytest.raises(ValueError, match="does not fit|needs at least"):
+        planner.plan(LLAMA3_70B, 64, seq_length=32768, overrides={"recompute": False})
+
+
+def test_long_sequences_use_context_parallelism():
+    p = planner.plan(LLAMA3_8B, 16, seq_length=32768)
+    check_consistent(p, LLAMA3_8B, 16)
+    assert p.cp > 1
+
+
+def test_smaller_gpus_get_a_leaner_plan():
+    big = planner.plan(LLAMA3_8B, 8, seq_length=4096)
+    small = planner.plan(LLAMA3_8B, 8, seq_length=4096, gpu_mem_gb=40)
+    check_consistent(small, LLAMA3_8B, 8, gpu_mem_gb=40)
+    assert small.memory.total <= 36.0 < big.memory.total
+
+
+# ----- the memory model ----------------------------------------------------------------------
+
+def test_distributed_optimizer_bytes_by_hand():
+    # Llama-3-70B, tp=8, pp=4, dp=2, first stage: 20 layers and the embedding.
+    # layer: QKV 8192*(8192+2*8*128) + proj 8192*8192 + SwiGLU 3*8192*28672 = 855,638,016 (/tp)
+    #        + 2 norms of 8192 (replicated); embedding 128256*8192 (/tp).
+    params = 20 * (855_638_016 / 8 + 2 * 8192) + 128256 * 8192 / 8  # = 2,270,756,864
+    assert params == pytest.approx(2.27e9, rel=1e-3)
+    expected_gb = params * (6 + 12 / 2) / 1e9  # bf16 weight + fp32 grad, fp32 master + Adam / DP
+    m = planner.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2, sequence_parallel=True,
+                             seq_length=4096, micro_batch_size=1, num_microbatches=64,
+                             loss="simpo", recompute=False, stage=0)
+    assert m.weights + m.grads + m.optimizer == pytest.approx(expected_gb, rel=1e-6)
+    assert expected_gb == pytest.approx(27.25, abs=0.01)
+    assert m.weights == pytest.approx(2 * params / 1e9)
+    # CP ranks share the optimizer shards too (Megatron's dp_cp group).
+    m_cp = planner.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=2, dp=1,
+                                sequence_parallel=True, seq_length=4096, micro_batch_size=1,
+                                num_microbatches=128, loss="simpo", recompute=False, stage=0)
+    assert m_cp.optimizer == pytest.approx(m.optimizer)
+
+
+def test_activations_by_hand():
+    s, b, h, tp = 4096, 2, 8192, 8  # one pair per micro-batch = 2 sequences
+    per_layer = planner.layer_activation_bytes(LLAMA3_70B, tokens=s * b, tp=tp,
+                                               sequence_parallel=True, recompute=False)
+    # (12 + 4g)h + 6f bytes per token with g = 1/8, all sharded by TP+SP: 8192*(12.5*8192+6*28672)/8
+    assert per_layer == 8192 * (12.5 * 8192 + 6 * 28672) / 8
+    assert per_layer == pytest.approx(34 * s * b * h / tp, rel=0.02)  # Korthikanti's 34sbh/t
+    assert planner.layer_activation_bytes(LLAMA3_70B, tokens=s * b, tp=tp, sequence_parallel=True,
+                                          recompute=True) == 2 * s * b * h / tp
+    no_sp = planner.layer_activation_bytes(LLAMA3_70B, tokens=s * b, tp=tp,
+                                           sequence_parallel=False, recompute=False)
+    assert no_sp == pytest.approx(per_layer + s * b * 8 * h * (1 - 1 / tp))
+    # 1F1B, pp=4: stage 0 holds 4 micro-batches x 20 layers (+ one layer of working set).
+    m = planner.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2, sequence_parallel=True,
+                             seq_length=s, micro_batch_size=1, num_microbatches=64, loss="simpo",
+                             recompute=False, stage=0)
+    assert m.activations == pytest.approx((80 + 1) * per_layer / 1e9)
+    assert m.logits == 0.0
+    last = planner.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2,
+                                sequence_parallel=True, seq_length=s, micro_batch_size=1,
+                                num_microbatches=64, loss="simpo", recompute=False, stage=3)
+    assert last.activations == pytest.approx((20 + 1) * per_layer / 1e9)
+    logits = s * b * 128256 / tp * 10 + 2 * 2 * s * b * h / tp
+    assert last.logits == pytest.approx(logits / 1e9)
+
+
+def test_in_flight_matches_megatron_schedules():
+    assert planner.in_flight_chunks(1, None, 0, 64) == 1
+    assert [planner.in_flight_chunks(4, None, r, 64) for r in range(4)] == [4, 3, 2, 1]
+    assert planner.in_flight_chunks(4, None, 0, 2) == 2  # fewer micro-batches than stages
+    # interleaved: warm-up 2*(pp-r-1) + (vpp-1)*pp, plus one; layers = L*(1 + (pp-1)/(pp*vpp))
+    chunks = planner.in_flight_chunks(4, 5, 0, 64)
+    assert chunks == 2 * 3 + 4 * 4 + 1
+    assert chunks * 80 // 20 == pytest.approx(80 * (1 + 3 / 20))
+
+
+def test_padded_vocab_matches_the_model():
+    from megasimpo.model import padded_vocab_size
+
+    for v in (64, 32000, 128256, 151936, 50257):
+        assert planner.padded_vocab_size(v) == padded_vocab_size(v)
+
+
+def test_tied_embeddings_counted_once_without_pipeline():
+    tied = ModelConfig(**dict(LLAMA3_8B.to_dict(), tie_word_embeddings=True))
+    emb = planner.padded_vocab_size(tied.vocab_size) * tied.hidden_size
+    assert planner.stage_parameters(tied, 1, 1, 0) == pytest.approx(tied.num_parameters)
+    assert planner.stage_parameters(LLAMA3_8B, 1, 1, 0) == pytest.approx(LLAMA3_8B.num_parameters)
+    # with a pipeline the last stage keeps its own copy for the output layer
+    assert planner.stage_parameters(tied, 1, 2, 1) - planner.stage_parameters(tied, 1, 2, 0) == \
+        pytest.approx(tied.hidden_size)  # both ends hold emb; the last adds the final norm
+    assert planner.stage_parameters(tied, 1, 2, 0) == pytest.approx(
+        tied.num_parameters / 2 + emb / 2 - tied.hidden_size / 2)
+
+
+@pytest.mark.parametrize("model,gpus", [(LLAMA3_8B, 8), (LLAMA3_70B, 64)])
+@pytest.mark.parametrize("seq_length", [2048, 8192])
+def test_dpo_never_below_simpo_on_the_same_layout(model, gpus, seq_length):
+    layouts = list(planner._layouts(model, gpus, gpus_per_node=8, seq_length=seq_length,
+                                    global_batch_size=128, fixed={}, fused_norms=True))
+    assert len(layouts) > 20
+    for layout in layouts:
+        simpo = planner.stage_breakdowns(model, seq_length=seq_length, loss="simpo", **layout)
+        dpo = planner.stage_breakdowns(model, seq_length=seq_length, loss="dpo", **layout)
+        pre = planner.stage_breakdowns(model, seq_length=seq_length, loss="dpo",
+                                       ref="precomputed", **layout)
+        for s, d, q in zip(simpo, dpo, pre):
+            assert d.total > s.total, layout
+            assert d.reference == pytest.approx(s.weights)  # 2 B/param, same sharding
+            assert d.total - d.reference == pytest.approx(s.total)
+            assert q.total == pytest.approx(s.total)
+
+
+# ----- overrides -----------------------------------------------------------------------------
+
+def test_overrides_are_kept_and_the_rest_planned():
+    p = planner.plan(LLAMA3_70B, 64, overrides={"tp": 4})
+    check_consistent(p, LLAMA3_70B, 64)
+    assert p.tp == 4 and any("fixed by override" in r for r in p.reasons)
+    p = planner.plan(LLAMA3_70B, 64, overrides={"tp": 8, "pp": 4, "vpp": 5, "micro_batch_size": 1,
+                                                "cp": None})
+    assert (p.tp, p.pp, p.vpp, p.micro_batch_size) == (8, 4, 5, 1)
+    assert p.dp == 2 and p.num_microbatches == 64
+    p = planner.plan(LLAMA3_8B, 8, overrides={"recompute": True})
+    assert p.recompute
+    p = planner.plan(LLAMA3_8B, 8, overrides={"vpp": 1, "pp": 2})
+    assert p.pp == 2 and p.vpp is None
+
+
+def test_no_fused_norms_means_no_sequence_parallelism():
+    p = planner.plan(LLAMA3_8B, 8, fused_norms=False)
+    assert not p.sequence_parallel
+    with pytest.raises(ValueError, match="sequence parallelism needs Transformer Engine"):
+        planner.plan(LLAMA3_8B, 8, fused_norms=False, overrides={"sequence_parallel": True})
+
+
+@pytest.mark.parametrize("gpus,overrides,msg", [
+    (64, {"tp": 16}, "does not divide the model's 8 KV heads"),
+    (64, {"tp": 3}, "world size 64 is not divisible by tp\\*pp\\*cp = 3\\*1\\*1"),
+    (48, {"pp": 3}, "80 layers do not split evenly"),
+    (64, {"tp": 0}, "--tp 0 must be >= 1"),
+    (64, {"zero": 3}, "unknown plan override"),
+])
+def test_bad_overrides_name_the_value(gpus, overrides, msg):
+    with pytest.raises(ValueError, match=msg):
+        planner.plan(LLAMA3_70B, gpus, overrides=overrides)
+
+
+# ----- impossible requests -------------------------------------------------------------------
+
+def _minimum(message: str) -> int:
+    found = re.search(r"needs at least (\d+) GPUs", message)
+    assert found, message
+    return int(found.group(1))
+
+
+def test_70b_on_four_24gb_gpus_names_the_minimum():
+    with pytest.raises(ValueError) as err:
+        planner.plan(LLAMA3_70B, 4, gpu_mem_gb=24)
+    minimum = _minimum(str(err.value))
+    assert "24 GB" in str(err.value) and "--gpus 4" in str(err.value)
+    check_consistent(planner.plan(LLAMA3_70B, minimum, gpu_mem_gb=24), LLAMA3_70B, minimum, 24)
+    with pytest.raises(ValueError):
+        planner.plan(LLAMA3_70B, minimum // 2, gpu_mem_gb=24)
+
+
+@pytest.mark.parametrize("gpus", [8, 24])
+def test_too_few_gpus_for_70b(gpus):
+    with pytest.raises(ValueError) as err:
+        planner.plan(LLAMA3_70B, gpus)
+    minimum = _minimum(str(err.value))
+    assert minimum == 32  # 16 cannot shard the optimizer state enough; checked next
+    planner.plan(LLAMA3_70B, minimum)
+    with pytest.raises(ValueError):
+        planner.plan(LLAMA3_70B, 16)
+
+
+@pytest.mark.parametrize("model,gpus,near", [(LLAMA3_8B, 6, (4, 8)), (LLAMA3_70B, 48, (40, 64))])
+def test_gpu_count_that_does_not_split_names_the_nearest(model, gpus, near):
+    with pytest.raises(ValueError, match=f"nearest GPU counts that work: {near[0]} or {near[1]}"):
+        planner.plan(model, gpus)
+    for n in near:
+        check_consistent(planner.plan(model, n), model, n)
+
+
+def test_model_that_fits_nowhere():
+    # 0.5 GB left after the overhead: not even the embedding shard (1.05e9/8 params x 6 B) fits
+    with pytest.raises(ValueError, match="does not fit on GPUs of 5 GB .* at any GPU count"):
+        planner.plan(LLAMA3_70B, 64, gpu_mem_gb=5)
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    (dict(gpus=0), "--gpus 0 must be >= 1"),
+    (dict(gpus=8, gpu_mem_gb=2), "--gpu-mem-gb 2 is too small"),
+    (dict(gpus=8, loss="kto"), "--loss 'kto' is not one of"),
+    (dict(gpus=8, seq_length=0), "--seq-length 0 must be >= 1"),
+])
+def test_bad_arguments(kwargs, msg):
+    with pytest.raises(ValueError, match=msg):
+        planner.plan(LLAMA3_8B, **kwargs)
+
+
+# ----- the `plan` command --------------------------------------------------------------------
+
+def _run_plan(argv, capsys):
+    parser = argparse.ArgumentParser(prog="megasimpo")
+    plan_cmd.add_parser(parser.add_subparsers(dest="command"))
+    rc = plan_cmd.run(parser.parse_args(["plan"] + argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_plan_json_for_bundled_70b_config(capsys):
+    config = os.path.join(REPO, "examples", "configs", "llama3_70b.json")
+    assert ModelConfig.from_hf(config) == LLAMA3_70B  # the bundled file has the real values
+    rc, out, err = _run_plan(["--hf-config", config, "--gpus", "64", "--json"], capsys)
+    assert rc == 0, err
+    d = json.loads(out)  # exactly one JSON object
+    for key in ("tp", "pp", "vpp", "cp", "dp", "micro_batch_size", "num_microbatches",
+                "recompute", "memory_gb", "gpu_mem_gb"):
+        assert key in d
+    parts = ("weights", "grads", "optimizer", "reference", "activations", "logits", "overhead")
+    assert d["memory_gb"]["total"] == pytest.approx(sum(d["memory_gb"][k] for k in parts), abs=0.05)
+    assert d["memory_gb"]["total"] <= 72.0 and d["gpu_mem_gb"] == 80.0
+    assert d["tp"] * d["pp"] * d["cp"] * d["dp"] == 64
+
+
+def test_plan_table_and_dpo(capsys):
+    config = os.path.join(REPO, "examples", "configs", "llama3_70b.json")
+    rc, out, _ = _run_plan(["--hf-config", config, "--gpus", "64", "--seq-length", "8192",
+                            "--loss", "dpo"], capsys)
+    assert rc == 0
+    for text in ("layout  TP=8", "DP=", "micro-batches", "reference model", "total", "budget",
+                 "why", "live reference"):
+        assert text in out, text
+
+
+def test_plan_from_checkpoint(tmp_path, capsys):
+    from megasimpo.checkpoint import FORMAT, META_FILE
+
+    (tmp_path / META_FILE).write_text(json.dumps({"format": FORMAT, "model": LLAMA3_8B.to_dict()}))
+    rc, out, err = _run_plan(["--load", str(tmp_path), "--gpus", "8", "--json", "--tp", "4"],
+                             capsys)
+    assert rc == 0, err
+    assert json.loads(out)["tp"] == 4
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--gpus", "8"], "needs at least 32 GPUs"),
+    (["--gpus", "48"], "nearest GPU counts that work: 40 or 64 (minimum 32)"),
+    (["--gpus", "64", "--tp", "3"], "not divisible"),
+])
+def test_plan_errors_exit_2(capsys, argv, msg):
+    config = os.path.join(REPO, "examples", "configs", "llama3_70b.json")
+    rc, out, err = _run_plan(["--hf-config", config] + argv, capsys)
+    assert rc == 2 and out == ""
+    assert err.startswith("megasimpo plan: error: ") and msg in err
+
+
+def test_plan_missing_inputs_exit_2(tmp_path, capsys):
+    rc, _, err = _run_plan(["--hf-config", str(tmp_path / "none.json"), "--gpus", "8"], capsys)
+    assert rc == 2 and "megasimpo plan: error:" in err
+    rc, _, err = _run_plan(["--load", str(tmp_path), "--gpus", "8"], capsys)
+    assert rc == 2 and "not a megasimpo checkpoint" in err
