@@ -1,0 +1,523 @@
+"""HF safetensors <-> megasimpo checkpoints (Megatron dist_checkpointing), streamed by tensor.
+
+Import never holds the model: the checkpoint is saved by ``dist_checkpointing.save`` from
+ShardedTensors whose data lives on the ``meta`` device (shapes and dtypes only), through a save
+strategy that hands torch.distributed.checkpoint (DCP) lazy tensors. DCP's file writer asks for
+each block when it reaches it; the block is read from safetensors, converted, written and dropped.
+torch's writer keeps a file's blocks alive until the file is closed, so files are cut at the size
+of the largest block: peak memory is a few of the largest tensors, not the model.
+
+Export loads one layer at a time with ``dist_checkpointing.load`` of a subset of sharded tensors
+(the checkpoint may be saved at any TP/PP layout; DCP reshards on read) and writes safetensors
+shards of at most ``max_shard_size`` bytes.
+
+Outputs go to ``OUT.partial`` and are committed by one rename, so an interrupted conversion never
+leaves something that looks complete.
+"""
+
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import queue
+import shutil
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megasimpo import checkpoint
+from megasimpo.config import ModelConfig
+from megasimpo.hf import mapping
+
+# Files of an HF model directory that travel with the checkpoint (CKPT/tokenizer/): tokenizer,
+# chat templates, generation defaults, and the original config.json (export keeps its extra fields).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt",
+                   "generation_config.json", "chat_template.json", "chat_template.jinja",
+                   "config.json")
+TOKENIZER_DIRS = ("additional_chat_templates",)
+DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
+_SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
+                "F16": torch.float16}
+
+
+# ----- reading HF weights --------------------------------------------------------------------
+
+class HFWeights:
+    """The tensors of an HF model directory: where each lives, its shape and dtype (from the
+    safetensors headers, checked up front), read one at a time on request."""
+
+    def __init__(self, hf_dir: str):
+        from safetensors import SafetensorError, safe_open
+
+        self.hf_dir = hf_dir
+        index = os.path.join(hf_dir, "model.safetensors.index.json")
+        listed = None
+        if os.path.isfile(index):
+            with open(index) as f:
+                try:
+                    listed = json.load(f)["weight_map"]
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise ValueError(f"{index}: not a safetensors index ({e})") from None
+            files = sorted(set(listed.values()))
+            for name in files:
+                if not os.path.isfile(os.path.join(hf_dir, name)):
+                    holds = sorted(k for k, v in listed.items() if v == name)
+                    raise ValueError(f"{os.path.join(hf_dir, name)}: shard listed in {index} is "
+                                     f"missing (it holds {holds[0]} and {len(holds) - 1} more)")
+        elif os.path.isfile(os.path.join(hf_dir, "model.safetensors")):
+            files = ["model.safetensors"]
+        else:
+            raise ValueError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json "
+                             "(only safetensors weights are supported)")
+        self.file_of, self.shape, self.dtype = {}, {}, {}
+        for name in files:
+            path = os.path.join(hf_dir, name)
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for key in f.keys():
+                        sl = f.get_slice(key)
+                        self.file_of[key] = path
+                        self.shape[key] = tuple(sl.get_shape())
+                        self.dtype[key] = sl.get_dtype()
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{path}: truncated or not a safetensors file ({e})") from None
+        for key, name in (listed or {}).items():
+            if self.file_of.get(key) != os.path.join(hf_dir, name):
+                raise ValueError(f"{key}: {index} places it in {name}, which does not hold it")
+
+    def check(self, model: ModelConfig) -> None:
+        """Every tensor the config implies is present with its shape; nothing unknown is left."""
+        expected = mapping.hf_shapes(model)
+        for name, shape in expected.items():
+            if name not in self.shape:
+                raise ValueError(f"{name}: missing from the weights in {self.hf_dir} "
+                                 f"(config.json implies it, shape {list(shape)})")
+            if self.shape[name] != tuple(shape):
+                raise ValueError(f"{name} in {self.file_of[name]}: shape {list(self.shape[name])} "
+                                 f"does not match config.json, which implies {list(shape)}")
+            if self.dtype[name] not in _SAFE_DTYPES:
+                raise ValueError(f"{name} in {self.file_of[name]}: dtype {self.dtype[name]} "
+                                 "is not a floating point type this converter reads")
+        extra = [n for n in self.shape if n not in expected and not mapping.is_ignored(n, model)]
+        if extra:
+            raise ValueError(f"{extra[0]} in {self.file_of[extra[0]]}: not part of a "
+                             f"{model.architecture} as converted here ({len(extra)} such tensors; "
+                             "biases on o_proj or the MLP are not supported)")
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, read now (the file is opened for this read only, so no mapping lingers)."""
+        from safetensors import SafetensorError, safe_open
+
+        path = self.file_of[name]
+        try:
+            with safe_open(path, framework="pt") as f:
+                return f.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{name} in {path}: cannot be read ({e})") from None
+
+
+# ----- streaming dist_checkpointing save -----------------------------------------------------
+
+def _chunk_shape(sh) -> torch.Size:
+    """A ShardedTensor's block as stored: its local shape with the prepended (layer) axes as 1."""
+    return torch.Size((1,) * sh.prepend_axis_num + tuple(sh.local_shape))
+
+
+class _LazyTensor:
+    """A checkpoint tensor whose blocks are produced only when DCP's writer resolves them.
+
+    Implements DCP's ``__create_write_items__`` protocol (as Megatron's CheckpointableShardedTensor
+    does), with data from ``produce(sharded_tensor)`` instead of a tensor held in memory.
+    """
+
+    def __init__(self, produce: Callable):
+        self.produce = produce
+        self.shards = []
+
+    def __create_write_items__(self, fqn, obj):
+        from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex,
+                                                           TensorProperties)
+        from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
+
+        return [WriteItem(index=MetadataIndex(fqn, torch.Size(sh.global_offset), i),
+                          type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(
+                              chunk=ChunkStorageMetadata(offsets=torch.Size(sh.global_offset),
+                                                         sizes=_chunk_shape(sh)),
+                              properties=TensorProperties(dtype=sh.dtype),
+                              size=torch.Size(sh.global_shape)))
+                for i, sh in enumerate(self.shards)]
+
+    def block(self, index) -> torch.Tensor:
+        """The data of the block at ``index.offset``, produced now."""
+        sh = next(s for s in self.shards if tuple(s.global_offset) == tuple(index.offset))
+        t = self.produce(sh)
+        assert t.shape == tuple(sh.local_shape) and t.dtype == sh.dtype, (sh, t.shape, t.dtype)
+        return t.contiguous().view(_chunk_shape(sh))
+
+
+def _planner():
+    from megatron.core.dist_checkpointing.strategies.torch import MCoreSavePlanner
+
+    class LazyPlanner(MCoreSavePlanner):
+        """Megatron's save planner; lazy tensors are produced when the writer looks them up."""
+
+        def lookup_object(self, index):
+            obj = self.state_dict[index.fqn]
+            if isinstance(obj, _LazyTensor):
+                return obj.block(index)
+            return super().lookup_object(index)
+
+    return LazyPlanner(flatten_state_dict=False)
+
+
+def _writer(path: str):
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint.planner import WriteItemType
+
+    def nbytes(item) -> int:
+        td = item.tensor_data
+        return td.chunk.sizes.numel() * torch.empty((), dtype=td.properties.dtype).element_size()
+
+    class BoundedFileWriter(FileSystemWriter):
+        """torch's writer with files cut at the largest block: it keeps the last block of every
+        tensor name written to a file alive until the file is closed (one block each of ~10
+        names, up to GBs for a 70B model), so cutting files bounds memory by the largest block."""
+
+        def write_data(self, plan, planner):
+            if not hasattr(self, "_write_data"):  # older torch: a file per block bounds it too
+                self.single_file_per_rank = False
+                return super().write_data(plan, planner)
+            tensors = [i for i in plan.items if i.type != WriteItemType.BYTE_IO]
+            buckets = [[i for i in plan.items if i.type == WriteItemType.BYTE_IO]]
+            cap = max((nbytes(i) for i in tensors), default=0)
+            size = cap + 1
+            for item in tensors:
+                if size + nbytes(item) > cap:
+                    buckets.append([])
+                    size = 0
+                buckets[-1].append(item)
+                size += nbytes(item)
+            files = queue.Queue()
+            for n, bucket in enumerate(b for b in buckets if b):
+                name = f"{plan.storage_data.prefix}{n}.distcp"
+                files.put((self.fs.concat_path(self.path, name), name, bucket))
+            return self._write_data(planner, files)
+
+    return BoundedFileWriter(path, thread_count=1)
+
+
+def _streaming_strategy(produce: Callable):
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.strategies.base import SaveShardedStrategy
+
+    class StreamingSave(SaveShardedStrategy):
+        """The ``torch_dist`` format (what ``dist_checkpointing.load`` reads), produced lazily."""
+
+        @property
+        def can_handle_sharded_objects(self):
+            return True
+
+        def save(self, sharded_state_dict, checkpoint_dir):
+            from torch.distributed.checkpoint import save as dcp_save
+
+            state = {}
+            for sh in nested_values(sharded_state_dict):
+                if isinstance(sh, ShardedObject):  # serialised exactly as Megatron's strategy does
+                    buf = io.BytesIO()
+                    torch.save([sh.data], buf)
+                    state[sh.unique_key] = buf
+                else:
+                    state.setdefault(sh.key, _LazyTensor(produce)).shards.append(sh)
+            dcp_save(state, storage_writer=_writer(str(checkpoint_dir)), planner=_planner())
+
+    return StreamingSave("torch_dist", 1)
+
+
+def _sharded_state(model: ModelConfig, dtype: torch.dtype) -> tuple:
+    """(sharded state dict with meta-device data, {(key, global offset): Piece})."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    L = model.num_layers
+    state, where = {}, {}
+    for n, p in enumerate(mapping.pieces(model)):
+        offsets = [] if p.layer is None else [(0, p.layer, L)]
+        prepend = len(offsets)
+        if p.part[1] > 1:
+            offsets.append((prepend, p.part[0], p.part[1]))
+        sh = ShardedTensor.from_rank_offsets(
+            p.key, torch.empty(p.shape, dtype=dtype, device="meta"), *offsets, replica_id=0,
+            prepend_axis_num=prepend, allow_shape_mismatch=p.kind == "vocab")
+        state[f"piece{n}"] = sh
+        where[(p.key, tuple(sh.global_offset))] = p
+    for key in mapping.EXTRA_STATE_KEYS:
+        for i in range(L):
+            state[f"{key}.{i}"] = ShardedObject(key, None, (L,), (i,), replica_id=0)
+    return state, where
+
+
+# ----- import / export -----------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _single_process_group():
+    """dist_checkpointing needs a process group: a private one-rank gloo group unless one exists."""
+    if dist.is_initialized():
+        if dist.get_world_size() != 1:
+            raise ValueError("convert_hf runs as a single process; start it without torchrun")
+        yield
+        return
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _begin(out: str, force: bool, source: str) -> str:
+    """Checks ``out`` and returns a fresh ``out.partial`` to write into."""
+    out = out.rstrip("/")
+    src, dst = os.path.realpath(source), os.path.realpath(out)
+    if dst == src or src.startswith(dst + os.sep):  # --force would delete the input
+        raise ValueError(f"--out {out} must neither be nor contain the input {source}")
+    if os.path.lexists(out) and not force:
+        raise ValueError(f"{out} already exists; pass --force to replace it")
+    partial = out + ".partial"
+    _remove(partial)
+    os.makedirs(partial)
+    return partial
+
+
+def _commit(partial: str, out: str) -> None:
+    out = out.rstrip("/")
+    _remove(out)
+    os.replace(partial, out)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _copy_tokenizer(src: str, dst: str, skip: tuple = ()) -> None:
+    """Copies the tokenizer-side files present in ``src`` to ``dst``."""
+    for name in TOKENIZER_FILES + TOKENIZER_DIRS:
+        path = os.path.join(src, name)
+        if name in skip or not os.path.exists(path):
+            continue
+        os.makedirs(dst, exist_ok=True)
+        if os.path.isdir(path):
+            shutil.copytree(path, os.path.join(dst, name))
+        else:
+            shutil.copyfile(path, os.path.join(dst, name))
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
+
+
+def import_hf(hf_dir: str, out: str, *, force: bool = False, progress: bool = True) -> ModelConfig:
+    """Converts an HF Llama/Mistral/Qwen2 directory (config.json + safetensors) to a checkpoint.
+
+    Validates the config and every tensor's presence and shape before writing anything; raises
+    ValueError naming the tensor and file on a mismatch. Tensors are stored in config.json's dtype
+    (the weights' own when the config names none). Returns the model's ModelConfig.
+    """
+    if not os.path.isfile(os.path.join(hf_dir, "config.json")):
+        raise ValueError(f"--hf {hf_dir}: not an HF model directory (no config.json)")
+    model = ModelConfig.from_hf(hf_dir)
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        raw = json.load(f)
+    weights = HFWeights(hf_dir)
+    weights.check(model)
+    if not (raw.get("torch_dtype") or raw.get("dtype")):  # the weights say what they are
+        stored = weights.dtype["model.embed_tokens.weight"]
+        model = dataclasses.replace(model, dtype=str(_SAFE_DTYPES[stored]).replace("torch.", ""))
+    dtype = checkpoint.torch_dtype(model.dtype)
+    partial = _begin(out, force, hf_dir)
+    try:
+        state, where = _sharded_state(model, dtype)
+        bar = _progress(len(where), "import", progress)
+        failures = []
+
+        def produce(sh) -> torch.Tensor:
+            try:
+                p = where[(sh.key, tuple(sh.global_offset))]
+                t = mapping.to_mcore(p, [weights.read(n).to(dtype) for n in p.hf], model)
+            except BaseException as e:
+                failures.append(e)
+                raise
+            bar.update()
+            return t
+
+        from megatron.core import dist_checkpointing
+
+        with _single_process_group():
+            try:
+                dist_checkpointing.save(state, partial,
+                                        sharded_strategy=_streaming_strategy(produce))
+            except BaseException:  # DCP's CheckpointException derives from BaseException
+                if failures:  # it wraps the error that stopped the writer: report that one
+                    raise failures[0] from None
+                raise
+        bar.close()
+        _copy_tokenizer(hf_dir, os.path.join(partial, "tokenizer"))
+        with open(os.path.join(partial, checkpoint.META_FILE), "w") as f:
+            json.dump({"format": checkpoint.FORMAT, "model": model.to_dict(),
+                       "source": os.path.abspath(hf_dir)}, f, indent=2)
+        _commit(partial, out)
+    except BaseException:
+        _remove(partial)
+        raise
+    return model
+
+
+class _ShardWriter:
+    """Collects tensors into safetensors files of at most ``max_bytes`` (a bigger tensor alone)."""
+
+    def __init__(self, out_dir: str, max_bytes: int):
+        self.out_dir, self.max_bytes = out_dir, max_bytes
+        self.pending, self.pending_bytes, self.files, self.weight_map = {}, 0, [], {}
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        if t.untyped_storage().nbytes() != t.nbytes:  # safetensors refuses shared storage
+            t = t.clone()
+        nbytes = t.nbytes
+        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
+            self._flush()
+        self.pending[name] = t.contiguous()
+        self.pending_bytes += nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = f"shard-{len(self.files)}.tmp"
+        save_file(self.pending, os.path.join(self.out_dir, name), metadata={"format": "pt"})
+        self.files.append((name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self, total_bytes: int) -> None:
+        """Writes the last file, names the files as HF does, and the index if there are several."""
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        for i, (tmp, names) in enumerate(self.files):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.out_dir, tmp), os.path.join(self.out_dir, final))
+            self.weight_map.update({k: final for k in names})
+        if n > 1:
+            with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total_bytes},
+                           "weight_map": dict(sorted(self.weight_map.items()))}, f, indent=2)
+
+
+def _stored_tensors(ckpt: str, model: ModelConfig) -> dict:
+    """key -> stored dtype of every tensor the model needs; shapes checked against its config."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(ckpt)
+    stored = {}
+    for p in mapping.pieces(model):
+        if p.key not in meta:
+            raise ValueError(f"{p.key}: missing from checkpoint {ckpt}")
+        shape = tuple(meta[p.key].global_shape)
+        want = ((model.num_layers,) if p.layer is not None else ()) + (p.part[1] * p.shape[0],) \
+            + tuple(p.shape[1:])
+        if shape != want:
+            raise ValueError(f"{p.key} in checkpoint {ckpt}: shape {list(shape)} does not match "
+                             f"its {checkpoint.META_FILE}, which implies {list(want)}")
+        stored[p.key] = meta[p.key].dtype
+    return stored
+
+
+def _read_target(p: mapping.Piece, model: ModelConfig, dtype: torch.dtype):
+    """A ShardedTensor that reads piece ``p`` alone from a checkpoint.
+
+    Layer pieces are [1, ...] blocks at their layer's offset with no sharding grid: with a grid,
+    Megatron would describe the other layers' blocks as held by other ranks, which a one-rank
+    world cannot express.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    rows = p.shape[0]
+    shape, offset, full = p.shape, (p.part[0] * rows,) + (0,) * (len(p.shape) - 1), \
+        (p.part[1] * rows,) + tuple(p.shape[1:])
+    if p.layer is not None:
+        shape, offset, full = (1,) + shape, (p.layer,) + offset, (model.num_layers,) + full
+    return ShardedTensor(key=p.key, data=torch.empty(shape, dtype=dtype), dtype=dtype,
+                         local_shape=shape, global_shape=full, global_offset=offset,
+                         axis_fragmentations=None, replica_id=0)
+
+
+def export_hf(ckpt: str, out: str, *, force: bool = False,
+              max_shard_size: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> ModelConfig:
+    """Converts a checkpoint saved at any layout to an HF directory loadable by transformers.
+
+    Weights are cast to the model's own dtype (a bf16 model trained in fp32 exports as bf16),
+    vocabulary padding rows are dropped; config.json is regenerated from the ModelConfig over the
+    original config.json (kept in CKPT/tokenizer/ by import) and the tokenizer files copied back.
+    """
+    if max_shard_size <= 0:
+        raise ValueError(f"--max-shard-size {max_shard_size} must be positive")
+    model = checkpoint.model_config(ckpt)
+    from megatron.core import dist_checkpointing
+
+    dtype = checkpoint.torch_dtype(model.dtype)
+    groups = mapping.piece_groups(model)
+    partial = _begin(out, force, ckpt)
+    try:
+        writer, total = _ShardWriter(partial, max_shard_size), 0
+        with _single_process_group():
+            stored = _stored_tensors(ckpt, model)
+            bar = _progress(sum(len(g) for g in groups), "export", progress)
+            for group in groups:
+                state = {f"piece{n}": _read_target(p, model, stored[p.key])
+                         for n, p in enumerate(group)}
+                # Only this group's blocks: the access-integrity check wants the whole model.
+                loaded = dist_checkpointing.load(state, ckpt, validate_access_integrity=False)
+                for n, p in enumerate(group):
+                    block = loaded[f"piece{n}"].view(p.shape).to(dtype)
+                    for name, t in mapping.to_hf(p, block, model).items():
+                        writer.add(name, t)
+                        total += t.nbytes
+                    bar.update()
+                del loaded, state
+            bar.close()
+        writer.close(total)
+        tok = checkpoint.tokenizer_dir(ckpt)
+        base = None
+        if tok and os.path.isfile(os.path.join(tok, "config.json")):
+            with open(os.path.join(tok, "config.json")) as f:
+                base = json.load(f)
+        if tok:
+            _copy_tokenizer(tok, partial, skip=("config.json",))
+        with open(os.path.join(partial, "config.json"), "w") as f:
+            json.dump(mapping.hf_config(model, base), f, indent=2)
+        _commit(partial, out)
+    except BaseException:
+        _remove(partial)
+        raise
+    return model
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB', '1e9' or a plain byte count -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = str(text).strip().upper()
+    num = s.rstrip("KMGTIB")
+    try:
+        value = int(float(num) * units[s[len(num):].strip()])
+    except (KeyError, ValueError):
+        raise ValueError(f"--max-shard-size {text!r}: expected bytes or a size like 5GB, 500MB") \
+            from None
+    if value <= 0:
+        raise ValueError(f"--max-shard-size {text!r} must be positive")
+    return value

@@ -1,0 +1,224 @@
+"""HF Llama-family tensors <-> Megatron-Core GPTModel checkpoint tensors: names, shapes, layouts.
+
+Pure functions, no I/O and no process group. The Megatron side is the *checkpoint* layout (sharded
+keys, layers stacked on a leading axis), which is independent of TP/PP: dist_checkpointing reshards
+on load. A checkpoint tensor is written and read as one or more :class:`Piece` s
+(checkpoint key [shape] <- HF tensors of layer i, ``model.layers.{i}.``):
+
+  embedding.word_embeddings.weight [v_pad, h]   <- model.embed_tokens.weight + zero padding rows
+  decoder.layers.
+    self_attention.linear_qkv.layer_norm_weight [L, h]   <- input_layernorm.weight
+    self_attention.linear_qkv.weight [L, (nq + 2 nkv) d, h]  <- self_attn.{q,k,v}_proj.weight,
+                                                             interleaved per KV group
+    self_attention.linear_qkv.bias   [L, (nq + 2 nkv) d]     <- self_attn.{q,k,v}_proj.bias (Qwen2)
+    self_attention.linear_proj.weight [L, h, nq d]   <- self_attn.o_proj.weight
+    mlp.linear_fc1.layer_norm_weight  [L, h]         <- post_attention_layernorm.weight
+    mlp.linear_fc1.weight             [L, 2f, h]     <- mlp.gate_proj (rows :f), mlp.up_proj (f:)
+    mlp.linear_fc2.weight             [L, h, f]      <- mlp.down_proj.weight
+  decoder.final_layernorm.weight      [h]            <- model.norm.weight
+  output_layer.weight                 [v_pad, h]     <- lm_head.weight (untied models only)
+
+(The local layer spec stores its norms under the TE fused names above, so both specs share keys.)
+"""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megasimpo.config import ModelConfig
+from megasimpo.model import padded_vocab_size
+
+LAYERS = "decoder.layers."
+# Megatron modules with an ``_extra_state`` (FP8 metadata; None without FP8), stored per layer.
+EXTRA_STATE_KEYS = tuple(LAYERS + m + "._extra_state" for m in (
+    "self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2"))
+# HF buffers some older checkpoints carry that are recomputed, never learned.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One stored block of a checkpoint tensor and the HF tensors it is made from.
+
+    ``part = (i, n)``: the piece is row block i of n equal blocks of the (per-layer) tensor.
+    """
+
+    key: str  # sharded key in the checkpoint
+    layer: Optional[int]  # position on the stacked layer axis; None for non-layer tensors
+    shape: tuple  # the piece, without the layer axis
+    hf: tuple  # HF tensor names, in the order ``to_mcore`` takes them
+    kind: str = "copy"  # "copy" | "qkv" | "vocab"
+    part: tuple = (0, 1)
+
+
+def _layer_pieces(m: ModelConfig, i: int) -> list:
+    h, f, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
+    qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * d
+    p = f"model.layers.{i}."
+    a = p + "self_attn."
+    out = [
+        Piece(LAYERS + "self_attention.linear_qkv.layer_norm_weight", i, (h,),
+              (p + "input_layernorm.weight",)),
+        Piece(LAYERS + "self_attention.linear_qkv.weight", i, (qkv_rows, h),
+              (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"), "qkv"),
+    ]
+    if m.qkv_bias:
+        out.append(Piece(LAYERS + "self_attention.linear_qkv.bias", i, (qkv_rows,),
+                         (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"), "qkv"))
+    out += [
+        Piece(LAYERS + "self_attention.linear_proj.weight", i, (h, m.num_attention_heads * d),
+              (a + "o_proj.weight",)),
+        Piece(LAYERS + "mlp.linear_fc1.layer_norm_weight", i, (h,),
+              (p + "post_attention_layernorm.weight",)),
+        # Two row blocks, exactly as Megatron's SwiGLU sharded factory stores them.
+        Piece(LAYERS + "mlp.linear_fc1.weight", i, (f, h), (p + "mlp.gate_proj.weight",),
+              part=(0, 2)),
+        Piece(LAYERS + "mlp.linear_fc1.weight", i, (f, h), (p + "mlp.up_proj.weight",),
+              part=(1, 2)),
+        Piece(LAYERS + "mlp.linear_fc2.weight", i, (h, f), (p + "mlp.down_proj.weight",)),
+    ]
+    return out
+
+
+def pieces(m: ModelConfig) -> list:
+    """Every checkpoint piece of the model: embedding, layer 0 .. L-1, final norm, output."""
+    return [p for group in piece_groups(m) for p in group]
+
+
+def piece_groups(m: ModelConfig) -> list:
+    """Pieces in groups that export loads together (embedding, one group per layer, the rest)."""
+    vp, h = padded_vocab_size(m.vocab_size), m.hidden_size
+    head = [Piece("embedding.word_embeddings.weight", None, (vp, h), ("model.embed_tokens.weight",),
+                  "vocab")]
+    tail = [Piece("decoder.final_layernorm.weight", None, (h,), ("model.norm.weight",))]
+    if not m.tie_word_embeddings:
+        tail.append(Piece("output_layer.weight", None, (vp, h), ("lm_head.weight",), "vocab"))
+    return [head] + [_layer_pieces(m, i) for i in range(m.num_layers)] + [tail]
+
+
+def hf_shapes(m: ModelConfig) -> dict:
+    """Name -> shape of every HF tensor the model needs (what the safetensors files must hold)."""
+    h, d = m.hidden_size, m.head_dim
+    shapes = {}
+    for p in pieces(m):
+        if p.kind == "qkv":
+            tail = p.shape[1:]
+            q, kv = m.num_attention_heads * d, m.num_query_groups * d
+            for name, rows in zip(p.hf, (q, kv, kv)):
+                shapes[name] = (rows,) + tail
+        elif p.kind == "vocab":
+            shapes[p.hf[0]] = (m.vocab_size, h)
+        else:
+            shapes[p.hf[0]] = p.shape
+    return shapes
+
+
+def is_ignored(name: str, m: ModelConfig) -> bool:
+    """HF tensors that are present in some checkpoints but carry nothing to convert."""
+    if name.endswith(IGNORED_SUFFIXES):
+        return True
+    # A tied model may still store lm_head (a copy of the embedding); the embedding wins.
+    return m.tie_word_embeddings and name == "lm_head.weight"
+
+
+def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 num_query_groups: int) -> torch.Tensor:
+    """HF q [nq d, ...], k/v [nkv d, ...] -> Megatron fused QKV [(nq + 2 nkv) d, ...].
+
+    Megatron interleaves per KV group g: the group's nq/nkv query heads, then k_g, then v_g.
+    """
+    tail = q.shape[1:]
+    g = num_query_groups
+    return torch.cat([q.reshape(g, -1, *tail), k.reshape(g, -1, *tail), v.reshape(g, -1, *tail)],
+                     dim=1).reshape(-1, *tail)
+
+
+def qkv_from_mcore(qkv: torch.Tensor, num_heads: int, num_query_groups: int,
+                   head_dim: int) -> tuple:
+    """Inverse of :func:`qkv_to_mcore`: [(nq + 2 nkv) d, ...] -> (q, k, v), each contiguous."""
+    tail = qkv.shape[1:]
+    g = num_query_groups
+    per_group = num_heads // g * head_dim
+    x = qkv.reshape(g, per_group + 2 * head_dim, *tail)
+    q, k, v = x.split([per_group, head_dim, head_dim], dim=1)
+    return tuple(t.reshape(-1, *tail).clone() for t in (q, k, v))
+
+
+def pad_vocab(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """[v, h] -> [rows, h] with zero rows appended (the padding never scores)."""
+    out = t.new_zeros((rows,) + tuple(t.shape[1:]))
+    out[: t.shape[0]] = t
+    return out
+
+
+def to_mcore(p: Piece, hf: list, m: ModelConfig) -> torch.Tensor:
+    """The checkpoint block ``p`` from its HF tensors (in ``p.hf`` order)."""
+    if p.kind == "qkv":
+        return qkv_to_mcore(*hf, m.num_query_groups)
+    if p.kind == "vocab":
+        return pad_vocab(hf[0], p.shape[0])
+    return hf[0]
+
+
+def to_hf(p: Piece, t: torch.Tensor, m: ModelConfig) -> dict:
+    """Inverse of :func:`to_mcore`: HF name -> tensor (vocab padding rows dropped)."""
+    if p.kind == "qkv":
+        return dict(zip(p.hf, qkv_from_mcore(t, m.num_attention_heads, m.num_query_groups,
+                                             m.head_dim)))
+    if p.kind == "vocab":
+        return {p.hf[0]: t[: m.vocab_size].clone()}
+    return {p.hf[0]: t}
+
+
+MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
+               "Qwen2ForCausalLM": "qwen2"}
+# Fields hf_config rewrites; anything else of the original config.json (token ids, Mistral's
+# sliding_window, initializer_range, ...) is kept as it was.
+_REWRITTEN = ("rope_scaling", "rope_parameters", "rope_theta", "torch_dtype", "dtype")
+
+
+def hf_config(m: ModelConfig, base: Optional[dict] = None) -> dict:
+    """config.json for ``m``: ``base`` (the original HF config when known) with every field the
+    architecture depends on rewritten from ``m``.
+
+    RoPE is written in the style of ``base`` (transformers 5 ``rope_parameters`` or the
+    ``rope_theta`` + ``rope_scaling`` pair that every version reads); the dtype under both
+    ``dtype`` (transformers >= 4.56) and ``torch_dtype`` (older versions).
+    """
+    cfg = dict(base or {})
+    v5_rope = "rope_parameters" in cfg
+    for k in _REWRITTEN:
+        cfg.pop(k, None)
+    cfg.update(
+        architectures=[m.architecture],
+        model_type=MODEL_TYPES[m.architecture],
+        hidden_size=m.hidden_size,
+        intermediate_size=m.ffn_hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_query_groups,
+        vocab_size=m.vocab_size,
+        max_position_embeddings=m.max_position_embeddings,
+        rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=m.tie_word_embeddings,
+        hidden_act="silu",
+        dtype=m.dtype,
+        torch_dtype=m.dtype,
+    )
+    if "head_dim" in cfg or m.head_dim != m.hidden_size // m.num_attention_heads:
+        cfg["head_dim"] = m.head_dim
+    if m.architecture == "LlamaForCausalLM":  # Qwen2 always has Q/K/V biases, Mistral never
+        cfg["attention_bias"] = m.qkv_bias
+    scaling = None
+    if m.rope_scaling is not None:
+        s = m.rope_scaling
+        scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
+                   "high_freq_factor": s.high_freq_factor,
+                   "original_max_position_embeddings": s.original_max_position_embeddings}
+    if v5_rope:
+        cfg["rope_parameters"] = dict(scaling or {"rope_type": "default"}, rope_theta=m.rope_theta)
+    else:
+        cfg["rope_theta"] = m.rope_theta
+        cfg["rope_scaling"] = scaling
+    return dict(sorted(cfg.items()))

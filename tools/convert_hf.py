@@ -1,0 +1,59 @@
+"""HF <-> megasimpo checkpoint conversion (DESIGN.md section 3).
+
+    python tools/convert_hf.py import --hf HF_DIR --out CKPT [--force]
+    python tools/convert_hf.py export --load CKPT --out HF_DIR [--force] [--max-shard-size 5GB]
+
+Both stream tensor by tensor (memory stays near the largest tensor, not the model), write to
+OUT.partial and rename at the end. User errors print ``convert_hf: error: ...`` and exit 2.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(prog="convert_hf", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="HF directory (config.json + safetensors) -> checkpoint")
+    imp.add_argument("--hf", required=True, help="HF model directory")
+    imp.add_argument("--out", required=True, help="checkpoint directory to write")
+    exp = sub.add_parser("export", help="checkpoint (any layout) -> HF directory")
+    exp.add_argument("--load", required=True, help="checkpoint directory")
+    exp.add_argument("--out", required=True, help="HF directory to write")
+    exp.add_argument("--max-shard-size", default="5GB",
+                     help="largest safetensors file (bytes or 5GB, 500MB, ...; default 5GB)")
+    for sp in (imp, exp):
+        sp.add_argument("--force", action="store_true", help="replace --out if it exists")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status."""
+    args = parser().parse_args(argv)
+    from megasimpo.cli import quiet_known_warnings
+
+    quiet_known_warnings()
+    try:
+        from megasimpo.hf import export_hf, import_hf, parse_size
+
+        if args.command == "import":
+            model = import_hf(args.hf, args.out, force=args.force, progress=not args.no_progress)
+        else:
+            model = export_hf(args.load, args.out, force=args.force,
+                              max_shard_size=parse_size(args.max_shard_size),
+                              progress=not args.no_progress)
+    except (ValueError, OSError) as e:  # user errors: bad input, existing output, disk
+        print(f"convert_hf: error: {e}", file=sys.stderr)
+        return 2
+    print(f"convert_hf: {args.command}: wrote {args.out} ({model.architecture}, {model.num_layers} "
+          f"layers, {model.num_parameters / 1e6:.1f}M parameters, {model.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
