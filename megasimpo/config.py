@@ -11,9 +11,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
-LOSSES = ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo")
+LOSSES = ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo", "sft")
 REFERENCE_LOSSES = ("dpo", "ipo", "rdpo")  # losses that need reference-model log-probs
-DEFAULT_BETA = {"simpo": 2.0, "dpo": 0.1, "ipo": 0.1, "cpo": 0.1, "orpo": 0.1, "rdpo": 0.1}
+DEFAULT_BETA = {"simpo": 2.0, "dpo": 0.1, "ipo": 0.1, "cpo": 0.1, "orpo": 0.1, "rdpo": 0.1,
+                "sft": 1.0}
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
@@ -45,6 +46,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_word_embeddings: bool = False  # output layer shares the input embedding
     qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
+    sliding_window: Optional[int] = None  # Mistral/Qwen2 windowed attention; runs must fit in it
     dtype: str = "bfloat16"  # dtype the weights were stored in
 
     def __post_init__(self):
@@ -122,6 +124,13 @@ class ModelConfig:
                     rope.get("original_max_position_embeddings", 8192)
                 ),
             )
+        for key in ("attention_bias", "mlp_bias"):
+            if arch != "Qwen2ForCausalLM" and hf.get(key):
+                raise ValueError(f"{source}: {key}=true (biases on the output/MLP projections) is "
+                                 "not supported: Megatron's GPTModel here has no such biases")
+        window = hf.get("sliding_window")
+        if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+            window = None
         hidden = need("hidden_size")
         return cls(
             architecture=arch,
@@ -137,7 +146,8 @@ class ModelConfig:
             rope_scaling=scaling,
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM",
+            sliding_window=int(window) if window else None,
             dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"),
         )
 

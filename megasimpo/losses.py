@@ -106,6 +106,18 @@ def simpo_loss(cfg: LossConfig, x: PairLogps):
     return loss, _metrics(cfg.beta * a_w, cfg.beta * a_l, a_w, a_l, **extra)
 
 
+def sft_loss(cfg: LossConfig, x: PairLogps):
+    """Supervised fine-tuning on the chosen responses: the per-sequence mean NLL ``-a_w``.
+
+    Not a preference loss: it produces the SFT model the preference losses start from (the SimPO
+    paper's pipeline), on the same engine and data. The rejected response is scored, not trained.
+    Rewards are ``beta * a`` as for SimPO, so reward accuracy is the likelihood-ranking accuracy.
+    """
+    s_w, s_l, n_w, n_l = _policy(x)
+    a_w, a_l = s_w / n_w, s_l / n_l
+    return -a_w, _metrics(cfg.beta * a_w, cfg.beta * a_l, a_w, a_l, nll_loss=-a_w)
+
+
 def dpo_loss(cfg: LossConfig, x: PairLogps):
     """DPO on summed log-probs: ``h = (s_w - r_w) - (s_l - r_l)``, pairwise term on ``beta * h``.
 
@@ -183,6 +195,7 @@ _LOSSES: dict[str, Callable] = {
     "cpo": cpo_loss,
     "orpo": orpo_loss,
     "rdpo": rdpo_loss,
+    "sft": sft_loss,
 }
 _HINGE = ("simpo", "dpo", "cpo", "rdpo")  # losses with a Bradley-Terry term hinge can replace
 _SMOOTHING = ("simpo", "dpo", "cpo", "rdpo")  # label smoothing only reaches that term's sigmoid form

@@ -63,6 +63,11 @@ class Trainer:
         if self.seq_length % multiple:
             raise ValueError(f"--seq-length {self.seq_length} must be a multiple of {multiple} "
                              f"(2 x cp{' x tp with sequence parallelism' if lay.sequence_parallel else ''})")
+        window = self.model_cfg.sliding_window
+        if window and self.seq_length > window:
+            raise ValueError(
+                f"--seq-length {self.seq_length} exceeds the model's sliding_window {window}: this "
+                "engine attends over the whole sequence, so longer runs would not match the model")
         self.num_truncated = sum(count_truncated(d, self.seq_length) for d in datasets)
         self.sampler = PairSampler(
             len(self.train_data),

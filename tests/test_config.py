@@ -67,3 +67,16 @@ def test_loss_and_train_config_validation():
         TrainConfig(load="m", data=("d",), out="o", ref="none")
     with pytest.raises(ValueError, match="--global-batch-size 0"):
         TrainConfig(load="m", data=("d",), out="o", global_batch_size=0)
+
+
+def test_from_hf_refuses_output_biases_and_records_sliding_window(tmp_path):
+    base = {"architectures": ["MistralForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
+            "vocab_size": 100}
+    assert ModelConfig.from_hf_dict(dict(base, sliding_window=4096)).sliding_window == 4096
+    qwen = dict(base, architectures=["Qwen2ForCausalLM"], sliding_window=4096)
+    assert ModelConfig.from_hf_dict(qwen).sliding_window is None  # use_sliding_window false
+    assert ModelConfig.from_hf_dict(qwen).qkv_bias
+    llama = dict(base, architectures=["LlamaForCausalLM"], attention_bias=True)
+    with pytest.raises(ValueError, match="attention_bias=true"):
+        ModelConfig.from_hf_dict(llama)

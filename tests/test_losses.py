@@ -318,3 +318,16 @@ def test_mismatched_shapes_raise():
     x.rejected_logps = x.rejected_logps[:2]
     with pytest.raises(ValueError, match="shape"):
         preference_loss(LossConfig(name="simpo"), x)
+
+
+def test_sft_loss_is_mean_chosen_nll_by_hand():
+    from megasimpo.losses import sft_loss
+
+    cfg = LossConfig(name="sft")
+    x = PairLogps(torch.tensor([-6.0, -3.0]), torch.tensor([-2.0, -9.0]),
+                  torch.tensor([3.0, 2.0]), torch.tensor([1.0, 3.0]))
+    loss, m = sft_loss(cfg, x)
+    assert loss.tolist() == [2.0, 1.5]  # -(-6/3), -(-3/2)
+    assert m["rewards/accuracies"].tolist() == [0.0, 1.0]  # -2 vs -2/1; -1.5 vs -3
+    total, sums = preference_loss(cfg, x)
+    assert total.item() == 3.5 and sums["nll_loss"].item() == 3.5
