@@ -280,12 +280,15 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     ref: str = "live"  # reference log-probs for dpo/ipo/rdpo: "live" frozen copy or "precomputed"
     ref_logps: tuple = ()  # --ref precomputed: `megasimpo score` JSONL per --data then --eval-data prefix (default PREFIX.ref_logps.jsonl)
-    tp: int = 1  # tensor-parallel size
-    pp: int = 1  # pipeline-parallel size
+    # Layout and batch split: None = the planner decides (megasimpo/planner.py); a value fixes it.
+    tp: Optional[int] = None  # tensor-parallel size
+    pp: Optional[int] = None  # pipeline-parallel size
     vpp: Optional[int] = None  # virtual pipeline chunks per rank
-    cp: int = 1  # context-parallel size
-    sequence_parallel: Optional[bool] = None  # None: on when tp > 1 and fused norms exist
-    micro_batch_size: int = 1  # pairs per micro-batch per DP rank
+    cp: Optional[int] = None  # context-parallel size
+    sequence_parallel: Optional[bool] = None  # on when tp > 1 and fused norms exist
+    micro_batch_size: Optional[int] = None  # pairs per micro-batch per DP rank
+    recompute: Optional[bool] = None  # full activation recompute
+    gpu_mem_gb: Optional[float] = None  # memory per device the plan may use (default: queried)
     global_batch_size: int = 128  # pairs per optimizer step, all ranks
     seq_length: Optional[int] = None  # None: longest pair in the data (capped by the model)
     steps: Optional[int] = None  # optimizer steps; None: epochs x steps per epoch
@@ -306,7 +309,6 @@ class TrainConfig:
     exit_interval: Optional[int] = None  # checkpoint and exit 0 after step N
     log_interval: int = 1  # metrics rows every N steps
     seed: int = 1234  # data order and any random init
-    recompute: bool = False  # full activation recompute
 
     def __post_init__(self):
         if not self.data:
@@ -314,7 +316,7 @@ class TrainConfig:
         if self.ref not in ("live", "precomputed"):
             raise ValueError(f"--ref {self.ref!r} must be 'live' or 'precomputed'")
         for name in ("micro_batch_size", "global_batch_size", "epochs", "log_interval"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps {self.steps} must be >= 1")

@@ -1,9 +1,14 @@
 """The embedded default run: a tiny Llama, a learnable synthetic preference task, SimPO at TP=2.
 
-Task ("stay on topic"): the vocabulary holds two topics of tokens. A prompt is a run of tokens from
-one topic; the chosen response continues in the prompt's topic, the rejected one drifts to the other
-topic. Which response is preferred depends on the prompt, and chosen/rejected lengths are drawn
-independently (either may be longer), so neither a unigram bias nor length explains the preference.
+Task ("stay on topic"): the vocabulary holds two topics of words (a0..a25, b0..b25). A prompt is a
+run of words from one topic; the chosen response continues in the prompt's topic, the rejected one
+drifts to the other topic. Which response is preferred depends on the prompt, and chosen/rejected
+lengths are drawn independently (either may be longer), so neither a unigram bias nor length
+explains the preference.
+
+The demo takes the path a user's data takes: text records in TRL's format (JSONL), a tokenizer
+saved with the checkpoint, ``tools/preprocess_data.py``'s pipeline into indexed datasets, then
+``megasimpo train`` under torchrun.
 """
 
 import os
@@ -34,17 +39,56 @@ def synthetic_pairs(num_pairs: int, seed: int):
         yield prompt, chosen, rejected
 
 
-def write_demo_data(data_dir: str, seed: int = 0) -> tuple[str, str]:
-    """Writes train (512 pairs) and eval (128 pairs) datasets; returns their prefixes."""
-    from megasimpo.data.indexed import write_pairs
-
-    train, held_out = os.path.join(data_dir, "train"), os.path.join(data_dir, "eval")
-    write_pairs(train, synthetic_pairs(512, seed), DEMO_MODEL.vocab_size)
-    write_pairs(held_out, synthetic_pairs(128, seed + 1), DEMO_MODEL.vocab_size)
-    return train, held_out
+SPECIALS = ("<pad>", "<s>", "</s>", "<unk>")  # ids 0..3; <s> is BOS, </s> EOS
 
 
-def write_random_model(path: str, model: ModelConfig = DEMO_MODEL, seed: int = 0) -> None:
+def demo_vocabulary() -> list:
+    """Word of each token id: specials, topic a (ids 4-29), topic b (30-55), unused fillers."""
+    words = list(SPECIALS) + [f"a{i}" for i in range(26)] + [f"b{i}" for i in range(26)]
+    return words + [f"x{i}" for i in range(DEMO_MODEL.vocab_size - len(words))]
+
+
+def write_tokenizer(path: str) -> str:
+    """A word-level HF tokenizer over the demo vocabulary (no chat template: plain text pairs)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(demo_vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
+                            eos_token="</s>", unk_token="<unk>").save_pretrained(path)
+    return path
+
+
+def write_records(path: str, num_pairs: int, seed: int) -> str:
+    """The task as TRL-format text records, one JSON object per line."""
+    import json
+
+    words = demo_vocabulary()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for prompt, chosen, rejected in synthetic_pairs(num_pairs, seed):
+            text = [" ".join(words[i] for i in ids) for ids in (prompt[1:], chosen, rejected)]
+            f.write(json.dumps(dict(zip(("prompt", "chosen", "rejected"), text))) + "\n")
+    return path
+
+
+def write_demo_data(data_dir: str, tokenizer: str, seed: int = 0) -> tuple[str, str]:
+    """JSONL records -> preprocessing pipeline -> train (512 pairs) and eval (128) prefixes."""
+    from megasimpo.data.preprocess import PreprocessConfig, run
+
+    prefixes = []
+    for name, n, s in (("train", 512, seed), ("eval", 128, seed + 1)):
+        records = write_records(os.path.join(data_dir, f"{name}.jsonl"), n, s)
+        prefixes.append(os.path.join(data_dir, name))
+        run(PreprocessConfig(inputs=(records,), tokenizer=tokenizer, out=prefixes[-1]),
+            progress=False)
+    return prefixes[0], prefixes[1]
+
+
+def write_random_model(path: str, model: ModelConfig = DEMO_MODEL, seed: int = 0,
+                       tokenizer_dir=None) -> None:
     """A randomly initialised checkpoint of ``model`` at ``path`` (single process, TP=1)."""
     from megasimpo import checkpoint
     from megasimpo.config import Layout
@@ -56,7 +100,8 @@ def write_random_model(path: str, model: ModelConfig = DEMO_MODEL, seed: int = 0
         layout = Layout.resolve(model, 1)
         groups.initialize(layout, seed)
         chunks = build_chunks(model, layout, Precision(name="fp32"), seed=seed)
-        checkpoint.save_model(chunks, model, path, source=f"random init, seed {seed}")
+        checkpoint.save_model(chunks, model, path, source=f"random init, seed {seed}",
+                              tokenizer_dir=tokenizer_dir)
     finally:
         groups.destroy()
 
@@ -96,9 +141,11 @@ def run_demo(out: str, steps: int = 60, nproc: int = 2, tp: int = 2) -> dict:
     os.makedirs(out, exist_ok=True)
     model_dir = os.path.join(out, "model")
     print(f"[demo] tiny Llama ({DEMO_MODEL.num_parameters:,} parameters) -> {model_dir}", flush=True)
-    write_random_model(model_dir)
-    train, held_out = write_demo_data(os.path.join(out, "data"))
-    print(f"[demo] stay-on-topic pairs -> {train}, {held_out}", flush=True)
+    tokenizer = write_tokenizer(os.path.join(out, "tokenizer"))
+    write_random_model(model_dir, tokenizer_dir=tokenizer)
+    train, held_out = write_demo_data(os.path.join(out, "data"), os.path.join(model_dir, "tokenizer"))
+    print(f"[demo] stay-on-topic pairs (text JSONL -> preprocess_data pipeline) -> {train}, "
+          f"{held_out}", flush=True)
     if os.path.exists(os.path.join(out, "metrics.jsonl")):
         os.remove(os.path.join(out, "metrics.jsonl"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 from megasimpo import checkpoint
-from megasimpo.config import Layout, TrainConfig
+from megasimpo.config import TrainConfig
 from megasimpo.data.batches import ConcatPairs, full_pass_batches, make_batch
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
 from megasimpo.metrics import MetricsSink, peak_memory_gb, peak_tflops, step_flops
@@ -26,6 +26,8 @@ from megasimpo.model import (Precision, build_chunks, have_fused_norms, unwrap, 
                              wrap_frozen)
 from megasimpo.parallel import groups as pgroups
 from megasimpo.step import PairStep, reduce_stats, run_microbatches
+
+SEQ_MULTIPLE = 16  # default sequence lengths are rounded to this (2 x TP x CP <= 16 divides it)
 
 class Trainer:
     """Builds everything for a TrainConfig at the current world size, then runs it."""
@@ -35,9 +37,10 @@ class Trainer:
         rank, world = pgroups.init_distributed()
         self.is_rank0 = rank == 0
         self.model_cfg = checkpoint.model_config(cfg.load)
-        self.layout = Layout.resolve(self.model_cfg, world, tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp,
-                                     cp=cfg.cp, sequence_parallel=cfg.sequence_parallel,
-                                     fused_norms=have_fused_norms())
+        self.train_data = ConcatPairs(cfg.data)
+        self.eval_data = ConcatPairs(cfg.eval_data) if cfg.eval_data else None
+        self.plan = self._plan(world)
+        self.layout = self.plan.layout
         self.precision = Precision(name=cfg.precision) if cfg.precision else Precision.default()
         self.groups = pgroups.initialize(self.layout, cfg.seed)
         self.step_fn = PairStep(cfg.loss, self.groups, self.model_cfg.vocab_size)
@@ -46,20 +49,38 @@ class Trainer:
 
     # ----- set-up -------------------------------------------------------------------------
 
+    def _plan(self, world: int):
+        """The layout and batch split: the planner's choice around the flags the user fixed."""
+        from megasimpo import planner
+
+        cfg = self.cfg
+        datasets = [self.train_data] + ([self.eval_data] if self.eval_data else [])
+        # Without --seq-length: the longest pair, rounded so TP x CP up to 8 divides it.
+        self.seq_length = cfg.seq_length or max(
+            default_seq_length(d, SEQ_MULTIPLE, self.model_cfg.max_position_embeddings)
+            for d in datasets)
+        if cfg.gpu_mem_gb:
+            mem = cfg.gpu_mem_gb
+        elif torch.cuda.is_available():
+            mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
+        else:  # CPU ranks share the host's memory
+            import psutil
+
+            mem = psutil.virtual_memory().total / 1e9 / int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        return planner.plan(
+            self.model_cfg, world, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+            gpu_mem_gb=mem, seq_length=self.seq_length, loss=cfg.loss.name, ref=cfg.ref,
+            global_batch_size=cfg.global_batch_size, fused_norms=have_fused_norms(),
+            overrides=dict(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, cp=cfg.cp,
+                           micro_batch_size=cfg.micro_batch_size, recompute=cfg.recompute,
+                           sequence_parallel=cfg.sequence_parallel))
+
     def _setup_data(self):
         cfg, lay = self.cfg, self.layout
-        self.train_data = ConcatPairs(cfg.data)
-        self.eval_data = ConcatPairs(cfg.eval_data) if cfg.eval_data else None
-        per_step = cfg.micro_batch_size * lay.dp
-        if cfg.global_batch_size % per_step:
-            raise ValueError(
-                f"--global-batch-size {cfg.global_batch_size} is not a multiple of "
-                f"micro-batch-size x DP = {cfg.micro_batch_size} x {lay.dp} = {per_step}")
-        self.num_microbatches = cfg.global_batch_size // per_step
+        self.micro_batch_size = self.plan.micro_batch_size
+        self.num_microbatches = self.plan.num_microbatches
         multiple = 2 * lay.cp * (lay.tp if lay.sequence_parallel else 1)
-        cap = self.model_cfg.max_position_embeddings
         datasets = [self.train_data] + ([self.eval_data] if self.eval_data else [])
-        self.seq_length = cfg.seq_length or max(default_seq_length(d, multiple, cap) for d in datasets)
         if self.seq_length % multiple:
             raise ValueError(f"--seq-length {self.seq_length} must be a multiple of {multiple} "
                              f"(2 x cp{' x tp with sequence parallelism' if lay.sequence_parallel else ''})")
@@ -71,7 +92,7 @@ class Trainer:
         self.num_truncated = sum(count_truncated(d, self.seq_length) for d in datasets)
         self.sampler = PairSampler(
             len(self.train_data),
-            BatchLayout(micro_batch_size=cfg.micro_batch_size, num_microbatches=self.num_microbatches,
+            BatchLayout(micro_batch_size=self.micro_batch_size, num_microbatches=self.num_microbatches,
                         dp_rank=self.groups.dp_rank, dp_size=lay.dp),
             cfg.seed)
         self.num_steps = cfg.steps or cfg.epochs * self.sampler.steps_per_epoch
@@ -109,7 +130,7 @@ class Trainer:
 
         cfg = self.cfg
         chunks = build_chunks(self.model_cfg, self.layout, self.precision,
-                              recompute=cfg.recompute)
+                              recompute=self.plan.recompute)
         checkpoint.load_model(chunks, cfg.load)
         self.model = wrap_for_training(chunks, self.precision)
         self.reference = None
@@ -156,9 +177,11 @@ class Trainer:
             "run": self.cfg.to_dict(),
             "model": self.model_cfg.to_dict(),
             "layout": dataclasses.asdict(lay),
+            "plan": self.plan.to_dict(),
             "derived": {
                 "world_size": lay.world_size, "precision": self.precision.name,
-                "seq_length": self.seq_length, "micro_batch_size": self.cfg.micro_batch_size,
+                "seq_length": self.seq_length, "micro_batch_size": self.micro_batch_size,
+                "recompute": self.plan.recompute,
                 "num_microbatches": self.num_microbatches, "steps": self.num_steps,
                 "warmup_steps": self.warmup_steps, "beta": self.cfg.loss.beta,
                 "train_pairs": len(self.train_data),
@@ -218,7 +241,7 @@ class Trainer:
     def evaluate(self, dataset) -> dict:
         """Held-out metrics over every pair of ``dataset`` (filler pairs weigh 0)."""
         batches, _ = full_pass_batches(dataset, self.groups.dp_rank, self.layout.dp,
-                                       self.cfg.micro_batch_size, self.seq_length, self.eval_ref)
+                                       self.micro_batch_size, self.seq_length, self.eval_ref)
         if self.reference is not None:
             self._attach_reference(batches)
         with torch.no_grad():
@@ -277,6 +300,8 @@ class Trainer:
                 yaml.safe_dump(resolved, f, sort_keys=False)
             print("megasimpo train:", yaml.safe_dump(resolved["derived"] | resolved["layout"],
                                                     default_flow_style=True).strip(), flush=True)
+            for reason in self.plan.reasons:
+                print(f"  plan: {reason}", flush=True)
         self._signal = None
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         sink = self._start_metrics()

@@ -47,11 +47,19 @@ def test_torchrun_train_tp2_writes_contract_metrics(inputs, tmp_path):
     assert (out / "config.yaml").exists()
     assert (out / "final_model" / "megasimpo.json").exists()
     assert not (out / "final_model.partial").exists()
+    # The run review reads this real run: report, data and plot.
+    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                        "review_run.py")
+    r = subprocess.run([sys.executable, tool, str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "## Early vs late" in r.stdout
+    for name in ("review.md", "review.json", "review.png"):
+        assert (out / "review" / name).stat().st_size > 0
 
 
 @pytest.mark.parametrize("flags,msg", [
     (["--tp", "2"], "world size 1 is not divisible by tp*pp*cp = 2*1*1 = 2"),
-    (["--vpp", "2"], "--vpp 2 needs --pp > 1"),
+    (["--vpp", "2"], "needs at least 2 GPUs"),
     (["--pp", "3", "--tp", "1"], "world size 1 is not divisible"),
 ])
 def test_bad_layout_fails_fast(inputs, tmp_path, flags, msg):
