@@ -12,7 +12,6 @@ import signal
 import json
 import os
 import time
-from typing import Optional
 
 import torch
 import yaml
