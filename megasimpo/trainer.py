@@ -218,6 +218,7 @@ class Trainer:
         outputs = self._run(self.model, batches, forward_only=False)
         stats = reduce_stats(self.step_fn, outputs, self.groups)
         ok, grad_norm = False, None
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (TRL logs this one)
         if math.isfinite(stats["loss"]):  # else skip: the gradients cannot be trusted either
             ok, grad_norm, _ = self.optimizer.step()  # False when a gradient is inf/nan
         if ok:
@@ -230,7 +231,7 @@ class Trainer:
                            reference_forwards=1 if self.reference is not None else 0)
         tflops = flops / dt / self.layout.world_size / 1e12
         peak = peak_tflops(self.precision.name)
-        row.update(skipped=0 if ok else 1, lr=self.optimizer.param_groups[0]["lr"],
+        row.update(skipped=0 if ok else 1, lr=lr,
                    grad_norm=float("nan") if grad_norm is None else float(grad_norm),
                    tokens_per_sec=stats["num_tokens"] / dt, tflops_per_gpu=tflops,
                    mfu=tflops / peak if peak else None, mem_peak_gb=peak_memory_gb(),
