@@ -501,9 +501,11 @@ class Study:
         self.sft = os.path.join(self.out, "runs", "sft", "final_model")
 
     def jobs(self, jobs: dict) -> None:
+        """Child processes {name: argv}, logged under OUT/logs."""
         run_jobs(jobs, os.path.join(self.out, "logs"), self.workers)
 
     def timed(self, name, fn, *args):
+        """``fn(*args)``, its wall time printed and kept as timings[name]."""
         t0 = time.perf_counter()
         result = fn(*args)
         self.timings[name] = time.perf_counter() - t0
@@ -511,6 +513,7 @@ class Study:
         return result
 
     def path(self, *parts) -> str:
+        """A path under the study directory."""
         return os.path.join(self.out, *parts)
 
     def prepare(self) -> None:
