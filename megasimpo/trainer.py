@@ -13,11 +13,13 @@ import json
 import os
 import time
 
+from typing import Optional
+
 import torch
 import yaml
 
 from megasimpo import checkpoint
-from megasimpo.config import TrainConfig
+from megasimpo.config import ModelConfig, TrainConfig
 from megasimpo.data.batches import ConcatPairs, full_pass_batches, make_batch
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
 from megasimpo.metrics import MetricsSink, peak_memory_gb, peak_tflops, step_flops
@@ -31,11 +33,14 @@ SEQ_MULTIPLE = 16  # default sequence lengths are rounded to this (2 x TP x CP <
 class Trainer:
     """Builds everything for a TrainConfig at the current world size, then runs it."""
 
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, *, random_init: Optional[ModelConfig] = None):
+        """``random_init``: start from random weights of this architecture (drawn from cfg.seed)
+        instead of loading ``cfg.load``; for benchmarks, which time steps and need no checkpoint."""
         self.cfg = cfg
+        self.random_init = random_init
         rank, world = pgroups.init_distributed()
         self.is_rank0 = rank == 0
-        self.model_cfg = checkpoint.model_config(cfg.load)
+        self.model_cfg = random_init or checkpoint.model_config(cfg.load)
         self.train_data = ConcatPairs(cfg.data)
         self.eval_data = ConcatPairs(cfg.eval_data) if cfg.eval_data else None
         self.plan = self._plan(world)
@@ -128,15 +133,18 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.cfg
-        chunks = build_chunks(self.model_cfg, self.layout, self.precision,
-                              recompute=self.plan.recompute)
-        checkpoint.load_model(chunks, cfg.load)
-        self.model = wrap_for_training(chunks, self.precision)
+        def weights(recompute: bool) -> list:
+            seed = cfg.seed if self.random_init else None
+            chunks = build_chunks(self.model_cfg, self.layout, self.precision,
+                                  recompute=recompute, seed=seed)
+            if not self.random_init:
+                checkpoint.load_model(chunks, cfg.load)
+            return chunks
+
+        self.model = wrap_for_training(weights(self.plan.recompute), self.precision)
         self.reference = None
         if cfg.loss.needs_reference and cfg.ref == "live":
-            ref_chunks = build_chunks(self.model_cfg, self.layout, self.precision)
-            checkpoint.load_model(ref_chunks, cfg.load)
-            self.reference = wrap_frozen(ref_chunks, self.precision)
+            self.reference = wrap_frozen(weights(False), self.precision)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr,
                             weight_decay=cfg.weight_decay, adam_beta1=cfg.adam_beta1,

@@ -1,0 +1,78 @@
+"""Model shapes and random preference pairs shared by the step benchmarks (ours and TRL's).
+
+Every benchmark row of one run sees the same shapes and the same token ids: pairs are drawn from a
+seeded generator, and every sequence fills the row exactly (prompt + response = seq_length + 1
+tokens, so the seq_length input positions are all real and no row carries padding). That keeps the
+FLOP count of a step exact and identical across engines.
+"""
+
+import os
+import sys
+from typing import Iterator, Tuple
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megasimpo.config import ModelConfig, RopeScaling  # noqa: E402
+
+LLAMA3_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192)
+
+# name -> ModelConfig. "8b-width" is Llama-3-8B's layer and vocabulary with 8 of its 32 layers (what
+# one 80 GB GPU holds with optimizer state); "1b" is Llama-3.2-1B whole; "tiny" runs on a CPU.
+SHAPES = {
+    "8b-width": ModelConfig(
+        num_layers=8, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+        num_query_groups=8, head_dim=128, vocab_size=128256, max_position_embeddings=8192,
+        rope_theta=500000.0, rope_scaling=LLAMA3_ROPE, norm_eps=1e-5, dtype="bfloat16"),
+    "1b": ModelConfig(
+        num_layers=16, hidden_size=2048, ffn_hidden_size=8192, num_attention_heads=32,
+        num_query_groups=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
+        rope_theta=500000.0, rope_scaling=RopeScaling(factor=32.0, low_freq_factor=1.0,
+                                                      high_freq_factor=4.0,
+                                                      original_max_position_embeddings=8192),
+        norm_eps=1e-5, tie_word_embeddings=True, dtype="bfloat16"),
+    "tiny": ModelConfig(
+        num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+        num_query_groups=2, head_dim=16, vocab_size=1000, max_position_embeddings=256,
+        rope_theta=500000.0, dtype="float32"),
+}
+
+
+def shape(name: str, num_layers: int = 0) -> ModelConfig:
+    """SHAPES[name], with ``num_layers`` layers when > 0."""
+    import dataclasses
+
+    if name not in SHAPES:
+        raise ValueError(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
+    model = SHAPES[name]
+    return dataclasses.replace(model, num_layers=num_layers) if num_layers > 0 else model
+
+
+def random_pairs(num_pairs: int, seq_length: int, vocab_size: int, *, prompt_length: int = 0,
+                 seed: int = 0) -> Iterator[Tuple[list, list, list]]:
+    """``num_pairs`` (prompt, chosen, rejected) id lists; each sequence fills ``seq_length``.
+
+    prompt_length (default a quarter of the row) + response length = seq_length + 1, for chosen and
+    rejected alike. Ids avoid 0..3 (pad/BOS/EOS/unk in most vocabularies).
+    """
+    prompt_length = prompt_length or max(1, seq_length // 4)
+    if not 0 < prompt_length < seq_length:
+        raise ValueError(f"prompt_length {prompt_length} must be in [1, {seq_length})")
+    response_length = seq_length + 1 - prompt_length
+    rng = np.random.default_rng(seed)
+    for _ in range(num_pairs):
+        prompt, chosen, rejected = (
+            rng.integers(4, vocab_size, size=n).tolist()
+            for n in (prompt_length, response_length, response_length))
+        yield prompt, chosen, rejected
+
+
+def write_dataset(prefix: str, num_pairs: int, seq_length: int, vocab_size: int,
+                  seed: int = 0) -> str:
+    """Writes ``random_pairs`` as a megasimpo pair dataset at ``prefix``; returns the prefix."""
+    from megasimpo.data.indexed import write_pairs
+
+    write_pairs(prefix, random_pairs(num_pairs, seq_length, vocab_size, seed=seed), vocab_size)
+    return prefix
