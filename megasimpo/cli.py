@@ -24,7 +24,7 @@ def _train_parser(sub) -> None:
                    help="`megasimpo score` JSONL per --data then --eval-data prefix (--ref precomputed)")
     for name in ("tp", "pp", "vpp", "cp", "micro-batch-size", "global-batch-size", "seq-length",
                  "steps", "epochs", "eval-interval", "save-interval", "exit-interval",
-                 "log-interval", "seed", "keep-checkpoints", "max-skipped-steps"):
+                 "log-interval", "seed", "keep-checkpoints", "max-skipped-steps", "logprob-chunk"):
         p.add_argument(f"--{name}", type=int)
     for name in ("lr", "min-lr", "warmup-ratio", "weight-decay", "clip-grad", "beta",
                  "gamma-beta-ratio", "sft-weight", "label-smoothing", "cpo-alpha", "rdpo-alpha"):

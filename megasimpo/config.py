@@ -301,6 +301,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     clip_grad: float = 1.0  # global grad-norm clip
     precision: Optional[str] = None  # bf16 | fp8 | fp32; None: bf16 on GPU, fp32 on CPU
+    logprob_chunk: int = 1024  # tokens per chunk of the fused output layer + log-probs (no full logits); 0: plain path
     eval_data: tuple = ()  # held-out prefixes
     eval_interval: int = 0  # evaluate every N steps (and at start and end); 0: start and end only
     save_interval: int = 0  # resumable checkpoint every N steps; 0: final model only
@@ -318,6 +319,8 @@ class TrainConfig:
         for name in ("micro_batch_size", "global_batch_size", "epochs", "log_interval"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
+        if self.logprob_chunk < 0:
+            raise ValueError(f"--logprob-chunk {self.logprob_chunk} must be >= 0 (0: plain path)")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps {self.steps} must be >= 1")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
