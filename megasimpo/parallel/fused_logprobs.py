@@ -79,11 +79,19 @@ def _chunk_forward(
     return stats[0] - log_sum_exp, logits_max + log_sum_exp
 
 
+def _main_grad(weight: Tensor) -> Optional[Tensor]:
+    """The fp32 gradient buffer Megatron DDP attaches to a parameter, if it has one."""
+    buf = getattr(weight, "main_grad", None)
+    if buf is None or buf.dtype != torch.float32 or buf.shape != weight.shape:
+        return None
+    return buf
+
+
 class _FusedVocabParallelLogprobs(torch.autograd.Function):
     """log p(label) of ``hidden @ W^T`` per token; saves only the [n] logsumexp for backward."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, tp_group, vocab_size, chunk_size):
+    def forward(ctx, hidden, weight, labels, tp_group, vocab_size, chunk_size, reduce_hidden_grad):
         rank, world_size = _rank_and_size(tp_group)
         communicate = world_size > 1
         shard = weight.size(0)
@@ -107,6 +115,7 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
         # only new memory kept: 4 bytes per token.
         ctx.save_for_backward(hidden, weight, labels, lse)
         ctx.tp_group, ctx.communicate = tp_group, communicate
+        ctx.reduce_hidden_grad = reduce_hidden_grad
         ctx.num_valid, ctx.vocab_start, ctx.chunk_size = num_valid, vocab_start, chunk_size
         return out.view(labels.shape)
 
@@ -121,12 +130,16 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
         valid_weight = weight[:ctx.num_valid]
 
         grad_x = torch.zeros(x.shape, dtype=x.dtype, device=x.device) if need_hidden else None
-        # fp32 accumulator across chunks (the weight gradient itself when weight is fp32); rows of
-        # padded ids keep a zero gradient. A low-precision weight also needs one [nv, h] product
-        # buffer in its own dtype, reused by every chunk.
+        # fp32 accumulator across chunks; rows of padded ids keep a zero gradient. Under Megatron
+        # DDP that is the parameter's own fp32 ``main_grad`` buffer (as Megatron's fused wgrad
+        # accumulation does), which saves a [v/tp, h] fp32 tensor (2.1 GB for Llama-3 at TP=1).
+        # A low-precision weight also needs one [nv, h] product buffer in its own dtype, reused by
+        # every chunk.
         grad_w = partial_w = None
+        into_main_grad = need_weight and _main_grad(weight) is not None
         if need_weight:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            grad_w = (_main_grad(weight) if into_main_grad else
+                      torch.zeros(weight.shape, dtype=torch.float32, device=weight.device))
             if weight.dtype != torch.float32 and ctx.num_valid > 0:
                 partial_w = torch.empty_like(valid_weight)
         if ctx.num_valid > 0 and (need_hidden or need_weight):
@@ -154,11 +167,14 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
         if need_hidden:
             # hidden is replicated over TP and each rank saw only its vocab shard: the full
             # gradient is the SUM of the partial ones (what ColumnParallelLinear's backward does).
-            if ctx.communicate:
+            if ctx.communicate and ctx.reduce_hidden_grad:
                 dist.all_reduce(grad_x, op=dist.ReduceOp.SUM, group=ctx.tp_group)
             grad_hidden = grad_x.view(hidden.shape)
-        grad_weight = grad_w.to(weight.dtype) if need_weight else None
-        return grad_hidden, grad_weight, None, None, None, None
+        # Accumulated into main_grad: no .grad (Megatron DDP then adds nothing for this use; with
+        # tied embeddings the embedding's own gradient still arrives through .grad). This relies
+        # on DDP's overlap_grad_reduce being off, as in megasimpo.model.wrap_for_training.
+        grad_weight = grad_w.to(weight.dtype) if need_weight and not into_main_grad else None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 def fused_vocab_parallel_logprobs(
@@ -169,6 +185,7 @@ def fused_vocab_parallel_logprobs(
     tp_group: Optional[ProcessGroup],
     vocab_size: int,
     chunk_size: int = 1024,
+    reduce_hidden_grad: bool = True,
 ) -> Tensor:
     """Per-token log p(label) of the output layer ``hidden @ weight^T``, never materialising logits.
 
@@ -182,9 +199,11 @@ def fused_vocab_parallel_logprobs(
     -inf), max / target logit / sum-exp all-reduced over tp_group as in
     ``vocab_parallel_logprobs``. Saved for backward: the [s*b] fp32 logsumexp only, besides the
     inputs; backward recomputes each chunk's logits. Gradients: grad_hidden [s, b, h] is the full
-    gradient on every rank (partials all-reduced SUM over tp_group, so a caller that gathered hidden
-    for sequence parallelism must split, not reduce-scatter, it in backward); grad_weight
-    [v_pad/tp, h] is this rank's shard (no reduction; zero rows for padded ids). Neither input is
+    gradient on every rank (partials all-reduced SUM over tp_group; with reduce_hidden_grad=False
+    each rank's partial is left as is, for a caller that reduce-scatters it, as the backward of a
+    sequence-parallel gather does); grad_weight [v_pad/tp, h] is this rank's shard (no reduction;
+    zero rows for padded ids), added straight into ``weight.main_grad`` when Megatron DDP gave the
+    weight an fp32 one (then ``weight.grad`` gets nothing from this call). Neither input is
     modified; backward may run more than once (retain_graph).
 
     Every rank of tp_group must pass the same s, b and chunk_size (there are collectives per
@@ -192,7 +211,8 @@ def fused_vocab_parallel_logprobs(
     Labels must be ids < vocab_size at every position (masked ones included: drop them with the
     loss mask). tp_group None or size 1 -> no communication. Transient memory: one [chunk, v/tp]
     fp32 logits chunk (plus its input-dtype matmul output); in backward also grad_hidden, an fp32
-    [v_pad/tp, h] weight-gradient accumulator and, for a non-fp32 weight, one [v/tp, h] buffer.
+    [v_pad/tp, h] weight-gradient accumulator (none with main_grad) and, for a non-fp32 weight,
+    one [v/tp, h] buffer.
     """
     if hidden.dim() != 3 or not hidden.is_floating_point():
         raise ValueError(f"hidden must be a float [s, b, h] tensor, got {hidden.dtype} "
@@ -212,5 +232,5 @@ def fused_vocab_parallel_logprobs(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return _FusedVocabParallelLogprobs.apply(
-        hidden, weight, labels.long(), tp_group, vocab_size, chunk_size
+        hidden, weight, labels.long(), tp_group, vocab_size, chunk_size, reduce_hidden_grad
     )

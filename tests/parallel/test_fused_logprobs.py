@@ -223,3 +223,45 @@ def test_tp2_matches_tp1():
             _close(out, tp1_out)
             _close(grad_h, tp1_h)  # the full hidden gradient on every rank
         _close(torch.cat([r[i][2] for r in results]), tp1_w)
+
+
+def test_weight_gradient_goes_into_main_grad():
+    """With Megatron DDP's fp32 main_grad on the weight, the gradient is ADDED there, not to .grad."""
+    torch.set_num_threads(1)
+    hidden, weight, labels, upstream = _inputs(seed=3)
+    _, ref_h, ref_w = _fused(hidden, weight, labels, upstream)
+    for dtype in (torch.float32, torch.bfloat16):
+        h = hidden.detach().clone().to(dtype).requires_grad_(True)
+        w = weight.detach().clone().to(dtype).requires_grad_(True)
+        earlier = torch.randn(w.shape, generator=torch.Generator().manual_seed(9))
+        w.main_grad = earlier.clone()  # what other micro-batches already accumulated
+        out = fused_vocab_parallel_logprobs(h, w, labels, tp_group=None, vocab_size=VOCAB,
+                                            chunk_size=7)
+        (out * upstream.to(out.dtype)).sum().backward()
+        assert w.grad is None
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=0.05, atol=0.05)
+        _close(w.main_grad - earlier, ref_w, **tol)
+        _close(h.grad, ref_h, **tol)
+
+
+def _partial_grad_worker(rank, world_size):
+    """TP=2 with reduce_hidden_grad=False: each rank keeps its vocab shard's partial dhidden."""
+    torch.set_num_threads(1)
+    shard = V_PAD // world_size
+    hidden, weight, labels, upstream = _inputs(seed=6)
+    h = hidden.clone().requires_grad_(True)
+    out = fused_vocab_parallel_logprobs(h, weight[rank * shard:(rank + 1) * shard], labels,
+                                        tp_group=dist.group.WORLD, vocab_size=VOCAB,
+                                        chunk_size=5, reduce_hidden_grad=False)
+    (out * upstream).sum().backward()
+    return out.detach(), h.grad
+
+
+def test_unreduced_hidden_gradient_sums_to_the_full_one():
+    hidden, weight, labels, upstream = _inputs(seed=6)
+    ref_out, ref_h, _ = _fused(hidden, weight, labels, upstream)
+    results = run_ranks(_partial_grad_worker, 2)
+    for out, _ in results:
+        _close(out, ref_out)
+    assert not torch.allclose(results[0][1], ref_h, rtol=1e-3)  # a real partial, not the sum
+    _close(results[0][1] + results[1][1], ref_h)
