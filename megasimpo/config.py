@@ -16,6 +16,9 @@ REFERENCE_LOSSES = ("dpo", "ipo", "rdpo")  # losses that need reference-model lo
 DEFAULT_BETA = {"simpo": 2.0, "dpo": 0.1, "ipo": 0.1, "cpo": 0.1, "orpo": 0.1, "rdpo": 0.1,
                 "sft": 1.0}
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# Tokens per chunk of the fused output layer + log-probs: [1024, v/tp] fp32 logits at a time
+# (0.5 GB at Llama-3's vocabulary and TP=1), small next to the full [2b x s, v/tp] they replace.
+LOGPROB_CHUNK = 1024
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -270,6 +273,7 @@ class Layout:
                    dp=world_size // model_ranks, sequence_parallel=sequence_parallel)
 
 
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """One training run: inputs, outputs, schedule and the requested (partial) layout."""
@@ -301,7 +305,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     clip_grad: float = 1.0  # global grad-norm clip
     precision: Optional[str] = None  # bf16 | fp8 | fp32; None: bf16 on GPU, fp32 on CPU
-    logprob_chunk: int = 1024  # tokens per chunk of the fused output layer + log-probs (no full logits); 0: plain path
+    logprob_chunk: int = LOGPROB_CHUNK  # tokens per chunk of the fused output layer + log-probs (no full logits); 0: plain path
     eval_data: tuple = ()  # held-out prefixes
     eval_interval: int = 0  # evaluate every N steps (and at start and end); 0: start and end only
     save_interval: int = 0  # resumable checkpoint every N steps; 0: final model only

@@ -191,6 +191,43 @@ def build_chunks(model: ModelConfig, layout: Layout, precision: Precision, *,
     return chunks
 
 
+def _output_passthrough(self, input_, weight=None, runtime_gather_output=None):
+    """ColumnParallelLinear.forward replacement: the layer's input, whole sequence, no logits.
+
+    With sequence parallelism the input is this rank's [s/tp, b, h] slice; it is all-gathered
+    like the real layer does, and the gradient is reduce-scattered in backward (the fused
+    log-prob kernel then leaves its per-rank partial gradient unreduced).
+    """
+    if self.sequence_parallel:
+        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+        input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True,
+                                                      group=self.tp_group)
+    return input_, None
+
+
+def emit_hidden_states(gpt) -> None:
+    """Makes a last-stage GPTModel return its final-norm hidden states [b, s, h] instead of logits.
+
+    The loss then computes output layer and log-probs together, in chunks, without materialising
+    the [b, s, v/tp] logits (``parallel/fused_logprobs.py``); the output weight stays where it is,
+    so checkpoints, DDP buckets and the tied-embedding sync are unchanged. ``output_weight`` gives
+    that weight. Only the instance's output layer changes; other chunks are left alone.
+    """
+    import types
+
+    if gpt.post_process and not getattr(gpt, "emits_hidden", False):
+        gpt.output_layer.forward = types.MethodType(_output_passthrough, gpt.output_layer)
+        gpt.emits_hidden = True
+
+
+def output_weight(gpt) -> torch.Tensor:
+    """[v_pad/tp, h]: the last stage's output-layer weight (the shared embedding when tied)."""
+    if gpt.share_embeddings_and_output_weights:
+        return gpt.shared_embedding_or_output_weight()
+    return gpt.output_layer.weight
+
+
 def wrap_for_training(chunks: list, precision: Precision) -> list:
     """Float16Module (BF16) + Megatron DDP with the distributed optimizer's grad buffers."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megasimpo import checkpoint
-from megasimpo.config import Layout, LossConfig
+from megasimpo.config import LOGPROB_CHUNK, Layout, LossConfig
 from megasimpo.data.batches import ConcatPairs, full_pass, make_batch
 from megasimpo.data.loader import count_truncated, default_seq_length
 from megasimpo.model import Precision, build_chunks, have_fused_norms, wrap_frozen
@@ -88,10 +88,10 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
     multiple = 2 * (layout.tp if layout.sequence_parallel else 1)
     seq_length = seq_length or default_seq_length(dataset, multiple, model_cfg.max_position_embeddings)
     truncated = count_truncated(dataset, seq_length)
+    step = PairStep(LossConfig(), groups, model_cfg.vocab_size, logprob_chunk=LOGPROB_CHUNK)
     chunks = build_chunks(model_cfg, layout, prec)
     checkpoint.load_model(chunks, load)
-    model = wrap_frozen(chunks, prec)
-    step = PairStep(LossConfig(), groups, model_cfg.vocab_size)
+    model = wrap_frozen(step.prepare_model(chunks), prec)
     idx, weights = full_pass(len(dataset), groups.dp_rank, layout.dp, micro_batch_size)
     table = torch.zeros(len(dataset), 4, dtype=torch.float64)
     windows = range(0, len(idx), WINDOW * micro_batch_size)
@@ -116,7 +116,7 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
     summary = {"pairs": len(dataset), "ranking_accuracy": ranking_accuracy(scores),
                "prompt_truncated": truncated, "seq_length": seq_length}
     if rank == 0:
-        _write_scores(out, scores)
+        write_scores(out, scores)
         print(f"megasimpo score: {len(dataset)} pairs -> {out}; likelihood-ranking accuracy "
               f"{summary['ranking_accuracy']:.4f} (avg chosen log-prob > avg rejected)"
               + (f"; {truncated} prompts cut to fit --seq-length {seq_length}" if truncated else ""),
@@ -124,8 +124,9 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
     return summary
 
 
-def _write_scores(path: str, scores: np.ndarray) -> None:
-    """JSONL in dataset order, written to PATH.partial then renamed."""
+def write_scores(path: str, scores: np.ndarray) -> None:
+    """``scores`` [n, 4] in FIELDS order as the score JSONL, in dataset order; written to
+    PATH.partial then renamed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     partial = path + ".partial"
     with open(partial, "w") as f:

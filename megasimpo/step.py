@@ -1,8 +1,9 @@
 """forward_step and loss_func for Megatron's ``get_forward_backward_func``.
 
 A micro-batch of b pairs is 2b rows (chosen rows, then rejected rows), so a pair's two sequences
-always meet in the same loss call. On the last pipeline stage the logits become vocab-parallel
-per-token log-probs, then masked per-sequence sums (all-reduced over CP), then the preference loss.
+always meet in the same loss call. On the last pipeline stage the output layer and vocab-parallel
+per-token log-probs run fused in token chunks (default; ``logprob_chunk`` 0 computes full logits
+first), then masked per-sequence sums (all-reduced over CP), then the preference loss.
 The loss function returns the SUM over pairs and the pair count; Megatron divides the gradients by
 the global pair count (``calculate_per_token_loss``), so any DP/PP/micro-batch split averages alike.
 """
@@ -14,6 +15,8 @@ import torch
 
 from megasimpo.config import LossConfig
 from megasimpo.losses import PairLogps, preference_loss
+from megasimpo.model import emit_hidden_states, output_weight, unwrap
+from megasimpo.parallel.fused_logprobs import fused_vocab_parallel_logprobs
 from megasimpo.parallel.groups import ProcessGroups
 from megasimpo.parallel.logprobs import sequence_logps, vocab_parallel_logprobs
 
@@ -55,11 +58,22 @@ def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> to
 class PairStep:
     """The per-micro-batch computation, bound to a loss and this rank's groups."""
 
-    def __init__(self, loss: LossConfig, groups: ProcessGroups, vocab_size: int):
+    def __init__(self, loss: LossConfig, groups: ProcessGroups, vocab_size: int, *,
+                 logprob_chunk: int = 0):
+        """``logprob_chunk`` > 0: the fused path (output layer + log-probs in chunks of that many
+        tokens, no full logits; models go through ``prepare_model``); 0: the plain path."""
         self.loss = loss
         self.groups = groups
         self.vocab_size = vocab_size
+        self.logprob_chunk = logprob_chunk
         self.metric_keys = self._metric_keys(loss)
+
+    def prepare_model(self, chunks: list) -> list:
+        """On the fused path, makes the last-stage chunks emit hidden states; returns ``chunks``."""
+        if self.logprob_chunk:
+            for chunk in chunks:
+                emit_hidden_states(unwrap(chunk))
+        return chunks
 
     @staticmethod
     def _metric_keys(loss: LossConfig) -> tuple:
@@ -75,15 +89,32 @@ class PairStep:
         return ("loss",) + self.metric_keys + COUNT_KEYS
 
     def _sequence_logps(self, batch: dict, output: torch.Tensor):
-        """[2b, s, v/tp] logits -> per-sequence (sums [2b], counts [2b])."""
-        logits = mask_padded_vocab(output, self.vocab_size, self.groups.tp_rank)
-        token_logps = vocab_parallel_logprobs(logits, batch["labels"], self.groups.tp)
+        """Last-stage output -> per-sequence (sums [2b], counts [2b]).
+
+        output: [2b, s, v/tp] logits (plain path) or [2b, s, h] final hidden states (fused path,
+        the output weight in ``batch["output_weight"]``).
+        """
+        weight = batch.get("output_weight")
+        if weight is None:
+            logits = mask_padded_vocab(output, self.vocab_size, self.groups.tp_rank)
+            token_logps = vocab_parallel_logprobs(logits, batch["labels"], self.groups.tp)
+        else:
+            # Float16Module hands the last stage's output over in fp32; back to the weight's
+            # dtype (exact: it was that dtype) so the chunk GEMMs run in BF16.
+            token_logps = fused_vocab_parallel_logprobs(
+                output.to(weight.dtype), weight, batch["labels"], tp_group=self.groups.tp,
+                vocab_size=self.vocab_size, chunk_size=self.logprob_chunk,
+                reduce_hidden_grad=not self.groups.layout.sequence_parallel)
         return sequence_logps(token_logps, batch["loss_mask"], self.groups.cp)
 
     def forward_step(self, data_iterator, model, *, loss_fn=None):
         """Megatron forward_step: runs this stage's chunk, returns (output, loss closure)."""
         batch = cp_slice(next(data_iterator), self.groups.cp_rank, self.groups.layout.cp)
         output = model(batch["tokens"], batch["position_ids"], None)
+        gpt = unwrap(model)
+        if getattr(gpt, "emits_hidden", False):
+            assert self.logprob_chunk > 0, "model emits hidden states but the fused path is off"
+            batch = dict(batch, output_weight=output_weight(gpt))
         return output, partial(loss_fn or self.loss_func, batch)
 
     def loss_func(self, batch: dict, output: torch.Tensor):

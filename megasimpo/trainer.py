@@ -47,7 +47,8 @@ class Trainer:
         self.layout = self.plan.layout
         self.precision = Precision(name=cfg.precision) if cfg.precision else Precision.default()
         self.groups = pgroups.initialize(self.layout, cfg.seed)
-        self.step_fn = PairStep(cfg.loss, self.groups, self.model_cfg.vocab_size)
+        self.step_fn = PairStep(cfg.loss, self.groups, self.model_cfg.vocab_size,
+                                logprob_chunk=cfg.logprob_chunk)
         self._setup_data()
         self._setup_model()
 
@@ -75,7 +76,7 @@ class Trainer:
             self.model_cfg, world, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
             gpu_mem_gb=mem, seq_length=self.seq_length, loss=cfg.loss.name, ref=cfg.ref,
             global_batch_size=cfg.global_batch_size, fused_norms=have_fused_norms(),
-            overrides=dict(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, cp=cfg.cp,
+            logprob_chunk=cfg.logprob_chunk, overrides=dict(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, cp=cfg.cp,
                            micro_batch_size=cfg.micro_batch_size, recompute=cfg.recompute,
                            sequence_parallel=cfg.sequence_parallel))
 
@@ -139,7 +140,7 @@ class Trainer:
                                   recompute=recompute, seed=seed)
             if not self.random_init:
                 checkpoint.load_model(chunks, cfg.load)
-            return chunks
+            return self.step_fn.prepare_model(chunks)
 
         self.model = wrap_for_training(weights(self.plan.recompute), self.precision)
         self.reference = None

@@ -1,4 +1,11 @@
-"""Parallel layouts against the single-rank run: same losses, same final parameters (fp32, gloo)."""
+"""Parallel layouts against the single-rank run: same losses, same final parameters (fp32, gloo).
+
+The single-rank reference computes full logits (``logprob_chunk=0``); the parallel runs use the
+fused chunked output layer + log-probs, so each comparison also checks the fused path inside a real
+step (Megatron DDP's main_grad, tied embeddings, pipeline stages) against the plain one.
+"""
+
+import dataclasses
 
 import math
 import os
@@ -7,18 +14,21 @@ import pytest
 import torch
 
 from fixtures import TINY, tiny_run_inputs
+
+TINY_TIED = dataclasses.replace(TINY, tie_word_embeddings=True)
 from multirank import run_ranks
 
 STEPS = 3
 
 
-def _train(rank, world, ckpt, data, out, loss, layout_kw, model_kw):
+def _train(rank, world, ckpt, data, out, loss, layout_kw, logprob_chunk):
     from megasimpo.config import LossConfig, TrainConfig
     from megasimpo.trainer import Trainer
 
     cfg = TrainConfig(load=ckpt, data=(data,), out=out, loss=LossConfig(name=loss),
                       steps=STEPS, global_batch_size=8, micro_batch_size=2, lr=2e-2,
-                      warmup_ratio=0.0, precision="fp32", seed=7, **layout_kw)
+                      warmup_ratio=0.0, precision="fp32", seed=7,
+                      logprob_chunk=logprob_chunk, **layout_kw)
     trainer = Trainer(cfg)
     rows = trainer.run()
     return [r["loss"] for r in rows], [r["grad_norm"] for r in rows]
@@ -46,11 +56,26 @@ def inputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tied_inputs(tmp_path_factory):
+    return tiny_run_inputs(str(tmp_path_factory.mktemp("tied")), model=TINY_TIED)
+
+
+def _single_rank(ckpt, data, out):
+    """(losses, grad norms, final parameters) of the single-rank plain-path run."""
+    losses, norms = run_ranks(_train, 1, ckpt, data, out, "simpo", {}, 0)[0]
+    return losses, norms, run_ranks(_load_full, 1, os.path.join(out, "final_model"))[0]
+
+
+@pytest.fixture(scope="module")
 def single(inputs, tmp_path_factory):
     ckpt, data, _ = inputs
-    out = str(tmp_path_factory.mktemp("single"))
-    losses, norms = run_ranks(_train, 1, ckpt, data, out, "simpo", {}, {})[0]
-    return losses, norms, run_ranks(_load_full, 1, os.path.join(out, "final_model"))[0]
+    return _single_rank(ckpt, data, str(tmp_path_factory.mktemp("single")))
+
+
+@pytest.fixture(scope="module")
+def tied_single(tied_inputs, tmp_path_factory):
+    ckpt, data, _ = tied_inputs
+    return _single_rank(ckpt, data, str(tmp_path_factory.mktemp("tied_single")))
 
 
 def _close(a, b, rel):
@@ -58,12 +83,20 @@ def _close(a, b, rel):
                           torch.as_tensor(b, dtype=torch.float64), rtol=rel, atol=rel * 1e-2)
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2), dict(pp=2, vpp=2), dict()],
-                         ids=["tp2", "pp2", "pp2_vpp2", "dp2"])
-def test_layout_matches_single_rank(layout, inputs, single, tmp_path):
-    ckpt, data, _ = inputs
-    ref_losses, ref_norms, ref_params = single
-    results = run_ranks(_train, 2, ckpt, data, str(tmp_path), "simpo", layout, {})
+LAYOUTS = [("tp2", dict(tp=2), False), ("pp2", dict(pp=2), False),
+           ("pp2_vpp2", dict(pp=2, vpp=2), False), ("dp2", dict(dp=2), False),
+           # Tied embeddings: at PP=1 the output weight IS the embedding (the fused kernel adds
+           # into the main_grad the embedding's gradient also reaches); at PP=2 it is the last
+           # stage's copy, synced with the first stage's embedding by Megatron.
+           ("tied_dp2", dict(dp=2), True), ("tied_pp2", dict(pp=2), True)]
+
+
+@pytest.mark.parametrize("name,layout,tied", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_layout_matches_single_rank(name, layout, tied, request, tmp_path):
+    ckpt, data, _ = request.getfixturevalue("tied_inputs" if tied else "inputs")
+    ref_losses, ref_norms, ref_params = request.getfixturevalue("tied_single" if tied else "single")
+    layout = {k: v for k, v in layout.items() if k != "dp"}  # DP takes the remaining ranks
+    results = run_ranks(_train, 2, ckpt, data, str(tmp_path), "simpo", layout, 16)
     for losses, norms in results:  # every rank reports the same global metrics
         assert _close(losses, ref_losses, 1e-4), (losses, ref_losses)
         assert _close(norms, ref_norms, 1e-4), (norms, ref_norms)
@@ -80,7 +113,6 @@ def test_layout_matches_single_rank(layout, inputs, single, tmp_path):
 
 
 def _dpo(rank, world, ckpt, data, out):
-    from megasimpo import checkpoint
     from megasimpo.config import LossConfig, TrainConfig
     from megasimpo.trainer import Trainer
 
