@@ -3,6 +3,8 @@
 FLOPs follow Megatron's accounting for a dense GQA SwiGLU decoder: every weight GEMM costs 2 FLOPs
 per multiply-add per token, attention scores and values cost 2 x 2 x s x (heads x head_dim) per token
 per layer, halved for the causal mask, and training costs 3x the forward (forward + 2x backward).
+Like Megatron, a step counts every position of its [rows, seq_length] batch, padding included: the
+figure is the work the GPU does; ``tokens_per_sec`` counts real tokens only.
 """
 
 import json
@@ -15,8 +17,10 @@ import torch
 from megasimpo.config import ModelConfig
 from megasimpo.model import padded_vocab_size
 
-# Dense BF16 peak TFLOP/s by device name fragment (FP8 is twice these on Hopper).
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "B200": 2250.0}
+# Dense BF16 peak TFLOP/s by device name fragment, most specific first (FP8 is twice these on
+# Hopper). SXM H100/H200 989; the PCIe and NVL H100 parts are clocked lower.
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800": 989.0,
+                    "H200": 989.0, "H20": 148.0, "A100": 312.0, "B200": 2250.0}
 
 
 def forward_flops_per_token(model: ModelConfig, seq_length: int) -> float:

@@ -12,7 +12,7 @@ import json
 import sys
 
 from megasimpo import planner
-from megasimpo.config import LOSSES, ModelConfig
+from megasimpo.config import LOGPROB_CHUNK, LOSSES, ModelConfig
 
 PARTS = (("weights", "weights (bf16)"), ("grads", "gradients (fp32)"),
          ("optimizer", "optimizer (fp32 master + Adam, / DP*CP)"),
@@ -41,6 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
                    help="force full activation recompute on/off")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--logprob-chunk", type=int, default=LOGPROB_CHUNK,
+                   help="tokens per fused output-layer chunk, as train's (0: full logits)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
@@ -60,7 +62,7 @@ def make_plan(args, model: ModelConfig) -> planner.Plan:
     return planner.plan(model, args.gpus, gpus_per_node=args.gpus_per_node,
                         gpu_mem_gb=args.gpu_mem_gb, seq_length=args.seq_length, loss=args.loss,
                         ref=args.ref, global_batch_size=args.global_batch_size,
-                        overrides=overrides)
+                        logprob_chunk=args.logprob_chunk, overrides=overrides)
 
 
 def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> str:

@@ -40,9 +40,12 @@ Memory model, bytes per GPU on the pipeline stage with the highest total (first 
   min(pp - r, num_microbatches); interleaved stage r holds min(2*(pp-r-1) + (vpp-1)*pp + 1,
   num_microbatches*vpp) model chunks of layers/(pp*vpp) layers. Stage 0 thus holds all layers'
   activations of ~one micro-batch (x (1 + (pp-1)/(pp*vpp)) when interleaved);
-* last stage: logits [2*mbs, s, v/TP] at 10 B per element (bf16 output-layer result, the fp32
-  working copy kept as the softmax for backward, and the fp32 gradient / bf16 cast in backward),
-  plus the final-norm and output-layer inputs;
+* last stage, plain path (``logprob_chunk`` 0): logits [2*mbs, s, v/TP] at 10 B per element (bf16
+  output-layer result, the fp32 working copy kept as the softmax for backward, and the fp32
+  gradient / bf16 cast in backward); fused path (the default): the same 10 B for one chunk of
+  ``logprob_chunk`` tokens only, plus the bf16 [v/TP, h] weight-gradient product buffer and 8 B
+  per token x h (the fp32 hidden states Float16Module hands over, their bf16 cast and the bf16
+  input gradient); both plus the final-norm and output-layer inputs;
 * ``OVERHEAD_GB`` fixed: CUDA context, cuBLAS/TE workspaces, NCCL buffers, allocator slack.
 
 GB are 1e9 bytes, like ``mem_peak_gb`` in the metrics.
@@ -52,7 +55,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from megasimpo.config import LOSSES, REFERENCE_LOSSES, Layout, ModelConfig
+from megasimpo.config import LOGPROB_CHUNK, LOSSES, REFERENCE_LOSSES, Layout, ModelConfig
 
 GB = 1e9
 VOCAB_MULTIPLE = 128  # = megasimpo.model.VOCAB_MULTIPLE (not imported: that module pulls torch)
@@ -200,7 +203,7 @@ def in_flight_chunks(pp: int, vpp: Optional[int], stage: int, num_microbatches: 
 def stage_memory(model: ModelConfig, *, tp: int, pp: int, vpp: Optional[int], cp: int, dp: int,
                  sequence_parallel: bool, seq_length: int, micro_batch_size: int,
                  num_microbatches: int, loss: str, recompute: bool, stage: int,
-                 ref: str = "live") -> MemoryBreakdown:
+                 ref: str = "live", logprob_chunk: int = LOGPROB_CHUNK) -> MemoryBreakdown:
     """Predicted memory of one GPU on pipeline stage ``stage`` (see the module docstring)."""
     params = stage_parameters(model, tp, pp, stage)
     tokens = seq_length // cp * 2 * micro_batch_size
@@ -215,7 +218,14 @@ def stage_memory(model: ModelConfig, *, tp: int, pp: int, vpp: Optional[int], cp
     if stage == pp - 1:
         vocab = padded_vocab_size(model.vocab_size) / tp
         split = tp if sequence_parallel else 1
-        logits = tokens * vocab * LOGIT_BYTES + 2 * (2 * tokens * model.hidden_size / split)
+        h = model.hidden_size
+        inputs = 2 * (2 * tokens * h / split)  # final-norm and output-layer inputs, bf16
+        if logprob_chunk:  # fused: one chunk's logits; hidden handed over in fp32, cast, dgrad
+            chunk = min(logprob_chunk, tokens)
+            logits = chunk * vocab * LOGIT_BYTES + 2 * vocab * h + (4 + 2 + 2) * tokens * h
+        else:
+            logits = tokens * vocab * LOGIT_BYTES
+        logits += inputs
     reference = 2 * params if loss in REFERENCE_LOSSES and ref == "live" else 0.0
     return MemoryBreakdown(weights=2 * params / GB, grads=4 * params / GB,
                            optimizer=12 * params / (dp * cp) / GB, reference=reference / GB,
@@ -227,7 +237,8 @@ def stage_breakdowns(model: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optio
                      cp: int = 1, dp: int = 1, sequence_parallel: Optional[bool] = None,
                      seq_length: int = 4096, micro_batch_size: int = 1,
                      num_microbatches: Optional[int] = None, loss: str = "simpo",
-                     recompute: bool = False, ref: str = "live") -> tuple:
+                     recompute: bool = False, ref: str = "live",
+                     logprob_chunk: int = LOGPROB_CHUNK) -> tuple:
     """Memory of the first and (when pp > 1) the last pipeline stage; middle stages hold less.
 
     ``sequence_parallel`` None means on when tp > 1; ``num_microbatches`` None means plenty
@@ -237,7 +248,8 @@ def stage_breakdowns(model: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optio
     nm = num_microbatches or pp * (vpp or 1)
     return tuple(stage_memory(model, tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sequence_parallel=sp,
                               seq_length=seq_length, micro_batch_size=micro_batch_size,
-                              num_microbatches=nm, loss=loss, recompute=recompute, stage=s, ref=ref)
+                              num_microbatches=nm, loss=loss, recompute=recompute, stage=s, ref=ref,
+                              logprob_chunk=logprob_chunk)
                  for s in sorted({0, pp - 1}))
 
 
@@ -304,12 +316,15 @@ def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq
                                            num_microbatches=nm, recompute=rc)
 
 
-def _memory(model, layout: dict, seq_length: int, loss: str, ref: str) -> MemoryBreakdown:
-    return memory_breakdown(model, seq_length=seq_length, loss=loss, ref=ref, **layout)
+def _memory(model, layout: dict, seq_length: int, loss: str, ref: str,
+            logprob_chunk: int) -> MemoryBreakdown:
+    return memory_breakdown(model, seq_length=seq_length, loss=loss, ref=ref,
+                            logprob_chunk=logprob_chunk, **layout)
 
 
-def _stages(model, layout: dict, seq_length: int, loss: str, ref: str) -> tuple:
-    return stage_breakdowns(model, seq_length=seq_length, loss=loss, ref=ref, **layout)
+def _stages(model, layout: dict, seq_length: int, loss: str, ref: str, logprob_chunk: int) -> tuple:
+    return stage_breakdowns(model, seq_length=seq_length, loss=loss, ref=ref,
+                            logprob_chunk=logprob_chunk, **layout)
 
 
 def _rank(c: dict, seq_length: int) -> tuple:
@@ -354,14 +369,15 @@ def _check_overrides(model: ModelConfig, gpus: int, overrides: dict, fused_norms
     return fixed
 
 
-def _no_fit_message(model, gpus, budget, gpu_mem_gb, seq_length, loss, ref, fixed, search) -> str:
+def _no_fit_message(model, gpus, budget, gpu_mem_gb, seq_length, loss, ref, logprob_chunk, fixed,
+                    search) -> str:
     """Why nothing fits, with the minimum (or nearest) GPU count that would work."""
     what = (f"the model ({model.num_parameters / 1e9:.1f} B parameters, {loss}, seq {seq_length}"
             + "".join(f", {k}={v}" for k, v in fixed.items()) + ")")
     mem = f"GPUs of {gpu_mem_gb:g} GB (budget {budget:.1f} GB = {MEMORY_FRACTION:.0%})"
     works, leanest = set(), None
     for c in _layouts(model, None, fixed=fixed, lean=True, **search):
-        c["memory"] = _memory(model, c, seq_length, loss, ref)
+        c["memory"] = _memory(model, c, seq_length, loss, ref, logprob_chunk)
         if leanest is None or c["memory"].total < leanest["memory"].total:
             leanest = c
         if c["memory"].total <= budget:
@@ -374,7 +390,8 @@ def _no_fit_message(model, gpus, budget, gpu_mem_gb, seq_length, loss, ref, fixe
                 "use GPUs with more memory or a shorter --seq-length")
     minimum = min(works)
     if gpus < minimum:
-        example = plan(model, minimum, gpu_mem_gb=gpu_mem_gb, loss=loss, ref=ref, overrides=fixed,
+        example = plan(model, minimum, gpu_mem_gb=gpu_mem_gb, loss=loss, ref=ref,
+                       logprob_chunk=logprob_chunk, overrides=fixed,
                        **search)
         return (f"{what} needs at least {minimum} {mem}; got --gpus {gpus} (on {minimum}: "
                 f"tp={example.tp} pp={example.pp} cp={example.cp} dp={example.dp}, "
@@ -389,6 +406,7 @@ def _no_fit_message(model, gpus, budget, gpu_mem_gb, seq_length, loss, ref, fixe
 
 def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: float = 80.0,
          seq_length: int = 4096, loss: str = "simpo", ref: str = "live",
+         logprob_chunk: int = LOGPROB_CHUNK,
          global_batch_size: int = 128, overrides: Optional[dict] = None,
          fused_norms: bool = True) -> Plan:
     """The fastest layout that fits (see the module docstring for the order of preference).
@@ -415,11 +433,11 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
                   global_batch_size=global_batch_size, fused_norms=fused_norms)
     candidates = list(_layouts(model, gpus, fixed=fixed, **search))
     for c in candidates:
-        c["memory"] = _memory(model, c, seq_length, loss, ref)
+        c["memory"] = _memory(model, c, seq_length, loss, ref, logprob_chunk)
     feasible = [c for c in candidates if c["memory"].total <= budget]
     if not feasible:
         raise ValueError(_no_fit_message(model, gpus, budget, gpu_mem_gb, seq_length, loss, ref,
-                                         fixed, search))
+                                         logprob_chunk, fixed, search))
     best = min(feasible, key=lambda c: _rank(c, seq_length))
     reasons = _reasons(model, best, candidates, fixed, gpus=gpus, gpus_per_node=gpus_per_node,
                        budget=budget, gpu_mem_gb=gpu_mem_gb, seq_length=seq_length, loss=loss,
@@ -427,7 +445,8 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
     layout = {k: v for k, v in best.items() if k != "memory"}
     return Plan(**layout, global_batch_size=global_batch_size, seq_length=seq_length, loss=loss,
                 gpu_mem_gb=gpu_mem_gb, memory=best["memory"],
-                stages=_stages(model, layout, seq_length, loss, ref), reasons=tuple(reasons))
+                stages=_stages(model, layout, seq_length, loss, ref, logprob_chunk),
+                reasons=tuple(reasons))
 
 
 def _leanest(candidates: list, keep) -> Optional[dict]:

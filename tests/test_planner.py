@@ -130,8 +130,17 @@ def test_activations_by_hand():
                                 sequence_parallel=True, seq_length=s, micro_batch_size=1,
                                 num_microbatches=64, loss="simpo", recompute=False, stage=3)
     assert last.activations == pytest.approx((20 + 1) * per_layer / 1e9)
-    logits = s * b * 128256 / tp * 10 + 2 * 2 * s * b * h / tp
-    assert last.logits == pytest.approx(logits / 1e9)
+    inputs = 2 * 2 * s * b * h / tp  # final-norm and output-layer inputs, SP-sharded
+    # Fused (default): one 1024-token chunk of logits, the bf16 weight-gradient buffer, and the
+    # gathered hidden states in fp32 + bf16 + their bf16 gradient.
+    fused = 1024 * 128256 / tp * 10 + 2 * 128256 / tp * h + 8 * s * b * h + inputs
+    assert last.logits == pytest.approx(fused / 1e9)
+    plain = planner.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2,
+                                 sequence_parallel=True, seq_length=s, micro_batch_size=1,
+                                 num_microbatches=64, loss="simpo", recompute=False, stage=3,
+                                 logprob_chunk=0)
+    assert plain.logits == pytest.approx((s * b * 128256 / tp * 10 + inputs) / 1e9)
+    assert fused < 0.8 * (s * b * 128256 / tp * 10 + inputs)  # v/tp = 16k: a modest saving
 
 
 def test_in_flight_matches_megatron_schedules():
