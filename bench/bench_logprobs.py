@@ -1,7 +1,9 @@
 """Peak memory and time, plain vs fused output-layer log-probs (figures printed, never asserted).
 
     python bench/bench_logprobs.py [--tokens 4x4096] [--vocab 128256] [--hidden 4096]
-                                   [--chunk 1024] [--dtype bf16] [--repeats 3]
+                                   [--chunk 1024] [--dtype bf16] [--repeats 3] [--out FILE]
+
+Figures go under the key ``logprobs`` of bench/results/<device>.json (bench/report.py).
 
 plain: ``logits = hidden @ W^T`` -> ``mask_padded_vocab`` -> ``vocab_parallel_logprobs``;
 fused: ``fused_vocab_parallel_logprobs`` (chunked, logits recomputed in backward). Both single rank
@@ -26,8 +28,11 @@ import warnings
 
 warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+
+import report  # noqa: E402
 
 from megasimpo.parallel.fused_logprobs import fused_vocab_parallel_logprobs  # noqa: E402
 from megasimpo.parallel.logprobs import vocab_parallel_logprobs  # noqa: E402
@@ -121,6 +126,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16" if cuda else "fp32")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if cuda else "cpu")
+    p.add_argument("--out", default=None, help="results JSON (default bench/results/<device>.json)")
     p.add_argument("--child", choices=["plain", "fused"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     try:
@@ -168,14 +174,12 @@ def main(argv=None):
         print("\nCPU memory: peak RSS growth per path in its own process (allocator noise "
               "included) and the bytes autograd saves for backward; not an allocator peak.")
 
-    out_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-    os.makedirs(out_dir, exist_ok=True)
-    out_path = os.path.join(out_dir, f"logprobs_{args.device}.json")
-    with open(out_path, "w") as fh:
-        json.dump({"device": device_name, "tokens": [b, s], "vocab": args.vocab,
-                   "hidden": args.hidden, "dtype": args.dtype, "chunk": args.chunk,
-                   "memory_metric": mem_label, "results": results, "ratio": ratio}, fh, indent=2)
-    print(f"\nwrote {out_path}")
+    out_path = report.results_path(args.out)
+    report.merge_results(out_path, {"device": report.device_name(), "logprobs": {
+        "device": device_name, "tokens": [b, s], "vocab": args.vocab, "hidden": args.hidden,
+        "dtype": args.dtype, "chunk": args.chunk, "memory_metric": mem_label,
+        "results": results, "ratio": ratio}})
+    print(f"\nwrote {out_path} (key 'logprobs')")
 
 
 if __name__ == "__main__":
