@@ -15,51 +15,15 @@ fastest one that fits in ``MEMORY_FRACTION`` of the GPU, by this preference orde
    ``VPP_STEP_COST`` per extra virtual stage (each adds a point-to-point hop per micro-batch);
 6. then more CP for long sequences (less TP otherwise), larger TP, less memory.
 
-Memory model, bytes per GPU on the pipeline stage with the highest total (first or last):
-
-* parameters per GPU: the stage's layers / TP (norm weights replicated), plus the (padded)
-  embedding / TP on the first stage and the output layer / TP on the last (tied embeddings are
-  kept on both ends when PP > 1, as Megatron does);
-* Megatron's distributed optimizer: bf16 weights 2 B + fp32 main gradients 4 B
-  (``grad_reduce_in_fp32``) + fp32 master weights and Adam m, v 12 B / (DP x CP) (the optimizer
-  shards over the data-parallel group including CP ranks), i.e. 6 + 12/(DP*CP) B per parameter;
-* live DPO reference (``dpo``, ``ipo``, ``rdpo`` with ``ref="live"``): a frozen bf16 copy at the
-  same sharding, 2 B per parameter. Its forward-only pass runs before the policy's and frees its
-  activations, so it adds no activation memory;
-* activations per layer per micro-batch (Korthikanti et al. 2022, "Reducing Activation
-  Recomputation", re-derived for a Llama layer with Transformer Engine flash attention: no
-  dropout masks, no s^2 scores, SwiGLU, GQA with g = KV heads / heads), with s = seq/CP tokens and
-  b = 2 x micro-batch sequences (chosen and rejected), in bf16:
-  ``s*b*((12 + 4g)*h + 6*f)`` bytes = two norm inputs, QKV input, Q, K and V, attention output,
-  fc1 input (each s*b*h, K and V g times that), the SwiGLU input [s, b, 2f] and fc2 input [s, b, f].
-  Sequence parallelism shards all of it over TP; without it the norm inputs, QKV input and fc1
-  input (8*s*b*h) are replicated. ~34*s*b*h for Llama-3 (g = 1/8, f = 3.5h), Korthikanti's 34 too.
-  Full recompute keeps only each layer's input (2*s*b*h / TP with SP). One extra layer's worth is
-  the working set of the layer being (re)computed and back-propagated;
-* in-flight micro-batches (Megatron's schedules): without pipelining 1; 1F1B stage r holds
-  min(pp - r, num_microbatches); interleaved stage r holds min(2*(pp-r-1) + (vpp-1)*pp + 1,
-  num_microbatches*vpp) model chunks of layers/(pp*vpp) layers. Stage 0 thus holds all layers'
-  activations of ~one micro-batch (x (1 + (pp-1)/(pp*vpp)) when interleaved);
-* last stage, plain path (``logprob_chunk`` 0): logits [2*mbs, s, v/TP] at 10 B per element (bf16
-  output-layer result, the fp32 working copy kept as the softmax for backward, and the fp32
-  gradient / bf16 cast in backward); fused path (the default): the same 10 B for one chunk of
-  ``logprob_chunk`` tokens only, plus the bf16 [v/TP, h] weight-gradient product buffer and 8 B
-  per token x h (the fp32 hidden states Float16Module hands over, their bf16 cast and the bf16
-  input gradient); both plus the final-norm and output-layer inputs;
-* ``OVERHEAD_GB`` fixed: CUDA context, cuBLAS/TE workspaces, NCCL buffers, allocator slack.
-
-GB are 1e9 bytes, like ``mem_peak_gb`` in the metrics.
+Memory per layout comes from ``megasimpo.memory_model`` (its docstring has the model).
 """
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 from megasimpo.config import LOGPROB_CHUNK, LOSSES, REFERENCE_LOSSES, Layout, ModelConfig
+from megasimpo.memory_model import OVERHEAD_GB, MemoryBreakdown, memory_breakdown, stage_breakdowns
 
-GB = 1e9
-VOCAB_MULTIPLE = 128  # = megasimpo.model.VOCAB_MULTIPLE (not imported: that module pulls torch)
-OVERHEAD_GB = 4.0  # CUDA context + workspaces + NCCL buffers + fragmentation
 MEMORY_FRACTION = 0.9  # plan to this share of the GPU: the rest is the model's error margin
 LONG_SEQUENCE = 16384  # from here on context parallelism is preferred over PP/TP
 TARGET_TOKENS_PER_MICROBATCH = 8192  # GEMMs are saturated beyond this many tokens
@@ -67,34 +31,7 @@ VPP_STEP_COST = 0.01  # modelled step-time cost of each extra virtual pipeline s
 MICRO_BATCH_SIZES = (1, 2, 4)  # pairs per micro-batch the search tries
 CP_SIZES = (1, 2, 4, 8, 16)
 MIN_TOKENS_PER_CP_RANK = 1024
-LOGIT_BYTES = 10  # per element of [2*mbs, s, v/tp], see the module docstring
 OVERRIDABLE = ("tp", "pp", "vpp", "cp", "micro_batch_size", "recompute", "sequence_parallel")
-
-
-@dataclass(frozen=True)
-class MemoryBreakdown:
-    """Predicted peak memory of one GPU in GB (1e9 bytes), on pipeline stage ``stage``."""
-
-    weights: float  # bf16 policy weights
-    grads: float  # fp32 main gradients
-    optimizer: float  # fp32 master weights + Adam m, v, sharded over DP x CP
-    reference: float  # frozen bf16 reference model (live DPO-style reference), else 0
-    activations: float  # saved activations of the in-flight micro-batches + one layer's working set
-    logits: float  # output-layer / log-prob buffers (last stage only)
-    overhead: float  # fixed: CUDA context, workspaces, NCCL buffers, fragmentation
-    stage: int = 0  # pipeline rank these numbers are for (the one with the highest total)
-
-    @property
-    def total(self) -> float:
-        """Sum of the parts, GB."""
-        return (self.weights + self.grads + self.optimizer + self.reference + self.activations
-                + self.logits + self.overhead)
-
-    def to_dict(self) -> dict:
-        """GB per part plus ``total`` (rounded to 0.01 GB), without the stage."""
-        d = {k: round(v, 2) for k, v in asdict(self).items() if k != "stage"}
-        d["total"] = round(self.total, 2)
-        return d
 
 
 @dataclass(frozen=True)
@@ -147,116 +84,6 @@ class Plan:
         d["pipeline_bubble"] = round(self.bubble, 4)
         d["reasons"] = list(self.reasons)
         return d
-
-
-def padded_vocab_size(vocab_size: int) -> int:
-    """Embedding rows as stored (same rounding as ``megasimpo.model.padded_vocab_size``)."""
-    return math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def layer_parameters(model: ModelConfig) -> tuple[int, int]:
-    """(TP-sharded, replicated) parameter counts of one transformer layer."""
-    h, q = model.hidden_size, model.num_attention_heads * model.head_dim
-    kv = 2 * model.num_query_groups * model.head_dim
-    sharded = h * (q + kv) + q * h + 3 * h * model.ffn_hidden_size
-    sharded += q + kv if model.qkv_bias else 0
-    return sharded, 2 * h  # the two RMSNorm weights are replicated over TP
-
-
-def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> float:
-    """Parameters held by one GPU of pipeline stage ``stage``."""
-    sharded, replicated = layer_parameters(model)
-    params = model.num_layers // pp * (sharded / tp + replicated)
-    embedding = padded_vocab_size(model.vocab_size) * model.hidden_size / tp
-    if stage == 0:
-        params += embedding
-    if stage == pp - 1:
-        params += model.hidden_size  # final norm
-        if pp > 1 or not model.tie_word_embeddings:
-            params += embedding  # output layer (a tied copy on the last stage when pp > 1)
-    return params
-
-
-def layer_activation_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence_parallel: bool,
-                           recompute: bool) -> float:
-    """Saved activations of one layer for ``tokens`` = (s/cp) x sequences, bytes on one GPU."""
-    h, f = model.hidden_size, model.ffn_hidden_size
-    split = tp if sequence_parallel else 1
-    if recompute:
-        return 2 * tokens * h / split  # the layer input only
-    g = model.num_query_groups / model.num_attention_heads
-    replicated = 8 * h  # norm inputs (2), QKV input, fc1 input: sharded only by SP
-    sharded = (4 + 4 * g) * h + 6 * f  # Q, K, V, attention output, SwiGLU input and output
-    return tokens * (replicated / split + sharded / tp)  # bf16: the factor 2 is in the counts
-
-
-def in_flight_chunks(pp: int, vpp: Optional[int], stage: int, num_microbatches: int) -> int:
-    """Model-chunk forward passes whose activations stage ``stage`` holds at its peak."""
-    if pp == 1:
-        return 1
-    if not vpp or vpp == 1:
-        return min(pp - stage, num_microbatches)
-    warmup = 2 * (pp - stage - 1) + (vpp - 1) * pp
-    return min(warmup + 1, num_microbatches * vpp)
-
-
-def stage_memory(model: ModelConfig, *, tp: int, pp: int, vpp: Optional[int], cp: int, dp: int,
-                 sequence_parallel: bool, seq_length: int, micro_batch_size: int,
-                 num_microbatches: int, loss: str, recompute: bool, stage: int,
-                 ref: str = "live", logprob_chunk: int = LOGPROB_CHUNK) -> MemoryBreakdown:
-    """Predicted memory of one GPU on pipeline stage ``stage`` (see the module docstring)."""
-    params = stage_parameters(model, tp, pp, stage)
-    tokens = seq_length // cp * 2 * micro_batch_size
-    stored = layer_activation_bytes(model, tokens=tokens, tp=tp,
-                                    sequence_parallel=sequence_parallel, recompute=recompute)
-    working = layer_activation_bytes(model, tokens=tokens, tp=tp,
-                                     sequence_parallel=sequence_parallel, recompute=False)
-    layers_per_chunk = model.num_layers // (pp * (vpp or 1))
-    chunks = in_flight_chunks(pp, vpp, stage, num_microbatches)
-    activations = chunks * layers_per_chunk * stored + working
-    logits = 0.0
-    if stage == pp - 1:
-        vocab = padded_vocab_size(model.vocab_size) / tp
-        split = tp if sequence_parallel else 1
-        h = model.hidden_size
-        inputs = 2 * (2 * tokens * h / split)  # final-norm and output-layer inputs, bf16
-        if logprob_chunk:  # fused: one chunk's logits; hidden handed over in fp32, cast, dgrad
-            chunk = min(logprob_chunk, tokens)
-            logits = chunk * vocab * LOGIT_BYTES + 2 * vocab * h + (4 + 2 + 2) * tokens * h
-        else:
-            logits = tokens * vocab * LOGIT_BYTES
-        logits += inputs
-    reference = 2 * params if loss in REFERENCE_LOSSES and ref == "live" else 0.0
-    return MemoryBreakdown(weights=2 * params / GB, grads=4 * params / GB,
-                           optimizer=12 * params / (dp * cp) / GB, reference=reference / GB,
-                           activations=activations / GB, logits=logits / GB,
-                           overhead=OVERHEAD_GB, stage=stage)
-
-
-def stage_breakdowns(model: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
-                     cp: int = 1, dp: int = 1, sequence_parallel: Optional[bool] = None,
-                     seq_length: int = 4096, micro_batch_size: int = 1,
-                     num_microbatches: Optional[int] = None, loss: str = "simpo",
-                     recompute: bool = False, ref: str = "live",
-                     logprob_chunk: int = LOGPROB_CHUNK) -> tuple:
-    """Memory of the first and (when pp > 1) the last pipeline stage; middle stages hold less.
-
-    ``sequence_parallel`` None means on when tp > 1; ``num_microbatches`` None means plenty
-    (at least pp x vpp, the pipeline is full).
-    """
-    sp = tp > 1 if sequence_parallel is None else sequence_parallel
-    nm = num_microbatches or pp * (vpp or 1)
-    return tuple(stage_memory(model, tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sequence_parallel=sp,
-                              seq_length=seq_length, micro_batch_size=micro_batch_size,
-                              num_microbatches=nm, loss=loss, recompute=recompute, stage=s, ref=ref,
-                              logprob_chunk=logprob_chunk)
-                 for s in sorted({0, pp - 1}))
-
-
-def memory_breakdown(model: ModelConfig, **layout) -> MemoryBreakdown:
-    """Peak per-GPU memory of a layout: the first or last pipeline stage, whichever is higher.
-    Takes the keyword arguments of :func:`stage_breakdowns`."""
-    return max(stage_breakdowns(model, **layout), key=lambda m: m.total)
 
 
 def _divisors(n: int) -> list:

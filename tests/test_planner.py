@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from megasimpo import plan_cmd, planner
+from megasimpo import memory_model, plan_cmd, planner
 from megasimpo.config import Layout, ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,60 +95,61 @@ def test_distributed_optimizer_bytes_by_hand():
     params = 20 * (855_638_016 / 8 + 2 * 8192) + 128256 * 8192 / 8  # = 2,270,756,864
     assert params == pytest.approx(2.27e9, rel=1e-3)
     expected_gb = params * (6 + 12 / 2) / 1e9  # bf16 weight + fp32 grad, fp32 master + Adam / DP
-    m = planner.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2, sequence_parallel=True,
-                             seq_length=4096, micro_batch_size=1, num_microbatches=64,
-                             loss="simpo", recompute=False, stage=0)
+    m = memory_model.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2,
+                                  sequence_parallel=True, seq_length=4096, micro_batch_size=1,
+                                  num_microbatches=64, loss="simpo", recompute=False, stage=0)
     assert m.weights + m.grads + m.optimizer == pytest.approx(expected_gb, rel=1e-6)
     assert expected_gb == pytest.approx(27.25, abs=0.01)
     assert m.weights == pytest.approx(2 * params / 1e9)
     # CP ranks share the optimizer shards too (Megatron's dp_cp group).
-    m_cp = planner.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=2, dp=1,
-                                sequence_parallel=True, seq_length=4096, micro_batch_size=1,
-                                num_microbatches=128, loss="simpo", recompute=False, stage=0)
+    m_cp = memory_model.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=2, dp=1,
+                                     sequence_parallel=True, seq_length=4096, micro_batch_size=1,
+                                     num_microbatches=128, loss="simpo", recompute=False, stage=0)
     assert m_cp.optimizer == pytest.approx(m.optimizer)
 
 
 def test_activations_by_hand():
     s, b, h, tp = 4096, 2, 8192, 8  # one pair per micro-batch = 2 sequences
-    per_layer = planner.layer_activation_bytes(LLAMA3_70B, tokens=s * b, tp=tp,
-                                               sequence_parallel=True, recompute=False)
+    per_layer = memory_model.layer_activation_bytes(LLAMA3_70B, tokens=s * b, tp=tp,
+                                                    sequence_parallel=True, recompute=False)
     # (12 + 4g)h + 6f bytes per token with g = 1/8, all sharded by TP+SP: 8192*(12.5*8192+6*28672)/8
     assert per_layer == 8192 * (12.5 * 8192 + 6 * 28672) / 8
     assert per_layer == pytest.approx(34 * s * b * h / tp, rel=0.02)  # Korthikanti's 34sbh/t
-    assert planner.layer_activation_bytes(LLAMA3_70B, tokens=s * b, tp=tp, sequence_parallel=True,
-                                          recompute=True) == 2 * s * b * h / tp
-    no_sp = planner.layer_activation_bytes(LLAMA3_70B, tokens=s * b, tp=tp,
-                                           sequence_parallel=False, recompute=False)
+    assert memory_model.layer_activation_bytes(LLAMA3_70B, tokens=s * b, tp=tp,
+                                               sequence_parallel=True,
+                                               recompute=True) == 2 * s * b * h / tp
+    no_sp = memory_model.layer_activation_bytes(LLAMA3_70B, tokens=s * b, tp=tp,
+                                                sequence_parallel=False, recompute=False)
     assert no_sp == pytest.approx(per_layer + s * b * 8 * h * (1 - 1 / tp))
     # 1F1B, pp=4: stage 0 holds 4 micro-batches x 20 layers (+ one layer of working set).
-    m = planner.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2, sequence_parallel=True,
-                             seq_length=s, micro_batch_size=1, num_microbatches=64, loss="simpo",
-                             recompute=False, stage=0)
+    m = memory_model.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2,
+                                  sequence_parallel=True, seq_length=s, micro_batch_size=1,
+                                  num_microbatches=64, loss="simpo", recompute=False, stage=0)
     assert m.activations == pytest.approx((80 + 1) * per_layer / 1e9)
     assert m.logits == 0.0
-    last = planner.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2,
-                                sequence_parallel=True, seq_length=s, micro_batch_size=1,
-                                num_microbatches=64, loss="simpo", recompute=False, stage=3)
+    last = memory_model.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2,
+                                     sequence_parallel=True, seq_length=s, micro_batch_size=1,
+                                     num_microbatches=64, loss="simpo", recompute=False, stage=3)
     assert last.activations == pytest.approx((20 + 1) * per_layer / 1e9)
     inputs = 2 * 2 * s * b * h / tp  # final-norm and output-layer inputs, SP-sharded
     # Fused (default): one 1024-token chunk of logits, the bf16 weight-gradient buffer, and the
     # gathered hidden states in fp32 + bf16 + their bf16 gradient.
     fused = 1024 * 128256 / tp * 10 + 2 * 128256 / tp * h + 8 * s * b * h + inputs
     assert last.logits == pytest.approx(fused / 1e9)
-    plain = planner.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2,
-                                 sequence_parallel=True, seq_length=s, micro_batch_size=1,
-                                 num_microbatches=64, loss="simpo", recompute=False, stage=3,
-                                 logprob_chunk=0)
+    plain = memory_model.stage_memory(LLAMA3_70B, tp=8, pp=4, vpp=None, cp=1, dp=2,
+                                      sequence_parallel=True, seq_length=s, micro_batch_size=1,
+                                      num_microbatches=64, loss="simpo", recompute=False, stage=3,
+                                      logprob_chunk=0)
     assert plain.logits == pytest.approx((s * b * 128256 / tp * 10 + inputs) / 1e9)
     assert fused < 0.8 * (s * b * 128256 / tp * 10 + inputs)  # v/tp = 16k: a modest saving
 
 
 def test_in_flight_matches_megatron_schedules():
-    assert planner.in_flight_chunks(1, None, 0, 64) == 1
-    assert [planner.in_flight_chunks(4, None, r, 64) for r in range(4)] == [4, 3, 2, 1]
-    assert planner.in_flight_chunks(4, None, 0, 2) == 2  # fewer micro-batches than stages
+    assert memory_model.in_flight_chunks(1, None, 0, 64) == 1
+    assert [memory_model.in_flight_chunks(4, None, r, 64) for r in range(4)] == [4, 3, 2, 1]
+    assert memory_model.in_flight_chunks(4, None, 0, 2) == 2  # fewer micro-batches than stages
     # interleaved: warm-up 2*(pp-r-1) + (vpp-1)*pp, plus one; layers = L*(1 + (pp-1)/(pp*vpp))
-    chunks = planner.in_flight_chunks(4, 5, 0, 64)
+    chunks = memory_model.in_flight_chunks(4, 5, 0, 64)
     assert chunks == 2 * 3 + 4 * 4 + 1
     assert chunks * 80 // 20 == pytest.approx(80 * (1 + 3 / 20))
 
@@ -157,19 +158,20 @@ def test_padded_vocab_matches_the_model():
     from megasimpo.model import padded_vocab_size
 
     for v in (64, 32000, 128256, 151936, 50257):
-        assert planner.padded_vocab_size(v) == padded_vocab_size(v)
+        assert memory_model.padded_vocab_size(v) == padded_vocab_size(v)
 
 
 def test_tied_embeddings_counted_once_without_pipeline():
     tied = ModelConfig(**dict(LLAMA3_8B.to_dict(), tie_word_embeddings=True))
-    emb = planner.padded_vocab_size(tied.vocab_size) * tied.hidden_size
-    assert planner.stage_parameters(tied, 1, 1, 0) == pytest.approx(tied.num_parameters)
-    assert planner.stage_parameters(LLAMA3_8B, 1, 1, 0) == pytest.approx(LLAMA3_8B.num_parameters)
-    # with a pipeline the last stage keeps its own copy for the output layer
-    assert planner.stage_parameters(tied, 1, 2, 1) - planner.stage_parameters(tied, 1, 2, 0) == \
-        pytest.approx(tied.hidden_size)  # both ends hold emb; the last adds the final norm
-    assert planner.stage_parameters(tied, 1, 2, 0) == pytest.approx(
-        tied.num_parameters / 2 + emb / 2 - tied.hidden_size / 2)
+    emb = memory_model.padded_vocab_size(tied.vocab_size) * tied.hidden_size
+    assert memory_model.stage_parameters(tied, 1, 1, 0) == pytest.approx(tied.num_parameters)
+    assert memory_model.stage_parameters(LLAMA3_8B, 1, 1, 0) == pytest.approx(
+        LLAMA3_8B.num_parameters)
+    # with a pipeline the last stage keeps its own copy for the output layer: both ends hold
+    # the embedding, the last adds the final norm
+    first, last = (memory_model.stage_parameters(tied, 1, 2, s) for s in (0, 1))
+    assert last - first == pytest.approx(tied.hidden_size)
+    assert first == pytest.approx(tied.num_parameters / 2 + emb / 2 - tied.hidden_size / 2)
 
 
 @pytest.mark.parametrize("model,gpus", [(LLAMA3_8B, 8), (LLAMA3_70B, 64)])
@@ -179,10 +181,10 @@ def test_dpo_never_below_simpo_on_the_same_layout(model, gpus, seq_length):
                                     global_batch_size=128, fixed={}, fused_norms=True))
     assert len(layouts) > 20
     for layout in layouts:
-        simpo = planner.stage_breakdowns(model, seq_length=seq_length, loss="simpo", **layout)
-        dpo = planner.stage_breakdowns(model, seq_length=seq_length, loss="dpo", **layout)
-        pre = planner.stage_breakdowns(model, seq_length=seq_length, loss="dpo",
-                                       ref="precomputed", **layout)
+        simpo = memory_model.stage_breakdowns(model, seq_length=seq_length, loss="simpo", **layout)
+        dpo = memory_model.stage_breakdowns(model, seq_length=seq_length, loss="dpo", **layout)
+        pre = memory_model.stage_breakdowns(model, seq_length=seq_length, loss="dpo",
+                                            ref="precomputed", **layout)
         for s, d, q in zip(simpo, dpo, pre):
             assert d.total > s.total, layout
             assert d.reference == pytest.approx(s.weights)  # 2 B/param, same sharding

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from megasimpo.config import Layout
 from megasimpo.parallel import cpu
 
+PORT_ATTEMPTS = 5  # ports init_distributed tries when it picks MASTER_PORT itself
+
 
 @dataclass(frozen=True)
 class ProcessGroups:
@@ -45,31 +47,49 @@ class ProcessGroups:
 def init_distributed() -> tuple[int, int]:
     """Starts the default process group (gloo on CPU, NCCL on GPU); returns (rank, world size).
 
-    Plain ``python -m megasimpo`` runs as a single rank: the torchrun variables are filled in.
+    Plain ``python -m megasimpo`` runs as a single rank: the torchrun variables are filled in,
+    MASTER_PORT with a port that is free when picked. Another process can bind that port before
+    the rendezvous store does (two runs started at the same instant); the store then fails with
+    EADDRINUSE and a new port is picked, ``PORT_ATTEMPTS`` times at most. A MASTER_PORT that
+    torchrun or the user set is shared with the other ranks, so it is used as given, no retry.
     """
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        if "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())
+        pick_port = "MASTER_PORT" not in os.environ
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
             backend = "nccl"
         else:
             cpu.enable()
             backend = "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            if pick_port:
+                os.environ["MASTER_PORT"] = str(_free_port())
+            try:
+                dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
+                break
+            except RuntimeError as e:  # torch.distributed.DistNetworkError from the TCPStore
+                if not (pick_port and attempt < PORT_ATTEMPTS and _address_in_use(e)):
+                    raise
     return dist.get_rank(), dist.get_world_size()
 
 
 def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _address_in_use(error: Exception) -> bool:
+    """Whether ``error`` is the rendezvous store failing to listen on a port already taken."""
+    text = str(error)
+    return "EADDRINUSE" in text or "address already in use" in text.lower()
 
 
 def initialize(layout: Layout, seed: int) -> ProcessGroups:
