@@ -34,6 +34,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--precision", choices=("bf16", "fp8", "fp32"))
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction)
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction)
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction,
+                   help="pack each micro-batch's sequences into one row (default: with TE)")
     p.add_argument("--gpu-mem-gb", type=float, help="memory per device for the plan")
     p.add_argument("--eval-data", nargs="+")
     p.add_argument("--config", help="YAML file of the same options (flags override it)")

@@ -305,6 +305,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     clip_grad: float = 1.0  # global grad-norm clip
     precision: Optional[str] = None  # bf16 | fp8 | fp32; None: bf16 on GPU, fp32 on CPU
+    pack: Optional[bool] = None  # pack each micro-batch's sequences into one row (THD); None: on with Transformer Engine and cp 1
     logprob_chunk: int = LOGPROB_CHUNK  # tokens per chunk of the fused output layer + log-probs (no full logits); 0: plain path
     eval_data: tuple = ()  # held-out prefixes
     eval_interval: int = 0  # evaluate every N steps (and at start and end); 0: start and end only

@@ -23,13 +23,37 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800"
                     "H200": 989.0, "H20": 148.0, "A100": 312.0, "B200": 2250.0}
 
 
-def forward_flops_per_token(model: ModelConfig, seq_length: int) -> float:
-    """Forward FLOPs per token, logits included, causal attention halved."""
+def _dense_flops_per_token(model: ModelConfig) -> float:
+    """Weight-GEMM FLOPs per token: QKV, output projection, SwiGLU fc1 + fc2, logits."""
     h, q = model.hidden_size, model.num_attention_heads * model.head_dim
     kv = 2 * model.num_query_groups * model.head_dim
-    gemm = h * (q + kv) + q * h + 3 * h * model.ffn_hidden_size  # QKV, proj, SwiGLU fc1+fc2
-    attention = 2 * seq_length * q / 2  # QK^T and AV, causal half
-    return 2.0 * (model.num_layers * (gemm + attention) + h * padded_vocab_size(model.vocab_size))
+    gemm = h * (q + kv) + q * h + 3 * h * model.ffn_hidden_size
+    return 2.0 * (model.num_layers * gemm + h * padded_vocab_size(model.vocab_size))
+
+
+def _attention_flops(model: ModelConfig, length: float) -> float:
+    """QK^T and AV FLOPs of one sequence of ``length`` tokens over all layers, causal half."""
+    q = model.num_attention_heads * model.head_dim
+    return 2.0 * model.num_layers * q * length * length
+
+
+def forward_flops_per_token(model: ModelConfig, seq_length: int) -> float:
+    """Forward FLOPs per token of a ``seq_length`` sequence, logits included, causal attention
+    halved."""
+    return _dense_flops_per_token(model) + _attention_flops(model, seq_length) / seq_length
+
+
+def batch_forward_flops(model: ModelConfig, batch: dict) -> float:
+    """Forward FLOPs of the positions one micro-batch runs: every [rows, s] position of a padded
+    batch (each row attends over s), or each packed sequence over its own length (THD attention
+    computes only those blocks; the padding tail counts as one more sequence)."""
+    rows, s = batch["tokens"].shape
+    if "cu_seqlens" in batch:
+        lengths = batch["cu_seqlens"].diff().tolist()
+    else:
+        lengths = [s] * rows
+    return (_dense_flops_per_token(model) * rows * s
+            + sum(_attention_flops(model, n) for n in lengths))
 
 
 def step_flops(model: ModelConfig, seq_length: int, num_sequences: int, *,

@@ -228,6 +228,29 @@ def output_weight(gpt) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
+def packed_attention(batch: dict) -> tuple:
+    """(attention_mask, packed_seq_params) that keep attention inside each sequence of a packed
+    row (``data/packing.py``), for the layer spec in use.
+
+    Transformer Engine: THD attention over ``cu_seqlens`` (no mask; RoPE restarts per sequence).
+    Megatron's local spec: a block-diagonal causal mask [1, 1, T, T] (True = masked) from
+    ``segment_ids``; its RoPE runs over the packed positions, which changes nothing inside a
+    block because rotary attention scores depend only on the distance between two positions.
+    """
+    if have_te():
+        from megatron.core.packed_seq_params import PackedSeqParams
+
+        cu = batch["cu_seqlens"]
+        return None, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=batch["max_seqlen"],
+                                     max_seqlen_kv=batch["max_seqlen"])
+    seg = batch["segment_ids"][0]
+    n = seg.numel()
+    causal = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
+    allowed = causal & (seg[:, None] == seg[None, :])
+    return ~allowed.view(1, 1, n, n), None
+
+
 def wrap_for_training(chunks: list, precision: Precision) -> list:
     """Float16Module (BF16) + Megatron DDP with the distributed optimizer's grad buffers."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig

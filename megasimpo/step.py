@@ -15,13 +15,16 @@ import torch
 
 from megasimpo.config import LossConfig
 from megasimpo.losses import PairLogps, preference_loss
-from megasimpo.model import emit_hidden_states, output_weight, unwrap
+from megasimpo.model import emit_hidden_states, output_weight, packed_attention, unwrap
 from megasimpo.parallel.fused_logprobs import fused_vocab_parallel_logprobs
 from megasimpo.parallel.groups import ProcessGroups
-from megasimpo.parallel.logprobs import sequence_logps, vocab_parallel_logprobs
+from megasimpo.parallel.logprobs import (packed_sequence_logps, sequence_logps,
+                                         vocab_parallel_logprobs)
 
 # Statistics every reporting rank sends, in this order, after the loss's own metrics.
-COUNT_KEYS = ("lengths/chosen", "lengths/rejected", "rank_accuracy", "num_pairs", "num_tokens")
+COUNT_KEYS = ("lengths/chosen", "lengths/rejected", "rank_accuracy", "num_pairs", "num_tokens",
+              "forward_flops")
+TOTAL_KEYS = ("num_pairs", "num_tokens", "forward_flops")  # reported as totals, not per pair
 
 
 def cp_slice(batch: dict, cp_rank: int, cp_size: int) -> dict:
@@ -33,7 +36,7 @@ def cp_slice(batch: dict, cp_rank: int, cp_size: int) -> dict:
         return batch
     out = {}
     for key, t in batch.items():
-        if t.dim() == 2 and key != "ref_logps":
+        if isinstance(t, torch.Tensor) and t.dim() == 2 and key != "ref_logps":
             chunks = t.view(t.shape[0], 2 * cp_size, t.shape[1] // (2 * cp_size))
             out[key] = torch.cat([chunks[:, cp_rank], chunks[:, 2 * cp_size - 1 - cp_rank]], 1)
         else:
@@ -95,22 +98,35 @@ class PairStep:
         the output weight in ``batch["output_weight"]``).
         """
         weight = batch.get("output_weight")
+        if "segment_ids" in batch:  # packed: [1, T] output, one segment per sequence
+            if weight is None:
+                logits = mask_padded_vocab(output, self.vocab_size, self.groups.tp_rank)
+                token_logps = vocab_parallel_logprobs(logits, batch["labels"], self.groups.tp)
+            else:
+                token_logps = self._fused_logps(batch, output, weight)
+            return packed_sequence_logps(token_logps, batch["loss_mask"], batch["segment_ids"],
+                                         batch["lengths"].numel())
         if weight is None:
             logits = mask_padded_vocab(output, self.vocab_size, self.groups.tp_rank)
             token_logps = vocab_parallel_logprobs(logits, batch["labels"], self.groups.tp)
         else:
-            # Float16Module hands the last stage's output over in fp32; back to the weight's
-            # dtype (exact: it was that dtype) so the chunk GEMMs run in BF16.
-            token_logps = fused_vocab_parallel_logprobs(
-                output.to(weight.dtype), weight, batch["labels"], tp_group=self.groups.tp,
-                vocab_size=self.vocab_size, chunk_size=self.logprob_chunk,
-                reduce_hidden_grad=not self.groups.layout.sequence_parallel)
+            token_logps = self._fused_logps(batch, output, weight)
         return sequence_logps(token_logps, batch["loss_mask"], self.groups.cp)
+
+    def _fused_logps(self, batch: dict, hidden: torch.Tensor, weight: torch.Tensor):
+        """[rows, s, h] final hidden states -> [rows, s] log p(label), chunked (no full logits)."""
+        # Float16Module hands the last stage's output over in fp32; back to the weight's dtype
+        # (exact: it was that dtype) so the chunk GEMMs run in BF16.
+        return fused_vocab_parallel_logprobs(
+            hidden.to(weight.dtype), weight, batch["labels"], tp_group=self.groups.tp,
+            vocab_size=self.vocab_size, chunk_size=self.logprob_chunk,
+            reduce_hidden_grad=not self.groups.layout.sequence_parallel)
 
     def forward_step(self, data_iterator, model, *, loss_fn=None):
         """Megatron forward_step: runs this stage's chunk, returns (output, loss closure)."""
         batch = cp_slice(next(data_iterator), self.groups.cp_rank, self.groups.layout.cp)
-        output = model(batch["tokens"], batch["position_ids"], None)
+        mask, packed = packed_attention(batch) if "segment_ids" in batch else (None, None)
+        output = model(batch["tokens"], batch["position_ids"], mask, packed_seq_params=packed)
         gpt = unwrap(model)
         if getattr(gpt, "emits_hidden", False):
             assert self.logprob_chunk > 0, "model emits hidden states but the fused path is off"
@@ -131,6 +147,7 @@ class PairStep:
         stats = [loss_sum.detach()] + [metrics[k] for k in self.metric_keys] + [
             (counts[:b] * w).sum(), (counts[b:] * w).sum(),
             ((avg[:b] > avg[b:]).float() * w).sum(), w.sum(), batch["num_tokens"].float().sum(),
+            loss_sum.new_tensor(batch.get("forward_flops", 0.0)),
         ]
         num_pairs = w.sum().to(torch.int)
         # Each CP rank computes the same loss from all-reduced sums but back-propagates only
@@ -156,10 +173,13 @@ def run_microbatches(model: list, batches: list, step: PairStep, seq_length: int
 
     fn = step.forward_step if loss_fn is None else partial(step.forward_step, loss_fn=loss_fn)
     iters = [iter(batches) for _ in model]  # one per model chunk (virtual stage)
+    # The pipeline's point-to-point buffers are [seq_length, rows, h]: [s, 2b] padded, [T, 1]
+    # packed (every micro-batch of a step has the same shape).
+    rows, seq_length = batches[0]["tokens"].shape
     return get_forward_backward_func()(
         forward_step_func=fn, data_iterator=iters if len(iters) > 1 else iters[0], model=model,
         num_microbatches=len(batches), seq_length=seq_length,
-        micro_batch_size=2 * len(batches[0]["weights"]), forward_only=forward_only) or []
+        micro_batch_size=rows, forward_only=forward_only) or []
 
 
 def reduce_stats(step: PairStep, outputs: list, groups: ProcessGroups) -> Optional[dict]:
@@ -180,7 +200,6 @@ def reduce_stats(step: PairStep, outputs: list, groups: ProcessGroups) -> Option
         vec = vec.cpu()
     total = dict(zip(step.stat_keys, vec.tolist()))
     n = max(total["num_pairs"], 1.0)
-    out = {k: v / n for k, v in total.items() if k not in ("num_pairs", "num_tokens")}
-    out["num_pairs"] = total["num_pairs"]
-    out["num_tokens"] = total["num_tokens"]
+    out = {k: v / n for k, v in total.items() if k not in TOTAL_KEYS}
+    out.update({k: total[k] for k in TOTAL_KEYS})
     return out

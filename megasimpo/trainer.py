@@ -22,13 +22,15 @@ from megasimpo import checkpoint
 from megasimpo.config import ModelConfig, TrainConfig
 from megasimpo.data.batches import ConcatPairs, full_pass_batches, make_batch
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
-from megasimpo.metrics import MetricsSink, peak_memory_gb, peak_tflops, step_flops
-from megasimpo.model import (Precision, build_chunks, have_fused_norms, unwrap, wrap_for_training,
-                             wrap_frozen)
+from megasimpo.data.packing import pack_step
+from megasimpo.metrics import MetricsSink, batch_forward_flops, peak_memory_gb, peak_tflops
+from megasimpo.model import (Precision, build_chunks, have_fused_norms, have_te, unwrap,
+                             wrap_for_training, wrap_frozen)
 from megasimpo.parallel import groups as pgroups
-from megasimpo.step import PairStep, reduce_stats, run_microbatches
+from megasimpo.step import TOTAL_KEYS, PairStep, reduce_stats, run_microbatches
 
 SEQ_MULTIPLE = 16  # default sequence lengths are rounded to this (2 x TP x CP <= 16 divides it)
+PACK_MULTIPLE = 16  # packed rows are rounded to this (x TP): aligned FP8 GEMMs, SP splits evenly
 
 class Trainer:
     """Builds everything for a TrainConfig at the current world size, then runs it."""
@@ -47,6 +49,7 @@ class Trainer:
         self.layout = self.plan.layout
         self.precision = Precision(name=cfg.precision) if cfg.precision else Precision.default()
         self.groups = pgroups.initialize(self.layout, cfg.seed)
+        self.pack = self._packing()
         self.step_fn = PairStep(cfg.loss, self.groups, self.model_cfg.vocab_size,
                                 logprob_chunk=cfg.logprob_chunk)
         self._setup_data()
@@ -79,6 +82,16 @@ class Trainer:
             logprob_chunk=cfg.logprob_chunk, overrides=dict(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, cp=cfg.cp,
                            micro_batch_size=cfg.micro_batch_size, recompute=cfg.recompute,
                            sequence_parallel=cfg.sequence_parallel))
+
+    def _packing(self) -> bool:
+        """Whether micro-batches are packed: --pack/--no-pack, else whenever Transformer Engine
+        (THD attention) is in use and there is no context parallelism."""
+        if self.cfg.pack and self.layout.cp > 1:
+            raise ValueError(f"--pack does not support context parallelism (cp={self.layout.cp}); "
+                             "use --no-pack or --cp 1")
+        if self.cfg.pack is not None:
+            return self.cfg.pack
+        return have_te() and self.layout.cp == 1
 
     def _setup_data(self):
         cfg, lay = self.cfg, self.layout
@@ -189,7 +202,7 @@ class Trainer:
             "derived": {
                 "world_size": lay.world_size, "precision": self.precision.name,
                 "seq_length": self.seq_length, "micro_batch_size": self.micro_batch_size,
-                "recompute": self.plan.recompute,
+                "recompute": self.plan.recompute, "packed_sequences": self.pack,
                 "num_microbatches": self.num_microbatches, "steps": self.num_steps,
                 "warmup_steps": self.warmup_steps, "beta": self.cfg.loss.beta,
                 "train_pairs": len(self.train_data),
@@ -207,6 +220,14 @@ class Trainer:
         return run_microbatches(model, batches, self.step_fn, self.seq_length,
                                 forward_only=forward_only, loss_fn=loss_fn)
 
+    def _prepare(self, batches: list) -> list:
+        """Packs the step's micro-batches when packing is on; notes each one's forward FLOPs."""
+        if self.pack:
+            batches = pack_step(batches, math.lcm(PACK_MULTIPLE, self.layout.tp))
+        for batch in batches:
+            batch["forward_flops"] = batch_forward_flops(self.model_cfg, batch)
+        return batches
+
     def _attach_reference(self, batches) -> None:
         """Live reference: forward-only pass; last-stage ranks get [b, 2] reference log-probs."""
         outputs = self._run(self.reference, batches, forward_only=True,
@@ -217,8 +238,9 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """One optimizer step; returns the reduced metrics row."""
         t0 = time.perf_counter()
-        batches = [make_batch(self.train_data, idx, self.seq_length, ref_logps=self.train_ref)
-                   for idx in self.sampler.step_indices(step)]
+        batches = self._prepare([make_batch(self.train_data, idx, self.seq_length,
+                                            ref_logps=self.train_ref)
+                                 for idx in self.sampler.step_indices(step)])
         if self.reference is not None:
             self._attach_reference(batches)
         for m in self.model:
@@ -235,9 +257,10 @@ class Trainer:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        row = {"step": step + 1, **{k: v for k, v in stats.items() if k not in ("num_pairs", "num_tokens")}}
-        flops = step_flops(self.model_cfg, self.seq_length, 2 * self.cfg.global_batch_size,
-                           reference_forwards=1 if self.reference is not None else 0)
+        row = {"step": step + 1, **{k: v for k, v in stats.items() if k not in TOTAL_KEYS}}
+        # Forward FLOPs of the positions that ran (all micro-batches of all DP replicas), x3 for
+        # forward + backward, plus one forward per live reference.
+        flops = stats["forward_flops"] * (3 + (1 if self.reference is not None else 0))
         tflops = flops / dt / self.layout.world_size / 1e12
         peak = peak_tflops(self.precision.name)
         row.update(skipped=0 if ok else 1, lr=lr,
@@ -251,12 +274,13 @@ class Trainer:
         """Held-out metrics over every pair of ``dataset`` (filler pairs weigh 0)."""
         batches, _ = full_pass_batches(dataset, self.groups.dp_rank, self.layout.dp,
                                        self.micro_batch_size, self.seq_length, self.eval_ref)
+        batches = self._prepare(batches)
         if self.reference is not None:
             self._attach_reference(batches)
         with torch.no_grad():
             outputs = self._run(self.model, batches, forward_only=True)
         stats = reduce_stats(self.step_fn, outputs, self.groups)
-        return {f"eval_{k}": v for k, v in stats.items() if k not in ("num_pairs", "num_tokens")}
+        return {f"eval_{k}": v for k, v in stats.items() if k not in TOTAL_KEYS}
 
     # ----- the run --------------------------------------------------------------------------
 

@@ -42,11 +42,11 @@ class ConcatPairs:
 def make_batch(dataset, indices, seq_length: int, weights=None,
                ref_logps: Optional[np.ndarray] = None) -> dict:
     """Collated micro-batch for pair ``indices``: tokens/labels/loss_mask/position_ids [2b, s],
-    ``num_tokens`` (real tokens), ``weights`` [b] and, when given, ``ref_logps`` [b, 2]."""
+    ``lengths`` [2b], ``num_tokens`` (real tokens), ``weights`` [b] and, when given,
+    ``ref_logps`` [b, 2]."""
     pairs = [dataset[int(i)] for i in indices]
     batch = collate_pairs(pairs, seq_length, PAD_ID)
-    rows = [len(p.prompt_ids) + len(r) - 1 for p in pairs for r in (p.chosen_ids, p.rejected_ids)]
-    batch["num_tokens"] = torch.tensor(sum(min(n, seq_length) for n in rows))
+    batch["num_tokens"] = batch["lengths"].sum()
     batch["weights"] = torch.ones(len(pairs)) if weights is None else torch.as_tensor(weights)
     if ref_logps is not None:
         batch["ref_logps"] = torch.as_tensor(ref_logps[np.asarray(indices, dtype=np.int64)],

@@ -104,8 +104,8 @@ def collate_pairs(pairs: List[Pair], seq_length: int, pad_id: int) -> Dict[str, 
     Each row's full sequence is prompt + response (L tokens); ``tokens = seq[:-1]``,
     ``labels = seq[1:]``, both right-padded with ``pad_id`` to ``seq_length`` (s). Returns
     ``tokens`` [2b, s] int64, ``labels`` [2b, s] int64, ``loss_mask`` [2b, s] float32 (1.0 exactly
-    where ``labels[t]`` is a response token: t in [len(prompt)-1, L-2]) and ``position_ids``
-    [2b, s] int64 (0..s-1).
+    where ``labels[t]`` is a response token: t in [len(prompt)-1, L-2]), ``position_ids``
+    [2b, s] int64 (0..s-1) and ``lengths`` [2b] int64 (the used positions L-1 of each row).
 
     Too long (L-1 > s): the prompt is cut from the LEFT (its end, next to the response, is what the
     response depends on most). Both rows of a pair keep the SAME prompt tokens, cut for the longer
@@ -122,6 +122,7 @@ def collate_pairs(pairs: List[Pair], seq_length: int, pad_id: int) -> Dict[str, 
     tokens = np.full((2 * b, seq_length), pad_id, dtype=np.int64)
     labels = np.full((2 * b, seq_length), pad_id, dtype=np.int64)
     loss_mask = np.zeros((2 * b, seq_length), dtype=np.float32)
+    lengths = np.zeros(2 * b, dtype=np.int64)
     for i, pair in enumerate(pairs):
         prompt = np.asarray(pair.prompt_ids, dtype=np.int64)
         responses = (np.asarray(pair.chosen_ids, dtype=np.int64),
@@ -136,6 +137,7 @@ def collate_pairs(pairs: List[Pair], seq_length: int, pad_id: int) -> Dict[str, 
                 )
             seq = np.concatenate([prompt, resp])
             n = len(seq) - 1  # input/label positions used by this row
+            lengths[row] = n
             tokens[row, :n] = seq[:-1]
             labels[row, :n] = seq[1:]
             loss_mask[row, max(keep - 1, 0):n] = 1.0
@@ -145,6 +147,7 @@ def collate_pairs(pairs: List[Pair], seq_length: int, pad_id: int) -> Dict[str, 
         "labels": torch.from_numpy(labels),
         "loss_mask": torch.from_numpy(loss_mask),
         "position_ids": torch.from_numpy(position_ids.copy()),
+        "lengths": torch.from_numpy(lengths),
     }
 
 

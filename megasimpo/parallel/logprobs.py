@@ -152,3 +152,26 @@ def sequence_logps(
         sums = _AllReduceSumIdentityBackward.apply(sums, cp_group)
         dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=cp_group)
     return sums, counts
+
+
+def packed_sequence_logps(token_logps: Tensor, loss_mask: Tensor, segment_ids: Tensor,
+                          num_sequences: int) -> tuple[Tensor, Tensor]:
+    """Masked per-sequence sums of a packed row (``data/packing.py``). token_logps [1, T] fp32,
+    loss_mask [1, T], segment_ids [1, T] int64 (sequence i's positions hold i; a padding tail
+    holds ``num_sequences``) -> (sums [num_sequences] fp32 with autograd, counts, no grad).
+
+    Same masking rule as ``sequence_logps`` (masked positions get a zero gradient even where the
+    log-prob is not finite). Context parallelism is not supported with packing (the trainer
+    refuses the combination), so there is no CP reduction here.
+    """
+    if not token_logps.shape == loss_mask.shape == segment_ids.shape:
+        raise ValueError(f"token_logps, loss_mask and segment_ids must have one shape, got "
+                         f"{tuple(token_logps.shape)}, {tuple(loss_mask.shape)}, "
+                         f"{tuple(segment_ids.shape)}")
+    keep = (loss_mask != 0).reshape(-1)
+    seg = segment_ids.reshape(-1)
+    values = torch.where(keep, token_logps.float().reshape(-1), 0.0)
+    size = num_sequences + 1  # the padding tail's segment, dropped below
+    sums = values.new_zeros(size).index_add(0, seg, values)[:num_sequences]
+    counts = values.new_zeros(size).index_add(0, seg, keep.float())[:num_sequences]
+    return sums, counts
