@@ -58,7 +58,8 @@ ROWS = {"simpo": ("simpo", "live"), "dpo_live_ref": ("dpo", "live"),
 # key by key, so a fixed key set makes a new row replace an old one (an old "error" included).
 ROW_KEYS = ("step_time_s", "tokens_per_sec", "tflops_per_gpu", "mfu", "mem_peak_gb",
             "mem_reserved_peak_gb", "step_times_s", "losses", "loss_finite", "num_skipped",
-            "layout", "recompute", "micro_batch_size", "num_microbatches", "planned_mem_gb",
+            "layout", "recompute", "packed", "micro_batch_size", "num_microbatches",
+            "planned_mem_gb",
             "error")
 TABLE = ["step_time_s", "tokens_per_sec", "tflops_per_gpu", "mfu", "mem_peak_gb",
          "micro_batch_size", "num_microbatches", "recompute"]
@@ -197,6 +198,7 @@ def measure_row(args, name: str) -> dict:
         "loss_finite": all(math.isfinite(v) for v in losses),
         "num_skipped": sum(r["skipped"] for r in steps),
         "layout": dataclasses.asdict(trainer.layout), "recompute": trainer.plan.recompute,
+        "packed": trainer.pack,
         "micro_batch_size": trainer.micro_batch_size,
         "num_microbatches": trainer.num_microbatches,
         "planned_mem_gb": round(trainer.plan.memory.total, 2), "error": None,
