@@ -68,15 +68,8 @@ MARKER = "BENCH_STEP_ROW "  # prefix of the child's result line on stdout
 
 def parse_args(argv=None):
     """Command-line options; defaults depend on whether CUDA is present."""
-    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=sorted(synthetic.SHAPES), default=default_shape())
-    p.add_argument("--layers", type=int, default=0, help="layer count override (0: the shape's)")
-    p.add_argument("--seq-length", type=int, default=4096 if cuda else 64)
-    p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per micro-batch")
-    p.add_argument("--global-batch-size", type=int, default=8 if cuda else 2, help="pairs per step")
-    p.add_argument("--steps", type=int, default=10 if cuda else 2, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps first")
+    synthetic.add_workload_args(p)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ",".join(ROWS))
     p.add_argument("--precision", choices=["bf16", "fp8", "fp32"], default=None,
                    help="default: bf16 on GPU, fp32 on CPU")
@@ -85,8 +78,6 @@ def parse_args(argv=None):
                         "with a live reference, the most demanding row, for every row)")
     p.add_argument("--logprob-chunk", type=int, default=None,
                    help="TrainConfig.logprob_chunk (0: plain full-logits path; default: its default)")
-    p.add_argument("--out", default=None, help="results JSON (default bench/results/<device>.json)")
-    p.add_argument("--tag", default="", help="store under runs['<shape>-<tag>'], not the primary rows")
     p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds per row process")
     p.add_argument("--_row", choices=sorted(ROWS), help=argparse.SUPPRESS)
     p.add_argument("--_workdir", help=argparse.SUPPRESS)
@@ -95,22 +86,13 @@ def parse_args(argv=None):
     for r in args.rows:
         if r not in ROWS:
             p.error(f"--rows: unknown row {r!r}; choose from {', '.join(ROWS)}")
-    for name in ("seq_length", "micro_batch_size", "global_batch_size", "steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    if args.warmup < 0 or args.layers < 0:
-        p.error("--warmup and --layers must be >= 0")
+    synthetic.check_workload_args(p, args)
     if args.precision == "fp8":
         from megasimpo.model import have_te
 
         if not have_te():
             p.error("--precision fp8 needs Transformer Engine on a CUDA GPU")
     return args
-
-
-def default_shape() -> str:
-    """The shape whose untagged run fills the top-level rows: 8b-width on CUDA, tiny on CPU."""
-    return "8b-width" if torch.cuda.is_available() else "tiny"
 
 
 def uniform_scores(lengths: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -131,10 +113,6 @@ def prepare_inputs(workdir: str, args, model_cfg) -> str:
         lengths = ConcatPairs([prefix]).lengths()
         write_scores(default_scores_path(prefix), uniform_scores(lengths, model_cfg.vocab_size))
     return prefix
-
-
-def _mean(values):
-    return None if not values or any(v is None for v in values) else sum(values) / len(values)
 
 
 def shared_layout(args, model_cfg) -> tuple:
@@ -190,7 +168,7 @@ def measure_row(args, name: str) -> dict:
     cuda = torch.cuda.is_available()
     losses = [r["loss"] for r in steps]
     return {
-        **{k: _mean([r[k] for r in timed])
+        **{k: report.mean([r[k] for r in timed])
            for k in ("step_time_s", "tokens_per_sec", "tflops_per_gpu", "mfu")},
         "mem_peak_gb": peak_memory_gb(),
         "mem_reserved_peak_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None,
@@ -280,7 +258,7 @@ def main(argv=None):
             rows[name] = run_row(name, argv, workdir, args.row_timeout)
     device = report.device_name()  # after the rows: this parent never holds GPU memory during them
     key = args.shape + (f"-{args.tag}" if args.tag else "")
-    primary = not args.tag and args.shape == default_shape()
+    primary = not args.tag and args.shape == synthetic.default_shape()
     path = report.results_path(args.out)
     update = {"device": device, "runs": {key: {"config": run_config(args, model_cfg, precision,
                                                                     device), **rows}}}

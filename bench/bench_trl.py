@@ -90,37 +90,18 @@ TABLE = ["step_time_s", "tokens_per_sec", "tflops_per_gpu", "mfu", "mem_peak_gb"
          "input_tokens_per_step", "gradient_checkpointing"]
 
 
-def default_shape() -> str:
-    """The shape whose untagged run fills the top-level row: 8b-width on CUDA, tiny on CPU."""
-    return "8b-width" if torch.cuda.is_available() else "tiny"
-
-
 def parse_args(argv=None):
     """Command-line options; defaults depend on whether CUDA is present."""
-    cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shape", choices=sorted(synthetic.SHAPES), default=default_shape())
-    p.add_argument("--layers", type=int, default=0, help="layer count override (0: the shape's)")
-    p.add_argument("--seq-length", type=int, default=4096 if cuda else 64)
-    p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per micro-batch")
-    p.add_argument("--global-batch-size", type=int, default=8 if cuda else 2, help="pairs per step")
-    p.add_argument("--steps", type=int, default=10 if cuda else 2, help="timed steps")
-    p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps first")
+    synthetic.add_workload_args(p)
     p.add_argument("--gradient-checkpointing", action="store_true",
                    help="HF activation checkpointing (every decoder layer)")
     p.add_argument("--param-dtype", choices=["bf16", "fp32"], default="fp32",
                    help="dtype of the weights and AdamW states (default fp32; bf16 autocast runs "
                         "on CUDA either way)")
     p.add_argument("--seed", type=int, default=0, help="data and weight seed")
-    p.add_argument("--out", default=None, help="results JSON (default bench/results/<device>.json)")
-    p.add_argument("--tag", default="",
-                   help="store under runs['<shape>-<tag>'], not the primary row")
     args = p.parse_args(argv)
-    for name in ("seq_length", "micro_batch_size", "global_batch_size", "steps"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    if args.warmup < 0 or args.layers < 0:
-        p.error("--warmup and --layers must be >= 0")
+    synthetic.check_workload_args(p, args)
     if args.global_batch_size % args.micro_batch_size:
         p.error(f"--global-batch-size {args.global_batch_size} is not a multiple of "
                 f"--micro-batch-size {args.micro_batch_size}")
@@ -240,10 +221,6 @@ class StepTimer:
         return _Callback()
 
 
-def _mean(values):
-    return sum(values) / len(values) if values else None
-
-
 def build_trainer(args, model_cfg, pairs: list, workdir: str, info: dict, callbacks=()):
     """CPOTrainer (pure SimPO) over ``pairs`` on a random-weight model of ``model_cfg``.
 
@@ -297,7 +274,7 @@ def measure(args, model_cfg, workdir: str, info: dict) -> dict:
     trainer.model.register_forward_pre_hook(timer.hook, with_kwargs=True)
     out = trainer.train()
 
-    step_time = _mean(timer.times)
+    step_time = report.mean(timer.times)
     precision = "bf16" if trainer.args.bf16 else "fp32"
     tflops = step_flops(model_cfg, args.seq_length, 2 * args.global_batch_size) / step_time / 1e12
     peak = peak_tflops(precision)
@@ -307,8 +284,8 @@ def measure(args, model_cfg, workdir: str, info: dict) -> dict:
         "tflops_per_gpu": tflops, "mfu": tflops / peak if peak else None,
         "mem_peak_gb": peak_memory_gb(),
         "mem_reserved_peak_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None,
-        "step_times_s": timer.times, "step_interval_s": _mean(timer.intervals),
-        "input_tokens_per_step": _mean(timer.inputs), "train_loss": out.training_loss,
+        "step_times_s": timer.times, "step_interval_s": report.mean(timer.intervals),
+        "input_tokens_per_step": report.mean(timer.inputs), "train_loss": out.training_loss,
         "loss_finite": math.isfinite(out.training_loss),
         "micro_batch_size": args.micro_batch_size, "num_microbatches": num_microbatches,
         # as the model ran, not as asked (the option was renamed in transformers 5.23)
@@ -356,7 +333,7 @@ def main(argv=None):
 
     device = report.device_name()
     key = args.shape + (f"-{args.tag}" if args.tag else "")
-    primary = not args.tag and args.shape == default_shape()
+    primary = not args.tag and args.shape == synthetic.default_shape()
     path = report.results_path(args.out)
     config = {**run_config(args, model_cfg, device), **{k: info.get(k) for k in INFO_KEYS}}
     update = {"device": device, "runs": {key: {"trl_simpo": row, "trl_config": config}}}

@@ -56,6 +56,13 @@ def merge_results(path: str, update: dict) -> dict:
     return merged
 
 
+def mean(values) -> Optional[float]:
+    """Mean of ``values``; None when there are none or any is None (an unmeasured figure)."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(values) / len(values)
+
+
 def markdown_table(rows: dict, columns: list) -> str:
     """``rows`` {name: {column: value}} as a markdown table; floats to 3 significant digits."""
     def cell(v):

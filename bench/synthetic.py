@@ -76,3 +76,37 @@ def write_dataset(prefix: str, num_pairs: int, seq_length: int, vocab_size: int,
 
     write_pairs(prefix, random_pairs(num_pairs, seq_length, vocab_size, seed=seed), vocab_size)
     return prefix
+
+
+def default_shape() -> str:
+    """The shape whose untagged run fills a results file's top-level rows: 8b-width on CUDA,
+    tiny on CPU."""
+    import torch
+
+    return "8b-width" if torch.cuda.is_available() else "tiny"
+
+
+def add_workload_args(p) -> None:
+    """The options every step benchmark shares (shape, lengths, batch, timing, output); defaults
+    depend on whether CUDA is present."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    p.add_argument("--shape", choices=sorted(SHAPES), default=default_shape())
+    p.add_argument("--layers", type=int, default=0, help="layer count override (0: the shape's)")
+    p.add_argument("--seq-length", type=int, default=4096 if cuda else 64)
+    p.add_argument("--micro-batch-size", type=int, default=1, help="pairs per micro-batch")
+    p.add_argument("--global-batch-size", type=int, default=8 if cuda else 2, help="pairs per step")
+    p.add_argument("--steps", type=int, default=10 if cuda else 2, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3 if cuda else 1, help="untimed steps first")
+    p.add_argument("--out", default=None, help="results JSON (default bench/results/<device>.json)")
+    p.add_argument("--tag", default="", help="store under runs['<shape>-<tag>'], not the primary rows")
+
+
+def check_workload_args(p, args) -> None:
+    """``p.error`` for workload options out of range."""
+    for name in ("seq_length", "micro_batch_size", "global_batch_size", "steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    if args.warmup < 0 or args.layers < 0:
+        p.error("--warmup and --layers must be >= 0")

@@ -3,7 +3,8 @@
 FLOPs follow Megatron's accounting for a dense GQA SwiGLU decoder: every weight GEMM costs 2 FLOPs
 per multiply-add per token, attention scores and values cost 2 x 2 x s x (heads x head_dim) per token
 per layer, halved for the causal mask, and training costs 3x the forward (forward + 2x backward).
-Like Megatron, a step counts every position of its [rows, seq_length] batch, padding included: the
+A step counts every position that ran (``batch_forward_flops``): all [rows, seq_length] positions
+of a padded batch, as Megatron does, or each sequence of a packed row over its own length. The
 figure is the work the GPU does; ``tokens_per_sec`` counts real tokens only.
 """
 
@@ -15,6 +16,7 @@ from typing import Optional
 import torch
 
 from megasimpo.config import ModelConfig
+from megasimpo.jsonl import read_jsonl
 from megasimpo.model import padded_vocab_size
 
 # Dense BF16 peak TFLOP/s by device name fragment, most specific first (FP8 is twice these on
@@ -120,5 +122,4 @@ class MetricsSink:
 
 def read_metrics(run_dir: str) -> list:
     """The rows of RUN_DIR/metrics.jsonl."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [row for _, row in read_jsonl(os.path.join(run_dir, "metrics.jsonl"))]

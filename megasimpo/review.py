@@ -27,6 +27,8 @@ from typing import Optional
 
 import numpy as np
 
+from megasimpo.jsonl import read_jsonl
+
 TRAIN_WINDOW = 0.2  # share of the logged training rows in the early and in the late window
 NUM_SE = 2.0  # a training change must exceed this many standard errors of the difference of means
 REL_TOL = 0.01  # ... and 1% of the larger of the two values' magnitudes (held-out: this alone)
@@ -47,30 +49,18 @@ AVERAGED_LOGPS_LOSSES = ("simpo", "orpo")
 # ----- reading ------------------------------------------------------------------------------------
 
 def load_rows(run_dir: str) -> list:
-    """The rows of RUN_DIR/metrics.jsonl; ValueError naming ``file:line`` for a bad line.
-
-    ``megasimpo.metrics.read_metrics`` reads the same file but reports no line numbers (and imports
-    torch), hence this parser.
-    """
+    """The rows of RUN_DIR/metrics.jsonl, checked; ValueError naming ``file:line`` for a bad line."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file (is {run_dir!r} a run directory?)")
     rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}): "
-                                 f"{line.strip()[:80]!r}") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            step = row.get("step")
-            if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-                raise ValueError(f"{path}:{lineno}: 'step' must be an integer >= 0, got {step!r}")
-            rows.append(row)
+    for lineno, row in read_jsonl(path):
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+        step = row.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{path}:{lineno}: 'step' must be an integer >= 0, got {step!r}")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: empty, no metric rows")
     return rows

@@ -18,6 +18,7 @@ from megasimpo import checkpoint
 from megasimpo.config import LOGPROB_CHUNK, Layout, LossConfig
 from megasimpo.data.batches import ConcatPairs, full_pass, make_batch
 from megasimpo.data.loader import count_truncated, default_seq_length
+from megasimpo.jsonl import read_jsonl
 from megasimpo.model import Precision, build_chunks, have_fused_norms, wrap_frozen
 from megasimpo.parallel import groups as pgroups
 from megasimpo.step import PairStep, run_microbatches
@@ -43,27 +44,22 @@ def read_scores(path: str, dataset) -> np.ndarray:
     lengths = dataset.lengths()
     out = np.zeros((len(dataset), 2), dtype=np.float64)
     n = 0
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            for key in ("index",) + FIELDS:
-                if not isinstance(rec.get(key), (int, float)) or isinstance(rec.get(key), bool):
-                    raise ValueError(f"{path}:{lineno}: field {key!r} missing or not a number")
-            if rec["index"] != n or n >= len(dataset):
-                raise ValueError(f"{path}:{lineno}: field 'index' is {rec['index']}, expected {n} "
-                                 f"(the dataset has {len(dataset)} pairs)")
-            if (rec["chosen_tokens"], rec["rejected_tokens"]) != tuple(lengths[n, 1:]):
-                raise ValueError(
-                    f"{path}:{lineno}: chosen_tokens/rejected_tokens {rec['chosen_tokens']}/"
-                    f"{rec['rejected_tokens']} do not match the dataset's {lengths[n, 1]}/"
-                    f"{lengths[n, 2]}: the file was scored on other data")
-            out[n] = rec["chosen_logps"], rec["rejected_logps"]
-            n += 1
+    for lineno, rec in read_jsonl(path):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        for key in ("index",) + FIELDS:
+            if not isinstance(rec.get(key), (int, float)) or isinstance(rec.get(key), bool):
+                raise ValueError(f"{path}:{lineno}: field {key!r} missing or not a number")
+        if rec["index"] != n or n >= len(dataset):
+            raise ValueError(f"{path}:{lineno}: field 'index' is {rec['index']}, expected {n} "
+                             f"(the dataset has {len(dataset)} pairs)")
+        if (rec["chosen_tokens"], rec["rejected_tokens"]) != tuple(lengths[n, 1:]):
+            raise ValueError(
+                f"{path}:{lineno}: chosen_tokens/rejected_tokens {rec['chosen_tokens']}/"
+                f"{rec['rejected_tokens']} do not match the dataset's {lengths[n, 1]}/"
+                f"{lengths[n, 2]}: the file was scored on other data")
+        out[n] = rec["chosen_logps"], rec["rejected_logps"]
+        n += 1
     if n != len(dataset):
         raise ValueError(f"{path}: {n} scored pairs, the dataset has {len(dataset)}")
     return out
@@ -100,7 +96,7 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
         spans = [(k, k + micro_batch_size) for k in range(start, stop, micro_batch_size)]
         batches = [make_batch(dataset, idx[a:b], seq_length, weights[a:b]) for a, b in spans]
         with torch.no_grad():
-            outputs = run_microbatches(model, batches, step, seq_length, forward_only=True,
+            outputs = run_microbatches(model, batches, step, forward_only=True,
                                        loss_fn=step.score_func)
         if groups.reports_metrics:
             for (a, b), o in zip(spans, outputs):

@@ -94,23 +94,19 @@ class PairStep:
     def _sequence_logps(self, batch: dict, output: torch.Tensor):
         """Last-stage output -> per-sequence (sums [2b], counts [2b]).
 
-        output: [2b, s, v/tp] logits (plain path) or [2b, s, h] final hidden states (fused path,
-        the output weight in ``batch["output_weight"]``).
+        output: [rows, s, v/tp] logits (plain path) or [rows, s, h] final hidden states (fused
+        path, the output weight in ``batch["output_weight"]``); rows, s = 2b, seq_length padded or
+        1, T packed.
         """
         weight = batch.get("output_weight")
-        if "segment_ids" in batch:  # packed: [1, T] output, one segment per sequence
-            if weight is None:
-                logits = mask_padded_vocab(output, self.vocab_size, self.groups.tp_rank)
-                token_logps = vocab_parallel_logprobs(logits, batch["labels"], self.groups.tp)
-            else:
-                token_logps = self._fused_logps(batch, output, weight)
-            return packed_sequence_logps(token_logps, batch["loss_mask"], batch["segment_ids"],
-                                         batch["lengths"].numel())
         if weight is None:
             logits = mask_padded_vocab(output, self.vocab_size, self.groups.tp_rank)
             token_logps = vocab_parallel_logprobs(logits, batch["labels"], self.groups.tp)
         else:
             token_logps = self._fused_logps(batch, output, weight)
+        if "segment_ids" in batch:  # packed: one [1, T] row, one segment per sequence
+            return packed_sequence_logps(token_logps, batch["loss_mask"], batch["segment_ids"],
+                                         batch["lengths"].numel())
         return sequence_logps(token_logps, batch["loss_mask"], self.groups.cp)
 
     def _fused_logps(self, batch: dict, hidden: torch.Tensor, weight: torch.Tensor):
@@ -165,7 +161,7 @@ class PairStep:
                  "counts": torch.stack([counts[:b], counts[b:]], 1)})
 
 
-def run_microbatches(model: list, batches: list, step: PairStep, seq_length: int, *,
+def run_microbatches(model: list, batches: list, step: PairStep, *,
                      forward_only: bool, loss_fn=None) -> list:
     """This rank's micro-batches through Megatron's schedule for the layout (no pipelining,
     1F1B or interleaved); returns the loss closures' outputs on the last stage, [] elsewhere."""

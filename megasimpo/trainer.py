@@ -12,7 +12,6 @@ import signal
 import json
 import os
 import time
-
 from typing import Optional
 
 import torch
@@ -79,7 +78,8 @@ class Trainer:
             self.model_cfg, world, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
             gpu_mem_gb=mem, seq_length=self.seq_length, loss=cfg.loss.name, ref=cfg.ref,
             global_batch_size=cfg.global_batch_size, fused_norms=have_fused_norms(),
-            logprob_chunk=cfg.logprob_chunk, overrides=dict(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, cp=cfg.cp,
+            logprob_chunk=cfg.logprob_chunk,
+            overrides=dict(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, cp=cfg.cp,
                            micro_batch_size=cfg.micro_batch_size, recompute=cfg.recompute,
                            sequence_parallel=cfg.sequence_parallel))
 
@@ -147,6 +147,7 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.cfg
+
         def weights(recompute: bool) -> list:
             seed = cfg.seed if self.random_init else None
             chunks = build_chunks(self.model_cfg, self.layout, self.precision,
@@ -217,8 +218,8 @@ class Trainer:
     # ----- passes ---------------------------------------------------------------------------
 
     def _run(self, model, batches, *, forward_only: bool, loss_fn=None):
-        return run_microbatches(model, batches, self.step_fn, self.seq_length,
-                                forward_only=forward_only, loss_fn=loss_fn)
+        return run_microbatches(model, batches, self.step_fn, forward_only=forward_only,
+                                loss_fn=loss_fn)
 
     def _prepare(self, batches: list) -> list:
         """Packs the step's micro-batches when packing is on; notes each one's forward FLOPs."""
