@@ -78,6 +78,8 @@ def parse_args(argv=None):
                         "with a live reference, the most demanding row, for every row)")
     p.add_argument("--logprob-chunk", type=int, default=None,
                    help="TrainConfig.logprob_chunk (0: plain full-logits path; default: its default)")
+    p.add_argument("--attention-backend", choices=["auto", "te", "sdpa", "unfused"], default="auto",
+                   help="TrainConfig.attention_backend (auto: te with Transformer Engine, else sdpa)")
     p.add_argument("--row-timeout", type=float, default=3600.0, help="seconds per row process")
     p.add_argument("--_row", choices=sorted(ROWS), help=argparse.SUPPRESS)
     p.add_argument("--_workdir", help=argparse.SUPPRESS)
@@ -121,7 +123,7 @@ def shared_layout(args, model_cfg) -> tuple:
     if args.recompute is not None:
         return args.recompute, args.micro_batch_size
     from megasimpo import planner
-    from megasimpo.model import have_fused_norms
+    from megasimpo.model import resolve_attention_backend
 
     if torch.cuda.is_available():
         mem = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / 1e9
@@ -132,7 +134,8 @@ def shared_layout(args, model_cfg) -> tuple:
     extra = {} if args.logprob_chunk is None else {"logprob_chunk": args.logprob_chunk}
     plan = planner.plan(model_cfg, 1, gpu_mem_gb=mem, seq_length=args.seq_length, loss="dpo",
                         ref="live", global_batch_size=args.global_batch_size,
-                        fused_norms=have_fused_norms(), **extra,
+                        attention_backend=resolve_attention_backend(args.attention_backend),
+                        **extra,
                         overrides=dict(tp=1, pp=1, cp=1, micro_batch_size=args.micro_batch_size))
     return plan.recompute, plan.micro_batch_size
 
@@ -158,7 +161,7 @@ def measure_row(args, name: str) -> dict:
         global_batch_size=args.global_batch_size, micro_batch_size=micro_batch_size,
         seq_length=args.seq_length, steps=args.warmup + args.steps,
         precision=args.precision or Precision.default().name, recompute=recompute,
-        tp=1, pp=1, cp=1, **extra)
+        tp=1, pp=1, cp=1, attention_backend=args.attention_backend, **extra)
     try:
         trainer = Trainer(cfg, random_init=model_cfg)
         steps = [trainer.train_step(s) for s in range(args.warmup + args.steps)]
@@ -219,7 +222,7 @@ def run_config(args, model_cfg, precision: str, device: str) -> dict:
     from importlib.metadata import version
 
     from megasimpo.config import TrainConfig
-    from megasimpo.model import have_te
+    from megasimpo.model import have_te, resolve_attention_backend
 
     options = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     chunk = args.logprob_chunk
@@ -230,7 +233,8 @@ def run_config(args, model_cfg, precision: str, device: str) -> dict:
             "num_parameters": model_cfg.num_parameters,
             "num_pairs": args.global_batch_size * (args.warmup + args.steps),
             "torch": torch.__version__, "megatron_core": version("megatron-core"),
-            "transformer_engine": have_te()}
+            "transformer_engine": have_te(),
+            "attention_backend": resolve_attention_backend(args.attention_backend)}
 
 
 def main(argv=None):

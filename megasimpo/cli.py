@@ -6,7 +6,7 @@ import sys
 import yaml
 
 from megasimpo import plan_cmd
-from megasimpo.config import LOSSES, LossConfig, TrainConfig
+from megasimpo.config import ATTENTION_BACKENDS, LOSSES, LossConfig, TrainConfig
 
 LOSS_FIELDS = {"beta", "gamma_beta_ratio", "label_smoothing", "loss_type", "sft_weight",
                "cpo_alpha", "rdpo_alpha"}
@@ -32,6 +32,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--gamma", type=float, help="absolute SimPO margin (= beta * gamma-beta-ratio)")
     p.add_argument("--loss-type", choices=("sigmoid", "hinge"))
     p.add_argument("--precision", choices=("bf16", "fp8", "fp32"))
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS,
+                   help="core attention: te, sdpa (PyTorch), unfused (Megatron's); default auto")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction)
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction)
     p.add_argument("--pack", action=argparse.BooleanOptionalAction,

@@ -19,6 +19,8 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 # Tokens per chunk of the fused output layer + log-probs: [1024, v/tp] fp32 logits at a time
 # (0.5 GB at Llama-3's vocabulary and TP=1), small next to the full [2b x s, v/tp] they replace.
 LOGPROB_CHUNK = 1024
+# Core attention implementations (megasimpo/layer_spec.py); "auto" resolves to te or sdpa.
+ATTENTION_BACKENDS = ("auto", "te", "sdpa", "unfused")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,13 +231,12 @@ class Layout:
     @classmethod
     def resolve(cls, model: ModelConfig, world_size: int, *, tp: int = 1, pp: int = 1,
                 vpp: Optional[int] = None, cp: int = 1,
-                sequence_parallel: Optional[bool] = None,
-                fused_norms: bool = False) -> "Layout":
+                sequence_parallel: Optional[bool] = None) -> "Layout":
         """Checks a requested split against the model and the world; DP takes the remaining ranks.
 
         Raises ValueError naming the offending values, so a bad layout fails before any process
-        group or weight is created. ``fused_norms``: TE or apex norms are importable (sequence
-        parallelism needs them; it is on by default whenever they are and tp > 1).
+        group or weight is created. Sequence parallelism is on by default whenever tp > 1 (every
+        layer spec supports it, ``layer_spec.TorchRMSNorm`` included).
         """
         for name, v in (("--tp", tp), ("--pp", pp), ("--cp", cp)):
             if v < 1:
@@ -263,12 +264,9 @@ class Layout:
                 f"{pp}*{vpp or 1} = {chunks} pipeline chunks"
             )
         if sequence_parallel is None:
-            sequence_parallel = tp > 1 and fused_norms
+            sequence_parallel = tp > 1
         if sequence_parallel and tp == 1:
             raise ValueError("sequence parallelism needs --tp > 1")
-        if sequence_parallel and not fused_norms:
-            raise ValueError("sequence parallelism needs Transformer Engine or apex norms "
-                             "(neither imports here)")
         return cls(tp=tp, pp=pp, vpp=vpp if vpp and vpp > 1 else None, cp=cp,
                    dp=world_size // model_ranks, sequence_parallel=sequence_parallel)
 
@@ -289,7 +287,8 @@ class TrainConfig:
     pp: Optional[int] = None  # pipeline-parallel size
     vpp: Optional[int] = None  # virtual pipeline chunks per rank
     cp: Optional[int] = None  # context-parallel size
-    sequence_parallel: Optional[bool] = None  # on when tp > 1 and fused norms exist
+    sequence_parallel: Optional[bool] = None  # None: on when tp > 1
+    attention_backend: str = "auto"  # auto | te | sdpa | unfused (megasimpo/layer_spec.py); auto: te with Transformer Engine on a GPU, else sdpa
     micro_batch_size: Optional[int] = None  # pairs per micro-batch per DP rank
     recompute: Optional[bool] = None  # full activation recompute
     gpu_mem_gb: Optional[float] = None  # memory per device the plan may use (default: queried)
@@ -321,6 +320,9 @@ class TrainConfig:
             raise ValueError("--data needs at least one dataset prefix")
         if self.ref not in ("live", "precomputed"):
             raise ValueError(f"--ref {self.ref!r} must be 'live' or 'precomputed'")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend {self.attention_backend!r} is not one of "
+                             + ", ".join(ATTENTION_BACKENDS))
         for name in ("micro_batch_size", "global_batch_size", "epochs", "log_interval"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")

@@ -105,8 +105,10 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> float:
 
 
 def layer_activation_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence_parallel: bool,
-                           recompute: bool) -> float:
-    """Saved activations of one layer for ``tokens`` = (s/cp) x sequences, bytes on one GPU."""
+                           recompute: bool, seq: int = 0, attention_backend: str = "te") -> float:
+    """Saved activations of one layer for ``tokens`` = ``seq`` (s/cp) x sequences, bytes on one
+    GPU. ``attention_backend`` "unfused" adds Megatron's saved score matrices (see
+    :func:`attention_score_bytes`)."""
     h, f = model.hidden_size, model.ffn_hidden_size
     split = tp if sequence_parallel else 1
     if recompute:
@@ -114,7 +116,21 @@ def layer_activation_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence
     g = model.num_query_groups / model.num_attention_heads
     replicated = 8 * h  # norm inputs (2), QKV input, fc1 input: sharded only by SP
     sharded = (4 + 4 * g) * h + 6 * f  # Q, K, V, attention output, SwiGLU input and output
-    return tokens * (replicated / split + sharded / tp)  # bf16: the factor 2 is in the counts
+    saved = tokens * (replicated / split + sharded / tp)  # bf16: the factor 2 is in the counts
+    if attention_backend == "unfused":
+        saved += attention_score_bytes(model, tokens=tokens, seq=seq, tp=tp)
+    return saved
+
+
+def attention_score_bytes(model: ModelConfig, *, tokens: int, seq: int, tp: int) -> float:
+    """What Megatron's unfused DotProductAttention saves beyond a flash kernel, per layer: the
+    softmax probabilities [rows x heads/tp, s, s] in fp32 (softmax backward) and in bf16 (the
+    probs x V matmul), 6 B per score, plus K and V repeated from KV heads to all heads
+    (GQA), bf16."""
+    heads = model.num_attention_heads / tp
+    g = model.num_query_groups / model.num_attention_heads
+    repeated_kv = 2 * 2 * (1 - g) * heads * model.head_dim * tokens
+    return 6 * tokens * seq * heads + repeated_kv
 
 
 def in_flight_chunks(pp: int, vpp: Optional[int], stage: int, num_microbatches: int) -> int:
@@ -130,14 +146,15 @@ def in_flight_chunks(pp: int, vpp: Optional[int], stage: int, num_microbatches: 
 def stage_memory(model: ModelConfig, *, tp: int, pp: int, vpp: Optional[int], cp: int, dp: int,
                  sequence_parallel: bool, seq_length: int, micro_batch_size: int,
                  num_microbatches: int, loss: str, recompute: bool, stage: int,
-                 ref: str = "live", logprob_chunk: int = LOGPROB_CHUNK) -> MemoryBreakdown:
+                 ref: str = "live", logprob_chunk: int = LOGPROB_CHUNK,
+                 attention_backend: str = "te") -> MemoryBreakdown:
     """Predicted memory of one GPU on pipeline stage ``stage`` (see the module docstring)."""
     params = stage_parameters(model, tp, pp, stage)
     tokens = seq_length // cp * 2 * micro_batch_size
-    stored = layer_activation_bytes(model, tokens=tokens, tp=tp,
-                                    sequence_parallel=sequence_parallel, recompute=recompute)
-    working = layer_activation_bytes(model, tokens=tokens, tp=tp,
-                                     sequence_parallel=sequence_parallel, recompute=False)
+    per_layer = dict(tokens=tokens, tp=tp, sequence_parallel=sequence_parallel,
+                     seq=seq_length // cp, attention_backend=attention_backend)
+    stored = layer_activation_bytes(model, recompute=recompute, **per_layer)
+    working = layer_activation_bytes(model, recompute=False, **per_layer)
     layers_per_chunk = model.num_layers // (pp * (vpp or 1))
     chunks = in_flight_chunks(pp, vpp, stage, num_microbatches)
     activations = chunks * layers_per_chunk * stored + working
@@ -165,7 +182,7 @@ def stage_breakdowns(model: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optio
                      seq_length: int = 4096, micro_batch_size: int = 1,
                      num_microbatches: Optional[int] = None, loss: str = "simpo",
                      recompute: bool = False, ref: str = "live",
-                     logprob_chunk: int = LOGPROB_CHUNK) -> tuple:
+                     logprob_chunk: int = LOGPROB_CHUNK, attention_backend: str = "te") -> tuple:
     """Memory of the first and (when pp > 1) the last pipeline stage; middle stages hold less.
 
     ``sequence_parallel`` None means on when tp > 1; ``num_microbatches`` None means plenty
@@ -176,7 +193,7 @@ def stage_breakdowns(model: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optio
     return tuple(stage_memory(model, tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sequence_parallel=sp,
                               seq_length=seq_length, micro_batch_size=micro_batch_size,
                               num_microbatches=nm, loss=loss, recompute=recompute, stage=s, ref=ref,
-                              logprob_chunk=logprob_chunk)
+                              logprob_chunk=logprob_chunk, attention_backend=attention_backend)
                  for s in sorted({0, pp - 1}))
 
 

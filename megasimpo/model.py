@@ -1,9 +1,10 @@
 """Megatron-Core GPTModel chunks for a Llama-family ModelConfig.
 
 Llama, Mistral and Qwen2 are the same GPTModel: RMSNorm, SwiGLU MLP, RoPE (optionally Llama-3
-scaled), grouped-query attention, tied or untied embeddings, optional QKV bias. The Transformer
-Engine layer spec is used when ``transformer_engine`` imports, Megatron's local spec otherwise; both
-save the same checkpoint keys (the local spec maps its norms onto TE's fused names).
+scaled), grouped-query attention, tied or untied embeddings, optional QKV bias. The layer spec
+follows ``--attention-backend`` (``layer_spec.py``: Transformer Engine when it imports on a GPU,
+else Megatron's local spec with PyTorch SDPA attention); all of them save the same checkpoint keys
+(the local spec maps its norms onto TE's fused names).
 """
 
 import math
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megasimpo.config import Layout, ModelConfig
+from megasimpo.layer_spec import block_spec, have_te, resolve_attention_backend
 
 VOCAB_MULTIPLE = 128  # embedding rows are padded to this so checkpoints reshard to any TP <= 128
 
@@ -21,26 +23,6 @@ VOCAB_MULTIPLE = 128  # embedding rows are padded to this so checkpoints reshard
 def padded_vocab_size(vocab_size: int) -> int:
     """Embedding/output rows as stored: vocab rounded up to VOCAB_MULTIPLE (padding never scores)."""
     return math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
-def have_te() -> bool:
-    """Whether Transformer Engine's PyTorch extension imports here."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:
-        return False
-    return torch.cuda.is_available()
-
-
-def have_fused_norms() -> bool:
-    """Whether norms that support sequence parallelism (TE or apex) are available."""
-    if have_te():
-        return True
-    try:
-        from megatron.core.fusions.fused_layer_norm import HAVE_FUSED_LAYER_NORM
-    except Exception:
-        return False
-    return bool(HAVE_FUSED_LAYER_NORM) and torch.cuda.is_available()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -67,12 +49,12 @@ class Precision:
 
 
 def transformer_config(model: ModelConfig, layout: Layout, precision: Precision, *,
-                       recompute: bool = False):
-    """Megatron TransformerConfig for this model, layout and precision."""
+                       recompute: bool = False, attention_backend: str = "sdpa"):
+    """Megatron TransformerConfig for this model, layout, precision and (resolved) backend."""
     from megatron.core.transformer import TransformerConfig
 
     on_gpu = torch.cuda.is_available()
-    te = have_te()
+    te = attention_backend == "te"
     return TransformerConfig(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
@@ -124,15 +106,6 @@ def transformer_config(model: ModelConfig, layout: Layout, precision: Precision,
     )
 
 
-def layer_spec(model: ModelConfig):
-    """TE spec when Transformer Engine is usable, else Megatron's local (pure PyTorch) spec."""
-    from megatron.core.models.gpt import gpt_layer_specs as specs
-
-    if have_te():
-        return specs.get_gpt_layer_with_transformer_engine_spec()
-    return specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-
-
 def _apply_rope_scaling(gpt, model: ModelConfig) -> None:
     """Sets Llama-3 scaled RoPE frequencies from the checkpoint's own scaling parameters.
 
@@ -152,18 +125,22 @@ def _apply_rope_scaling(gpt, model: ModelConfig) -> None:
 
 
 def build_chunks(model: ModelConfig, layout: Layout, precision: Precision, *,
-                 recompute: bool = False, seed: Optional[int] = None) -> list:
+                 recompute: bool = False, seed: Optional[int] = None,
+                 attention_backend: Optional[str] = None) -> list:
     """This rank's model chunks (one per virtual stage), unwrapped, on the current device.
 
     Weights are drawn from ``seed`` (on CPU exactly as a single-rank model would draw them: CPU
     initialisation splits a full master weight, so any layout starts identical).
+    ``attention_backend``: one of ``layer_spec.ATTENTION_BACKENDS`` (None: auto); each chunk
+    records the resolved one as ``attention_backend``.
     """
     from megatron.core.models.gpt import GPTModel
 
     from megasimpo.parallel.groups import chunk_stages
 
-    config = transformer_config(model, layout, precision, recompute=recompute)
-    spec = layer_spec(model)
+    backend = resolve_attention_backend(attention_backend)
+    config = transformer_config(model, layout, precision, recompute=recompute,
+                                attention_backend=backend)
     chunks = []
     if seed is not None:
         torch.manual_seed(seed)
@@ -172,7 +149,7 @@ def build_chunks(model: ModelConfig, layout: Layout, precision: Precision, *,
         pre, post = chunk_stages(vp_stage)
         gpt = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(backend, config, vp_stage),
             vocab_size=padded_vocab_size(model.vocab_size),
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre,
@@ -185,6 +162,7 @@ def build_chunks(model: ModelConfig, layout: Layout, precision: Precision, *,
             vp_stage=vp_stage,
         )
         _apply_rope_scaling(gpt, model)
+        gpt.attention_backend = backend
         if torch.cuda.is_available():
             gpt.cuda(torch.cuda.current_device())
         chunks.append(gpt)
@@ -228,16 +206,17 @@ def output_weight(gpt) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
-def packed_attention(batch: dict) -> tuple:
+def packed_attention(batch: dict, attention_backend: str) -> tuple:
     """(attention_mask, packed_seq_params) that keep attention inside each sequence of a packed
-    row (``data/packing.py``), for the layer spec in use.
+    row (``data/packing.py``), for the attention backend in use.
 
-    Transformer Engine: THD attention over ``cu_seqlens`` (no mask; RoPE restarts per sequence).
-    Megatron's local spec: a block-diagonal causal mask [1, 1, T, T] (True = masked) from
-    ``segment_ids``; its RoPE runs over the packed positions, which changes nothing inside a
-    block because rotary attention scores depend only on the distance between two positions.
+    ``te`` and ``sdpa``: THD attention over ``cu_seqlens`` (no mask; RoPE restarts per sequence).
+    ``unfused`` (Megatron's DotProductAttention): a block-diagonal causal mask [1, 1, T, T]
+    (True = masked) from ``segment_ids``; its RoPE runs over the packed positions, which changes
+    nothing inside a block because rotary attention scores depend only on the distance between
+    two positions.
     """
-    if have_te():
+    if attention_backend in ("te", "sdpa"):
         from megatron.core.packed_seq_params import PackedSeqParams
 
         cu = batch["cu_seqlens"]

@@ -43,6 +43,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--logprob-chunk", type=int, default=LOGPROB_CHUNK,
                    help="tokens per fused output-layer chunk, as train's (0: full logits)")
+    p.add_argument("--attention-backend", choices=("te", "sdpa", "unfused"), default="te",
+                   help="core attention the cluster will run (train's auto: te where Transformer "
+                        "Engine imports on a GPU, else sdpa); unfused keeps s x s scores")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
@@ -62,7 +65,8 @@ def make_plan(args, model: ModelConfig) -> planner.Plan:
     return planner.plan(model, args.gpus, gpus_per_node=args.gpus_per_node,
                         gpu_mem_gb=args.gpu_mem_gb, seq_length=args.seq_length, loss=args.loss,
                         ref=args.ref, global_batch_size=args.global_batch_size,
-                        logprob_chunk=args.logprob_chunk, overrides=overrides)
+                        logprob_chunk=args.logprob_chunk, attention_backend=args.attention_backend,
+                        overrides=overrides)
 
 
 def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> str:
@@ -73,7 +77,7 @@ def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> s
         f"ffn {m.ffn_hidden_size}, {m.num_attention_heads} heads / {m.num_query_groups} KV heads, "
         f"vocab {m.vocab_size}, {m.num_parameters / 1e9:.2f} B parameters",
         f"world   {plan.world_size} GPUs ({gpus_per_node} per node, {plan.gpu_mem_gb:g} GB each), "
-        f"seq {plan.seq_length}, loss {plan.loss}",
+        f"seq {plan.seq_length}, loss {plan.loss}, attention {plan.attention_backend}",
         f"layout  TP={plan.tp}  PP={plan.pp}  VPP={plan.vpp or '-'}  CP={plan.cp}  DP={plan.dp}  "
         f"SP={'on' if plan.sequence_parallel else 'off'}  "
         f"recompute={'full' if plan.recompute else 'off'}",

@@ -54,6 +54,9 @@ class Plan:
     memory: MemoryBreakdown  # predicted peak per GPU (the higher of the stages)
     stages: tuple = ()  # MemoryBreakdown of the first and, when pp > 1, the last stage
     reasons: tuple = ()  # one line per choice, why it was made
+    ref: str = "live"  # reference log-probs of dpo/ipo/rdpo: live frozen copy or precomputed
+    logprob_chunk: int = LOGPROB_CHUNK  # fused output-layer chunk the memory model assumed
+    attention_backend: str = "te"  # core attention the memory model assumed (te, sdpa, unfused)
 
     @property
     def world_size(self) -> int:
@@ -76,7 +79,8 @@ class Plan:
         d = {k: getattr(self, k) for k in ("tp", "pp", "vpp", "cp", "dp", "sequence_parallel",
                                            "micro_batch_size", "num_microbatches",
                                            "global_batch_size", "recompute", "seq_length",
-                                           "loss", "gpu_mem_gb")}
+                                           "loss", "ref", "logprob_chunk", "attention_backend",
+                                           "gpu_mem_gb")}
         d["memory_budget_gb"] = round(MEMORY_FRACTION * self.gpu_mem_gb, 2)
         d["memory_gb"] = self.memory.to_dict()
         d["memory_peak_stage"] = self.memory.stage
@@ -91,7 +95,7 @@ def _divisors(n: int) -> list:
 
 
 def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq_length: int,
-             global_batch_size: int, fixed: dict, fused_norms: bool, lean: bool = False):
+             global_batch_size: int, fixed: dict, lean: bool = False):
     """Every valid layout as a dict (without memory). ``gpus`` None: any world size whose DP
     divides the global batch. ``lean``: only the least-memory variant of each split (no
     interleaving, smallest micro-batch, recompute unless fixed off) for the minimum-GPU search."""
@@ -106,7 +110,7 @@ def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq
         MICRO_BATCH_SIZES[:1] if lean else MICRO_BATCH_SIZES)
     rcs = [fixed["recompute"]] if "recompute" in fixed else ([True] if lean else [False, True])
     for tp in tps:
-        sp = fixed.get("sequence_parallel", tp > 1 and fused_norms)
+        sp = fixed.get("sequence_parallel", tp > 1)
         if sp and tp == 1:
             continue
         for pp in pps:
@@ -143,15 +147,10 @@ def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq
                                            num_microbatches=nm, recompute=rc)
 
 
-def _memory(model, layout: dict, seq_length: int, loss: str, ref: str,
-            logprob_chunk: int) -> MemoryBreakdown:
-    return memory_breakdown(model, seq_length=seq_length, loss=loss, ref=ref,
-                            logprob_chunk=logprob_chunk, **layout)
-
-
-def _stages(model, layout: dict, seq_length: int, loss: str, ref: str, logprob_chunk: int) -> tuple:
-    return stage_breakdowns(model, seq_length=seq_length, loss=loss, ref=ref,
-                            logprob_chunk=logprob_chunk, **layout)
+def _memory(model, layout: dict, work: dict) -> MemoryBreakdown:
+    """Peak memory of ``layout`` for the workload ``work`` (seq_length, loss, ref,
+    logprob_chunk, attention_backend)."""
+    return memory_breakdown(model, **work, **layout)
 
 
 def _rank(c: dict, seq_length: int) -> tuple:
@@ -171,7 +170,7 @@ def _describe(c: dict) -> str:
             f"{c['micro_batch_size']}{', full recompute' if c['recompute'] else ''}")
 
 
-def _check_overrides(model: ModelConfig, gpus: int, overrides: dict, fused_norms: bool) -> dict:
+def _check_overrides(model: ModelConfig, gpus: int, overrides: dict) -> dict:
     """The overrides that are set, normalized (vpp 1 -> None); ValueError naming bad values."""
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
     if unknown:
@@ -185,26 +184,22 @@ def _check_overrides(model: ModelConfig, gpus: int, overrides: dict, fused_norms
             raise ValueError(f"--{k.replace('_', '-')} {fixed[k]} must be >= 1")
     if fixed.get("vpp") is not None and fixed["vpp"] < 1:
         raise ValueError(f"--vpp {fixed['vpp']} must be >= 1")
-    if fixed.get("sequence_parallel") and not fused_norms:
-        raise ValueError("sequence parallelism needs Transformer Engine or apex norms "
-                         "(neither imports here)")
     # Layout.resolve words the structural errors (divisibility by heads, layers, world).
     Layout.resolve(model, gpus, tp=fixed.get("tp", 1), pp=fixed.get("pp", 1),
                    vpp=fixed.get("vpp") if "pp" in fixed else None, cp=fixed.get("cp", 1),
-                   sequence_parallel=fixed.get("sequence_parallel") if "tp" in fixed else None,
-                   fused_norms=fused_norms)
+                   sequence_parallel=fixed.get("sequence_parallel") if "tp" in fixed else None)
     return fixed
 
 
-def _no_fit_message(model, gpus, budget, gpu_mem_gb, seq_length, loss, ref, logprob_chunk, fixed,
-                    search) -> str:
+def _no_fit_message(model, gpus, budget, gpu_mem_gb, work, fixed, search) -> str:
     """Why nothing fits, with the minimum (or nearest) GPU count that would work."""
+    loss, seq_length = work["loss"], work["seq_length"]
     what = (f"the model ({model.num_parameters / 1e9:.1f} B parameters, {loss}, seq {seq_length}"
             + "".join(f", {k}={v}" for k, v in fixed.items()) + ")")
     mem = f"GPUs of {gpu_mem_gb:g} GB (budget {budget:.1f} GB = {MEMORY_FRACTION:.0%})"
     works, leanest = set(), None
     for c in _layouts(model, None, fixed=fixed, lean=True, **search):
-        c["memory"] = _memory(model, c, seq_length, loss, ref, logprob_chunk)
+        c["memory"] = _memory(model, c, work)
         if leanest is None or c["memory"].total < leanest["memory"].total:
             leanest = c
         if c["memory"].total <= budget:
@@ -217,9 +212,9 @@ def _no_fit_message(model, gpus, budget, gpu_mem_gb, seq_length, loss, ref, logp
                 "use GPUs with more memory or a shorter --seq-length")
     minimum = min(works)
     if gpus < minimum:
-        example = plan(model, minimum, gpu_mem_gb=gpu_mem_gb, loss=loss, ref=ref,
-                       logprob_chunk=logprob_chunk, overrides=fixed,
-                       **search)
+        example = plan(model, minimum, gpu_mem_gb=gpu_mem_gb, overrides=fixed,
+                       gpus_per_node=search["gpus_per_node"],
+                       global_batch_size=search["global_batch_size"], **work)
         return (f"{what} needs at least {minimum} {mem}; got --gpus {gpus} (on {minimum}: "
                 f"tp={example.tp} pp={example.pp} cp={example.cp} dp={example.dp}, "
                 f"{example.memory.total:.1f} GB per GPU)")
@@ -233,14 +228,14 @@ def _no_fit_message(model, gpus, budget, gpu_mem_gb, seq_length, loss, ref, logp
 
 def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: float = 80.0,
          seq_length: int = 4096, loss: str = "simpo", ref: str = "live",
-         logprob_chunk: int = LOGPROB_CHUNK,
-         global_batch_size: int = 128, overrides: Optional[dict] = None,
-         fused_norms: bool = True) -> Plan:
+         logprob_chunk: int = LOGPROB_CHUNK, attention_backend: str = "te",
+         global_batch_size: int = 128, overrides: Optional[dict] = None) -> Plan:
     """The fastest layout that fits (see the module docstring for the order of preference).
 
     ``overrides`` fixes any of tp, pp, vpp, cp, micro_batch_size, recompute, sequence_parallel
-    (None values are ignored) and the rest is planned around them. ``fused_norms`` False (no TE
-    or apex) turns sequence parallelism off. Raises ValueError when nothing fits, naming the
+    (None values are ignored) and the rest is planned around them. ``attention_backend`` (te,
+    sdpa or unfused: the one the run will use) decides whether attention scores take memory.
+    Raises ValueError when nothing fits, naming the
     minimum (or nearest) GPU count that would work.
     """
     for name, value in (("--gpus", gpus), ("--gpus-per-node", gpus_per_node),
@@ -254,17 +249,21 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
         raise ValueError(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
     if ref not in ("live", "precomputed"):
         raise ValueError(f"--ref {ref!r} must be 'live' or 'precomputed'")
-    fixed = _check_overrides(model, gpus, dict(overrides or {}), fused_norms)
+    if attention_backend not in ("te", "sdpa", "unfused"):
+        raise ValueError(f"attention backend {attention_backend!r} must be te, sdpa or unfused "
+                         "(resolve auto first)")
+    fixed = _check_overrides(model, gpus, dict(overrides or {}))
     budget = MEMORY_FRACTION * gpu_mem_gb
     search = dict(gpus_per_node=gpus_per_node, seq_length=seq_length,
-                  global_batch_size=global_batch_size, fused_norms=fused_norms)
+                  global_batch_size=global_batch_size)
+    work = dict(seq_length=seq_length, loss=loss, ref=ref, logprob_chunk=logprob_chunk,
+                attention_backend=attention_backend)
     candidates = list(_layouts(model, gpus, fixed=fixed, **search))
     for c in candidates:
-        c["memory"] = _memory(model, c, seq_length, loss, ref, logprob_chunk)
+        c["memory"] = _memory(model, c, work)
     feasible = [c for c in candidates if c["memory"].total <= budget]
     if not feasible:
-        raise ValueError(_no_fit_message(model, gpus, budget, gpu_mem_gb, seq_length, loss, ref,
-                                         logprob_chunk, fixed, search))
+        raise ValueError(_no_fit_message(model, gpus, budget, gpu_mem_gb, work, fixed, search))
     best = min(feasible, key=lambda c: _rank(c, seq_length))
     reasons = _reasons(model, best, candidates, fixed, gpus=gpus, gpus_per_node=gpus_per_node,
                        budget=budget, gpu_mem_gb=gpu_mem_gb, seq_length=seq_length, loss=loss,
@@ -272,8 +271,8 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
     layout = {k: v for k, v in best.items() if k != "memory"}
     return Plan(**layout, global_batch_size=global_batch_size, seq_length=seq_length, loss=loss,
                 gpu_mem_gb=gpu_mem_gb, memory=best["memory"],
-                stages=_stages(model, layout, seq_length, loss, ref, logprob_chunk),
-                reasons=tuple(reasons))
+                stages=stage_breakdowns(model, **work, **layout), reasons=tuple(reasons),
+                ref=ref, logprob_chunk=logprob_chunk, attention_backend=attention_backend)
 
 
 def _leanest(candidates: list, keep) -> Optional[dict]:
@@ -336,8 +335,7 @@ def _reasons(model: ModelConfig, best: dict, candidates: list, fixed: dict, *, g
         out.append("sequence parallel on: TP > 1, so norm inputs and the other activations "
                    "TP alone replicates are split over TP as well")
     else:
-        out.append("sequence parallel off" + (tag("sequence_parallel") or (
-            ": TP = 1" if tp == 1 else ": needs Transformer Engine or apex norms")))
+        out.append("sequence parallel off" + (tag("sequence_parallel") or ": TP = 1"))
     out.append(f"micro-batch {mbs} pair(s) = {2 * mbs} sequences{tag('micro_batch_size')}; "
                f"{nm} micro-batches x DP {dp} x {mbs} = {global_batch_size} pairs per step")
     if rc and "recompute" not in fixed:

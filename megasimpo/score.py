@@ -19,7 +19,7 @@ from megasimpo.config import LOGPROB_CHUNK, Layout, LossConfig
 from megasimpo.data.batches import ConcatPairs, full_pass, make_batch
 from megasimpo.data.loader import count_truncated, default_seq_length
 from megasimpo.jsonl import read_jsonl
-from megasimpo.model import Precision, build_chunks, have_fused_norms, wrap_frozen
+from megasimpo.model import Precision, build_chunks, wrap_frozen
 from megasimpo.parallel import groups as pgroups
 from megasimpo.step import PairStep, run_microbatches
 
@@ -77,7 +77,7 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
 
     rank, world = pgroups.init_distributed()
     model_cfg = checkpoint.model_config(load)
-    layout = Layout.resolve(model_cfg, world, tp=tp, pp=pp, fused_norms=have_fused_norms())
+    layout = Layout.resolve(model_cfg, world, tp=tp, pp=pp)
     prec = Precision(name=precision) if precision else Precision.default()
     groups = pgroups.initialize(layout, 0)
     dataset = ConcatPairs([data])

@@ -121,9 +121,10 @@ class PairStep:
     def forward_step(self, data_iterator, model, *, loss_fn=None):
         """Megatron forward_step: runs this stage's chunk, returns (output, loss closure)."""
         batch = cp_slice(next(data_iterator), self.groups.cp_rank, self.groups.layout.cp)
-        mask, packed = packed_attention(batch) if "segment_ids" in batch else (None, None)
-        output = model(batch["tokens"], batch["position_ids"], mask, packed_seq_params=packed)
         gpt = unwrap(model)
+        mask, packed = (packed_attention(batch, gpt.attention_backend) if "segment_ids" in batch
+                        else (None, None))
+        output = model(batch["tokens"], batch["position_ids"], mask, packed_seq_params=packed)
         if getattr(gpt, "emits_hidden", False):
             assert self.logprob_chunk > 0, "model emits hidden states but the fused path is off"
             batch = dict(batch, output_weight=output_weight(gpt))

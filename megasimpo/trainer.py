@@ -23,7 +23,7 @@ from megasimpo.data.batches import ConcatPairs, full_pass_batches, make_batch
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
 from megasimpo.data.packing import pack_step
 from megasimpo.metrics import MetricsSink, batch_forward_flops, peak_memory_gb, peak_tflops
-from megasimpo.model import (Precision, build_chunks, have_fused_norms, have_te, unwrap,
+from megasimpo.model import (Precision, build_chunks, resolve_attention_backend, unwrap,
                              wrap_for_training, wrap_frozen)
 from megasimpo.parallel import groups as pgroups
 from megasimpo.step import TOTAL_KEYS, PairStep, reduce_stats, run_microbatches
@@ -42,11 +42,15 @@ class Trainer:
         rank, world = pgroups.init_distributed()
         self.is_rank0 = rank == 0
         self.model_cfg = random_init or checkpoint.model_config(cfg.load)
+        self.attention_backend = resolve_attention_backend(cfg.attention_backend)
         self.train_data = ConcatPairs(cfg.data)
         self.eval_data = ConcatPairs(cfg.eval_data) if cfg.eval_data else None
         self.plan = self._plan(world)
         self.layout = self.plan.layout
         self.precision = Precision(name=cfg.precision) if cfg.precision else Precision.default()
+        if self.precision.name == "fp8" and self.attention_backend != "te":
+            raise ValueError(f"--precision fp8 needs --attention-backend te (got "
+                             f"{self.attention_backend}): FP8 GEMMs are Transformer Engine's")
         self.groups = pgroups.initialize(self.layout, cfg.seed)
         self.pack = self._packing()
         self.step_fn = PairStep(cfg.loss, self.groups, self.model_cfg.vocab_size,
@@ -77,21 +81,24 @@ class Trainer:
         return planner.plan(
             self.model_cfg, world, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
             gpu_mem_gb=mem, seq_length=self.seq_length, loss=cfg.loss.name, ref=cfg.ref,
-            global_batch_size=cfg.global_batch_size, fused_norms=have_fused_norms(),
+            global_batch_size=cfg.global_batch_size, attention_backend=self.attention_backend,
             logprob_chunk=cfg.logprob_chunk,
             overrides=dict(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, cp=cfg.cp,
                            micro_batch_size=cfg.micro_batch_size, recompute=cfg.recompute,
                            sequence_parallel=cfg.sequence_parallel))
 
     def _packing(self) -> bool:
-        """Whether micro-batches are packed: --pack/--no-pack, else whenever Transformer Engine
-        (THD attention) is in use and there is no context parallelism."""
+        """Whether micro-batches are packed: --pack/--no-pack, else whenever a variable-length
+        attention kernel serves the THD rows (Transformer Engine, or SDPA on a GPU) and there is
+        no context parallelism."""
         if self.cfg.pack and self.layout.cp > 1:
             raise ValueError(f"--pack does not support context parallelism (cp={self.layout.cp}); "
                              "use --no-pack or --cp 1")
         if self.cfg.pack is not None:
             return self.cfg.pack
-        return have_te() and self.layout.cp == 1
+        thd_kernel = self.attention_backend == "te" or (
+            self.attention_backend == "sdpa" and torch.cuda.is_available())
+        return thd_kernel and self.layout.cp == 1
 
     def _setup_data(self):
         cfg, lay = self.cfg, self.layout
@@ -151,7 +158,8 @@ class Trainer:
         def weights(recompute: bool) -> list:
             seed = cfg.seed if self.random_init else None
             chunks = build_chunks(self.model_cfg, self.layout, self.precision,
-                                  recompute=recompute, seed=seed)
+                                  recompute=recompute, seed=seed,
+                                  attention_backend=self.attention_backend)
             if not self.random_init:
                 checkpoint.load_model(chunks, cfg.load)
             return self.step_fn.prepare_model(chunks)
@@ -210,8 +218,8 @@ class Trainer:
                 "eval_pairs": len(self.eval_data) if self.eval_data else 0,
                 "pairs_dropped_per_epoch": self.sampler.dropped_per_epoch,
                 "pairs_prompt_truncated": self.num_truncated,
-                "transformer_engine": unwrap(self.model[0]).config.fp8 is not None
-                or "TE" in type(unwrap(self.model[0]).decoder.layers[0].self_attention.core_attention).__name__,
+                "attention_backend": self.attention_backend,
+                "transformer_engine": self.attention_backend == "te",
             },
         }
 

@@ -14,8 +14,9 @@ LLAMA8B = ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, nu
 def test_layout_dp_takes_remaining_ranks():
     lay = Layout.resolve(LLAMA8B, 16, tp=2, pp=2)
     assert (lay.tp, lay.pp, lay.cp, lay.dp, lay.world_size) == (2, 2, 1, 4, 16)
-    assert not lay.sequence_parallel  # no fused norms given
-    assert Layout.resolve(LLAMA8B, 16, tp=2, fused_norms=True).sequence_parallel
+    assert lay.sequence_parallel  # on by default whenever tp > 1 (every layer spec supports it)
+    assert not Layout.resolve(LLAMA8B, 16, pp=2).sequence_parallel
+    assert not Layout.resolve(LLAMA8B, 16, tp=2, sequence_parallel=False).sequence_parallel
 
 
 @pytest.mark.parametrize("kw,world,msg", [
@@ -27,7 +28,6 @@ def test_layout_dp_takes_remaining_ranks():
     (dict(vpp=2), 1, "--vpp 2 needs --pp > 1"),
     (dict(tp=0), 1, "--tp 0 must be >= 1"),
     (dict(sequence_parallel=True), 1, "sequence parallelism needs --tp > 1"),
-    (dict(tp=2, sequence_parallel=True), 2, "needs Transformer Engine or apex"),
 ])
 def test_bad_layouts_name_the_values(kw, world, msg):
     with pytest.raises(ValueError, match=msg.replace("*", r"\*").replace("(", r"\(")):

@@ -27,7 +27,7 @@ def check_consistent(p: planner.Plan, model: ModelConfig, gpus: int, gpu_mem_gb:
     """Every constraint the trainer and Megatron's schedules impose, and the memory budget."""
     assert p.world_size == gpus
     assert Layout.resolve(model, gpus, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp,
-                          sequence_parallel=p.sequence_parallel, fused_norms=True) == p.layout
+                          sequence_parallel=p.sequence_parallel) == p.layout
     assert p.micro_batch_size * p.dp * p.num_microbatches == p.global_batch_size
     assert p.num_microbatches >= p.pp
     if p.vpp:
@@ -178,7 +178,7 @@ def test_tied_embeddings_counted_once_without_pipeline():
 @pytest.mark.parametrize("seq_length", [2048, 8192])
 def test_dpo_never_below_simpo_on_the_same_layout(model, gpus, seq_length):
     layouts = list(planner._layouts(model, gpus, gpus_per_node=8, seq_length=seq_length,
-                                    global_batch_size=128, fixed={}, fused_norms=True))
+                                    global_batch_size=128, fixed={}))
     assert len(layouts) > 20
     for layout in layouts:
         simpo = memory_model.stage_breakdowns(model, seq_length=seq_length, loss="simpo", **layout)
@@ -208,11 +208,28 @@ def test_overrides_are_kept_and_the_rest_planned():
     assert p.pp == 2 and p.vpp is None
 
 
-def test_no_fused_norms_means_no_sequence_parallelism():
-    p = planner.plan(LLAMA3_8B, 8, fused_norms=False)
-    assert not p.sequence_parallel
-    with pytest.raises(ValueError, match="sequence parallelism needs Transformer Engine"):
-        planner.plan(LLAMA3_8B, 8, fused_norms=False, overrides={"sequence_parallel": True})
+@pytest.mark.parametrize("backend", ["te", "sdpa", "unfused"])
+def test_sequence_parallelism_without_transformer_engine(backend):
+    # Every backend's norms support SP (layer_spec.TorchRMSNorm on the local spec).
+    p = planner.plan(LLAMA3_70B, 64, attention_backend=backend)
+    assert p.tp > 1 and p.sequence_parallel
+    assert p.to_dict()["attention_backend"] == backend
+    assert not planner.plan(LLAMA3_70B, 64, overrides={"sequence_parallel": False}).sequence_parallel
+
+
+def test_unfused_attention_pays_for_its_score_matrices():
+    layout = dict(tp=8, pp=2, dp=4, micro_batch_size=1, num_microbatches=32)
+    flash = memory_model.memory_breakdown(LLAMA3_70B, seq_length=4096, **layout)
+    sdpa = memory_model.memory_breakdown(LLAMA3_70B, seq_length=4096, attention_backend="sdpa",
+                                         **layout)
+    unfused = memory_model.memory_breakdown(LLAMA3_70B, seq_length=4096,
+                                            attention_backend="unfused", **layout)
+    assert sdpa.total == flash.total  # flash-style kernels keep no s x s scores
+    # 2 sequences x 8 heads per TP rank x 4096^2 scores x 6 B, per layer held (41 layer-slots).
+    per_layer = 6 * 2 * 4096 * 4096 * 8 / 1e9
+    assert unfused.activations - flash.activations > 40 * per_layer
+    with pytest.raises(ValueError, match="attention backend 'auto'"):
+        planner.plan(LLAMA3_70B, 64, attention_backend="auto")
 
 
 @pytest.mark.parametrize("gpus,overrides,msg", [

@@ -1,0 +1,150 @@
+"""Layer specs and attention backends: Transformer Engine, PyTorch SDPA, Megatron's unfused.
+
+``--attention-backend``:
+
+* ``te``: Transformer Engine's layer spec (fused norms + linears, cuDNN/flash attention, FP8);
+* ``sdpa``: Megatron's local (pure PyTorch) spec with :class:`SdpaAttention`, a core attention
+  on ``torch.nn.functional.scaled_dot_product_attention`` (flash / cuDNN / memory-efficient
+  kernels on GPU, the fused flash kernel on CPU): no [b, heads, s, s] score matrix is kept;
+* ``unfused``: the local spec with Megatron's own ``DotProductAttention`` (baddbmm + softmax +
+  bmm: the score matrix is materialised and saved for backward);
+* ``auto`` (default): ``te`` when Transformer Engine imports on a GPU, else ``sdpa``.
+
+The local spec's norms are :class:`TorchRMSNorm`, which supports sequence parallelism: under SP
+a norm sees only this rank's [s/tp, b, h] slice, so its weight gradient is partial; marking the
+weight ``sequence_parallel`` makes Megatron's ``finalize_model_grads`` all-reduce it over TP (as
+it does for TE's and apex's norms). Both local variants save the TE spec's checkpoint keys.
+"""
+
+import functools
+import inspect
+from dataclasses import replace
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megasimpo.config import ATTENTION_BACKENDS
+
+
+def have_te() -> bool:
+    """Whether Transformer Engine's PyTorch extension imports here, on a CUDA device."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or a TE core without a loadable torch extension
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_attention_backend(requested: Optional[str] = None) -> str:
+    """``auto``/None -> ``te`` or ``sdpa``; ValueError for an unknown or unusable backend."""
+    requested = requested or "auto"
+    if requested not in ATTENTION_BACKENDS:
+        raise ValueError(f"--attention-backend {requested!r} is not one of "
+                         + ", ".join(ATTENTION_BACKENDS))
+    if requested == "auto":
+        return "te" if have_te() else "sdpa"
+    if requested == "te" and not have_te():
+        raise ValueError("--attention-backend te needs Transformer Engine on a CUDA GPU "
+                         "(`pip install -e .[te]`); use sdpa here")
+    return requested
+
+
+class TorchRMSNorm(torch.nn.RMSNorm):
+    """``torch.nn.RMSNorm`` built from a TransformerConfig, usable with sequence parallelism."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps)
+        # Megatron all-reduces the gradients of parameters marked so over TP under SP.
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+def _block_causal_mask(cu_seqlens: torch.Tensor, length: int, device) -> torch.Tensor:
+    """[length, length] bool, True = may attend: causal inside each cu_seqlens segment."""
+    seg = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=device),
+                                  cu_seqlens.diff().to(device).long())
+    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    return causal & (seg[:, None] == seg[None, :])
+
+
+def _varlen(q, k, v, params, scale: float) -> torch.Tensor:
+    """THD attention on CUDA: ``torch.nn.attention.varlen.varlen_attn`` (flash), causal."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    kwargs = {"scale": scale}
+    names = inspect.signature(varlen_attn).parameters
+    if "is_causal" in names:  # torch 2.10/2.11
+        kwargs["is_causal"] = True
+    else:  # later releases take a window: (-1, 0) = everything before, nothing after
+        kwargs["window_size"] = (-1, 0)
+    if q.shape[1] != k.shape[1]:
+        if "enable_gqa" in names:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    cu_q = params.cu_seqlens_q.to(torch.int32)
+    cu_k = params.cu_seqlens_kv.to(torch.int32)
+    return varlen_attn(q, k, v, cu_q, cu_k, int(params.max_seqlen_q), int(params.max_seqlen_kv),
+                       **kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _dot_product_attention():
+    """The SdpaAttention class (built once: Megatron is imported only when a model is built)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class SdpaAttention(DotProductAttention):
+        """Megatron core attention on ``F.scaled_dot_product_attention`` (causal, GQA).
+
+        query [sq, b, np, hn], key/value [sk, b, ng, hn] (np/ng heads of this TP rank) ->
+        [sq, b, np*hn]. Packed rows arrive in THD form ([t, np, hn], ``packed_seq_params`` with
+        ``cu_seqlens``): on CUDA they go to the variable-length flash kernel, elsewhere to SDPA
+        with a block-diagonal causal mask. A boolean ``attention_mask`` (True = masked, Megatron's
+        convention) replaces the causal mask.
+        """
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                    attention_bias=None, packed_seq_params=None):
+            assert attention_bias is None, "SdpaAttention takes no attention bias"
+            gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+            if packed_seq_params is not None:  # THD: [t, heads, hn]
+                t = query.shape[0]
+                if query.is_cuda:
+                    out = _varlen(query, key, value, packed_seq_params, self.softmax_scale)
+                    return out.reshape(t, -1)
+                allowed = _block_causal_mask(packed_seq_params.cu_seqlens_q, t, query.device)
+                q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
+                                                     scale=self.softmax_scale, enable_gqa=gqa)
+                return out[0].transpose(0, 1).reshape(t, -1)
+            sq, b = query.shape[:2]
+            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, hn]
+            mask = None if attention_mask is None else ~attention_mask
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                 scale=self.softmax_scale, enable_gqa=gqa)
+            return out.permute(2, 0, 1, 3).reshape(sq, b, self.hidden_size_per_partition)
+
+    return SdpaAttention
+
+
+def block_spec(backend: str, config, vp_stage: Optional[int]):
+    """The ``transformer_layer_spec`` GPTModel takes for ``backend`` ("te", "sdpa", "unfused")."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if backend == "te":
+        return specs.get_gpt_layer_with_transformer_engine_spec()
+    from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
+                                                             get_num_layers_to_build)
+
+    layer = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    sub = layer.submodules
+    attention = sub.self_attention
+    if backend == "sdpa":
+        attention = replace(attention, submodules=replace(
+            attention.submodules, core_attention=_dot_product_attention()))
+    layer = replace(layer, submodules=replace(sub, input_layernorm=TorchRMSNorm,
+                                              pre_mlp_layernorm=TorchRMSNorm,
+                                              self_attention=attention))
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TorchRMSNorm)
