@@ -144,9 +144,12 @@ def _sdpa(torch, seq, iters):
             except Exception as e:  # a backend that refuses this shape says why
                 res[backend.name] = {"error": f"{type(e).__name__}: {e}"[:300]}
             torch.cuda.empty_cache()
-        names = _kernels(torch, step)
-        res["default"] = {"serves": _kind(names), "kernels": names,
-                          "fwd_bwd_ms": _time_ms(torch, step, iters)}
+        try:  # no backend named: which one PyTorch picks for this shape
+            names = _kernels(torch, step)
+            res["default"] = {"serves": _kind(names), "kernels": names,
+                              "fwd_bwd_ms": _time_ms(torch, step, iters)}
+        except Exception as e:
+            res["default"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         out[layout] = res
     return out
 
