@@ -1,32 +1,38 @@
 #!/usr/bin/env bash
-# Fetches, on a machine with package-registry access, what the GPU machine lacks (it has Python
-# 3.12, torch 2.11+cu130, transformers, psutil; no megatron-core, TE, trl, datasets), into two
-# git-ignored folders of the repository root that `run`'s `carry` takes along:
-#   .whl/  pure-Python and cp312 wheels (~5 MB) plus the transformer_engine_torch sdist;
-#   .te/   transformer-engine-cu13 (179 MB) split into 60 MB parts (one part per call: carry <= 64 MiB).
-# Then follow docs/performance.md ("Running the benchmarks on a GPU").
+# Run HERE (the CPU machine, which reaches PyPI), before any device call. Fills the git-ignored
+# .whl/ with every wheel the GPU machine lacks, so that one run(carry=[".whl"]) call installs
+# everything offline (bench/gpu/setup.sh) and no call builds anything there.
+#
+# The GPU image (/work/.library/device/KINDS.md) already has python3 3.12, torch 2.11+cu130,
+# transformers, huggingface-hub, pandas, pyarrow, xxhash, fsspec, einops, onnx, onnxscript. It lacks
+# megatron-core, Transformer Engine, trl, datasets (+ dill, multiprocess) and pydantic (TE needs it).
+# Versions are the ones this repository's CPU venv tests with. accelerate and einops are on the
+# image already; they are carried anyway (small) so the device does not depend on a reading of
+# its package list.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-PY=${PYTHON:-python3}
-PLATFORMS=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
-           --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
-           --platform manylinux2014_x86_64)
-FETCH=("$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12
-       --implementation cp "${PLATFORMS[@]}")
-rm -rf .whl .te && mkdir -p .whl .te
-"${FETCH[@]}" -d .whl megatron-core==0.16.1 transformer-engine==2.11.0 trl==1.16.0 \
-    datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18
-# The PyTorch extension of TE is only an sdist (28 C++ files, built there against torch 2.11).
-"$PY" - <<'PYEOF'
-import json, urllib.request
-index = "https://pypi.org/simple/transformer-engine-torch/"
-req = urllib.request.Request(index, headers={"Accept": "application/vnd.pypi.simple.v1+json"})
-files = json.load(urllib.request.urlopen(req))["files"]
-name = "transformer_engine_torch-2.11.0.tar.gz"
-url = next(f["url"] for f in files if f["filename"] == name)
-urllib.request.urlretrieve(url, f".whl/{name}")
-PYEOF
-"${FETCH[@]}" -d .te transformer-engine-cu13==2.11.0
-(cd .te && split -b 60M transformer_engine_cu13-*.whl part- && ls transformer_engine_cu13-*.whl > NAME \
-    && rm transformer_engine_cu13-*.whl)
-du -sh .whl .te/part-*
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+SHARED=${SHARED_WHEELS:-../shared/wheels}  # prebuilt sm_90 TE wheels (see its README.md)
+TE_WHEELS=(transformer_engine_cu13-2.11.0-py3-none-manylinux_2_28_x86_64.whl
+           transformer_engine_torch-2.11.0-cp312-cp312-linux_x86_64.whl)
+PINS=(megatron-core==0.16.1
+      transformer-engine==2.11.0  # TE's Python part; TE's import checks this distribution is there
+      trl==1.16.0 accelerate==1.15.0
+      datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+      pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
+      einops==0.8.2)
+
+for w in "${TE_WHEELS[@]}"; do
+    [ -f "$SHARED/$w" ] || { echo "fetch.sh: $SHARED/$w missing (set SHARED_WHEELS)" >&2; exit 1; }
+done
+rm -rf .whl .te && mkdir -p .whl  # .te/: the old runbook's TE parts, never carried now
+# Wheels only (no sdist is built anywhere), for the device's CPython 3.12 on x86-64 Linux.
+"$PY" -m pip download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp \
+    --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
+    -d .whl "${PINS[@]}"
+for w in "${TE_WHEELS[@]}"; do cp "$SHARED/$w" .whl/; done
+
+ls -l .whl | awk 'NR > 1 {printf "  %7.2f MiB  %s\n", $5 / 1048576, $9}'
+# The size check (working tree + .whl/ under the 64 MiB a call carries) and the rows' flags
+bash bench/gpu/run_all.sh --dry-run

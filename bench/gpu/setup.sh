@@ -1,40 +1,81 @@
 #!/usr/bin/env bash
-# On the GPU machine, in the repository root, after bench/gpu/fetch.sh here and the TE parts were
-# staged under /tmp/te (docs/performance.md, "Running the benchmarks on a GPU"). Makes a venv on
-# top of the machine's own packages (torch, transformers) in /tmp/venv, installs the carried
-# wheels into it, joins and installs TE's core wheel, and builds TE's PyTorch extension from its
-# sdist once per machine (time-boxed: TE_BUILD_TIMEOUT seconds, default 480). Without TE the
-# benchmarks still run, on Megatron's local layer spec; the last lines say which.
-# Use:  source bench/gpu/setup.sh   (puts the venv first on PATH for the commands that follow;
-# idempotent: a second source on the same machine installs and builds nothing again)
-VENV=/tmp/venv
-if [ ! -x "$VENV/bin/python3" ]; then
-    python3 -m venv --system-site-packages "$VENV"
-    "$VENV/bin/python3" -m pip install -q --no-index --no-deps --no-cache-dir .whl/*.whl
-fi
-export PATH="$VENV/bin:$PATH" PYTHONPATH="$PWD"
-if [ -f /tmp/te/NAME ] && [ ! -f "$VENV/.te_tried" ]; then  # one attempt per machine
-    touch "$VENV/.te_tried"
-    wheel=/tmp/te/$(cat /tmp/te/NAME)
-    cat /tmp/te/part-* > "$wheel"
-    python3 -m pip install -q --no-index --no-deps --no-cache-dir "$wheel"
-    start=$(date +%s)
-    NVTE_PYTORCH_FORCE_BUILD=TRUE MAX_JOBS=16 timeout "${TE_BUILD_TIMEOUT:-480}" \
-        python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-cache-dir \
-        .whl/transformer_engine_torch-2.11.0.tar.gz
-    echo "transformer_engine_torch build: rc=$? after $(( $(date +%s) - start )) s"
-fi
-python3 - <<'PYEOF'
+# Use, on the GPU machine in the repository root, with .whl/ carried (bench/gpu/fetch.sh made it):
+#     source bench/gpu/setup.sh && bash bench/gpu/run_all.sh
+# Installs the carried wheels into $MEGASIMPO_SITE (default /tmp/site) with pip --target, first on
+# PYTHONPATH so they sit over the image's own packages. Not a venv: the image's python3 is itself
+# a venv (/opt/torch/.venv), and a venv made from it would not see its torch. No network there,
+# so --no-index --no-deps. Then checks that TE works (import + one bf16 te.Linear forward); if
+# not, removes TE, because a TE core without a loadable torch extension makes `import
+# megatron.core` raise FileNotFoundError, and the runs go on without TE (MEGASIMPO_TE_OK=0).
+# Idempotent: a second source on the same machine installs and checks nothing again. Sourced, so
+# it returns (never exits) and leaves `set -u` on only for the caller's later lines.
+set -u
+export RUN_ALL_T0=${RUN_ALL_T0:-$(date +%s)}  # run_all.sh's budget counts from here
+MEGASIMPO_SITE=${MEGASIMPO_SITE:-/tmp/site}
+export PYTHONPATH="$MEGASIMPO_SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export NVTE_FRAMEWORK=pytorch  # TE raises, instead of warning, when its torch extension won't load
+
+_setup_main() {
+    local site=$MEGASIMPO_SITE t0
+    t0=$(date +%s)
+    if [ -f "$site/.installed" ]; then
+        echo "setup: wheels already installed in $site"
+    else
+        if ! ls .whl/*.whl >/dev/null 2>&1; then
+            echo "setup: no .whl/*.whl here: run bench/gpu/fetch.sh on the CPU machine and carry .whl"
+            return 1
+        fi
+        # --no-compile: bytecode for ~500 MB of files costs more than the runs gain from it
+        if ! timeout 180 python3 -m pip install -q --disable-pip-version-check --no-index \
+                --no-deps --no-compile --target "$site" .whl/*.whl; then
+            echo "setup: pip install into $site failed"
+            return 1
+        fi
+        # TE's Python part imports jax when jax is installed (it is on this image); we carry no
+        # TE JAX extension, so that costs every process seconds for a warning
+        rm -rf "$site/transformer_engine/jax"
+        touch "$site/.installed"
+        echo "setup: installed $(ls .whl/*.whl | wc -l) wheels into $site in $(( $(date +%s) - t0 )) s"
+    fi
+
+    if [ ! -f "$site/.te_ok" ]; then
+        # the traceback goes to a file; only its tail is printed (the call returns 12,000 chars)
+        timeout 120 python3 - >"$site/te_check.log" 2>&1 <<'PYEOF'
 import torch
-print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
-      torch.cuda.get_device_name() if torch.cuda.is_available() else "-")
-try:
-    import transformer_engine
-    import transformer_engine.pytorch  # noqa: F401
-    print("transformer_engine", transformer_engine.__version__)
-except Exception as e:  # the benchmarks fall back to the local spec
-    print("transformer_engine unavailable:", type(e).__name__, str(e)[:300])
-import megatron.core, trl, datasets
-print("megatron-core", megatron.core.__version__, "trl", trl.__version__, "datasets",
-      datasets.__version__)
+import transformer_engine
+import transformer_engine.pytorch as te
+
+lin = te.Linear(1024, 1024, params_dtype=torch.bfloat16, device="cuda")
+y = lin(torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16))
+torch.cuda.synchronize()
+assert torch.isfinite(y.float()).all(), "te.Linear gave non-finite values"
+print("setup: transformer_engine", transformer_engine.__version__, "bf16 te.Linear forward ok")
 PYEOF
+        local rc=$?
+        tail -n 6 "$site/te_check.log"
+        if [ "$rc" = 0 ]; then
+            echo 1 > "$site/.te_ok"
+        else
+            echo "setup: Transformer Engine unusable (above); removing it, runs go on without TE"
+            rm -rf "$site"/transformer_engine "$site"/transformer_engine*.dist-info
+            echo 0 > "$site/.te_ok"
+        fi
+    fi
+    MEGASIMPO_TE_OK=$(cat "$site/.te_ok")
+    export MEGASIMPO_TE_OK
+    if [ "$MEGASIMPO_TE_OK" != 1 ]; then
+        # read by an SDPA attention path when one is built (issue "Fast without Transformer
+        # Engine"); today's code takes Megatron's local spec without TE either way
+        export MEGASIMPO_ATTENTION_BACKEND=sdpa
+    fi
+    timeout 120 python3 -c '
+import torch, megatron.core, trl, datasets, transformers
+cuda = torch.cuda.is_available()
+print("setup: torch", torch.__version__, "cuda", torch.version.cuda,
+      torch.cuda.get_device_name() if cuda else "NO GPU")
+print("setup: megatron-core", megatron.core.__version__, "trl", trl.__version__,
+      "datasets", datasets.__version__, "transformers", transformers.__version__)' \
+        || echo "setup: importing the stack failed (above): the bench rows will fail too"
+    echo "setup: MEGASIMPO_TE_OK=$MEGASIMPO_TE_OK MEGASIMPO_ATTENTION_BACKEND=${MEGASIMPO_ATTENTION_BACKEND:-unset}; $(( $(date +%s) - t0 )) s"
+}
+_setup_main
