@@ -8,13 +8,11 @@ FLOP count of a step exact and identical across engines.
 
 import os
 import sys
-from typing import Iterator, Tuple
-
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megasimpo.config import ModelConfig, RopeScaling  # noqa: E402
+from megasimpo.data.synthetic import random_pairs  # noqa: E402,F401 (re-exported)
 
 LLAMA3_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192)
@@ -48,25 +46,6 @@ def shape(name: str, num_layers: int = 0) -> ModelConfig:
         raise ValueError(f"unknown shape {name!r}; choose from {', '.join(SHAPES)}")
     model = SHAPES[name]
     return dataclasses.replace(model, num_layers=num_layers) if num_layers > 0 else model
-
-
-def random_pairs(num_pairs: int, seq_length: int, vocab_size: int, *, prompt_length: int = 0,
-                 seed: int = 0) -> Iterator[Tuple[list, list, list]]:
-    """``num_pairs`` (prompt, chosen, rejected) id lists; each sequence fills ``seq_length``.
-
-    prompt_length (default a quarter of the row) + response length = seq_length + 1, for chosen and
-    rejected alike. Ids avoid 0..3 (pad/BOS/EOS/unk in most vocabularies).
-    """
-    prompt_length = prompt_length or max(1, seq_length // 4)
-    if not 0 < prompt_length < seq_length:
-        raise ValueError(f"prompt_length {prompt_length} must be in [1, {seq_length})")
-    response_length = seq_length + 1 - prompt_length
-    rng = np.random.default_rng(seed)
-    for _ in range(num_pairs):
-        prompt, chosen, rejected = (
-            rng.integers(4, vocab_size, size=n).tolist()
-            for n in (prompt_length, response_length, response_length))
-        yield prompt, chosen, rejected
 
 
 def write_dataset(prefix: str, num_pairs: int, seq_length: int, vocab_size: int,

@@ -1,7 +1,7 @@
 """``megasimpo plan``: the layout and per-GPU memory the planner picks, as a table or JSON.
 
     python -m megasimpo plan (--hf-config FILE | --load CKPT) --gpus N [--gpus-per-node 8]
-        [--gpu-mem-gb 80] [--seq-length N] [--loss simpo|dpo] [--json]
+        [--gpu-mem-gb 80] [--seq-length N] [--loss simpo|dpo] [--json] [--simulate [--rank R]]
 
 Nothing is started: no GPU, no process group. Impossible requests print
 ``megasimpo plan: error: ...`` (with the minimum GPU count that would work) and return 2.
@@ -13,6 +13,7 @@ import sys
 
 from megasimpo import planner
 from megasimpo.config import LOGPROB_CHUNK, LOSSES, ModelConfig
+from megasimpo.memory_model import OVERHEAD_GB
 
 PARTS = (("weights", "weights (bf16)"), ("grads", "gradients (fp32)"),
          ("optimizer", "optimizer (fp32 master + Adam, / DP*CP)"),
@@ -46,6 +47,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", choices=("te", "sdpa", "unfused"), default="te",
                    help="core attention the cluster will run (train's auto: te where Transformer "
                         "Engine imports on a GPU, else sdpa); unfused keeps s x s scores")
+    p.add_argument("--simulate", action="store_true",
+                   help="also run one real training step of the heaviest ranks on fake tensors "
+                        "in a fake world of --gpus ranks and report their measured memory")
+    p.add_argument("--rank", type=int, action="append",
+                   help="with --simulate: the global rank(s) to simulate (default: rank 0 of "
+                        "the first and of the last pipeline stage)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     return p
 
@@ -110,9 +117,64 @@ def run(args) -> int:
     except (ValueError, OSError) as e:
         print(f"megasimpo plan: error: {e}", file=sys.stderr)
         return 2
+    out = dict(result.to_dict(), gpus=result.world_size, gpus_per_node=args.gpus_per_node)
+    sims = []
+    if args.simulate:
+        from megasimpo.simulate import simulate
+
+        try:
+            sims = simulate(result, model, ranks=args.rank, gpus_per_node=args.gpus_per_node,
+                            ref=args.ref)
+        except ValueError as e:
+            print(f"megasimpo plan: error: {e}", file=sys.stderr)
+            return 2
+        heaviest = max(sims, key=lambda r: r["total"])
+        out["simulated_memory_gb"] = simulated_gb(heaviest)
+        out["simulated_memory_gb_by_rank"] = {str(r["rank"]): simulated_gb(r) for r in sims}
     if args.json:
-        print(json.dumps(dict(result.to_dict(), gpus=result.world_size,
-                              gpus_per_node=args.gpus_per_node)))
+        print(json.dumps(out))
     else:
         print(format_plan(result, model, args.gpus_per_node))
+        if sims:
+            print(format_simulation(result, sims))
+    if sims and out["simulated_memory_gb"]["total_with_overhead"] > out["memory_budget_gb"]:
+        print(f"megasimpo plan: error: the simulated peak "
+              f"{out['simulated_memory_gb']['total_with_overhead']:.1f} GB (with the "
+              f"{OVERHEAD_GB:g} GB fixed overhead) exceeds the {out['memory_budget_gb']:.1f} GB "
+              "budget; fix part of the layout (e.g. --recompute, a larger --tp or --pp) and "
+              "simulate again", file=sys.stderr)
+        return 3
     return 0
+
+
+SIM_PARTS = ("weights", "grads", "optimizer", "reference", "activations", "logits")
+
+
+def simulated_gb(report: dict) -> dict:
+    """A simulation report in the plan's categories (pipeline buffers count as activations)."""
+    d = {k: round(report[k], 6) for k in SIM_PARTS}
+    d["activations"] = round(report["activations"] + report["pipeline"] + report["other"], 6)
+    d["total"] = round(report["total"], 6)
+    d["total_with_overhead"] = round(report["total"] + OVERHEAD_GB, 6)
+    d.update(rank=report["rank"], stage=report["stage"])
+    return d
+
+
+def format_simulation(plan: planner.Plan, sims: list) -> str:
+    """Simulated (measured on fake tensors) against predicted memory, per simulated rank."""
+    by_stage = {m.stage: m for m in (plan.stages or (plan.memory,))}
+    lines = ["", "simulated (one real step on fake tensors) vs memory model, GB"]
+    for r in sims:
+        sim, model = simulated_gb(r), by_stage.get(r["stage"], plan.memory)
+        lines.append(f"  rank {r['rank']} (pipeline stage {r['stage']})"
+                     f"{'simulated':>22}{'model':>10}{'sim/model':>11}")
+        for key in SIM_PARTS:
+            pred = getattr(model, key)
+            ratio = f"{sim[key] / pred:11.2f}" if pred else f"{'-':>11}"
+            lines.append(f"    {key:<36}{sim[key]:10.2f}{pred:10.2f}{ratio}")
+        tensors = model.total - model.overhead
+        lines.append(f"    {'total (tensors)':<36}{sim['total']:10.2f}{tensors:10.2f}"
+                     f"{sim['total'] / tensors:11.2f}")
+        lines.append(f"    {'+ fixed overhead':<36}{sim['total_with_overhead']:10.2f}"
+                     f"{model.total:10.2f}")
+    return "\n".join(lines)

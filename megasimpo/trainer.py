@@ -178,7 +178,7 @@ class Trainer:
                             # A constant scale of 1 changes no value but makes Megatron check the
                             # gradients for inf/nan and skip the update when it finds any.
                             loss_scale=1.0),
-            self.model)
+            self.model, use_gloo_process_groups=pgroups.has_gloo_groups())
         self.warmup_steps = int(cfg.warmup_ratio * self.num_steps)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
@@ -244,12 +244,15 @@ class Trainer:
         for batch, out in zip(batches, outputs or []):
             batch["ref_logps"] = out["logps"]
 
+    def step_batches(self, step: int) -> list:
+        """The micro-batches of optimizer step ``step`` (collated from the dataset, unpacked)."""
+        return [make_batch(self.train_data, idx, self.seq_length, ref_logps=self.train_ref)
+                for idx in self.sampler.step_indices(step)]
+
     def train_step(self, step: int) -> dict:
         """One optimizer step; returns the reduced metrics row."""
         t0 = time.perf_counter()
-        batches = self._prepare([make_batch(self.train_data, idx, self.seq_length,
-                                            ref_logps=self.train_ref)
-                                 for idx in self.sampler.step_indices(step)])
+        batches = self._prepare(self.step_batches(step))
         if self.reference is not None:
             self._attach_reference(batches)
         for m in self.model:

@@ -107,7 +107,7 @@ def initialize(layout: Layout, seed: int) -> ProcessGroups:
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         context_parallel_size=layout.cp,
-        create_gloo_process_groups=not torch.cuda.is_available(),
+        create_gloo_process_groups=has_gloo_groups(),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ProcessGroups(
@@ -123,6 +123,12 @@ def initialize(layout: Layout, seed: int) -> ProcessGroups:
         cp_rank=ps.get_context_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
     )
+
+
+def has_gloo_groups() -> bool:
+    """Whether Megatron's groups get gloo twins: on a gloo world only (not under NCCL, nor the
+    fake world of `plan --simulate`, where no peer would answer a gloo rendezvous)."""
+    return dist.get_backend() == "gloo"
 
 
 def chunk_stages(vp_stage: Optional[int]) -> tuple[bool, bool]:
