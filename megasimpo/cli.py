@@ -38,6 +38,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction)
     p.add_argument("--pack", action=argparse.BooleanOptionalAction,
                    help="pack each micro-batch's sequences into one row (default: with TE)")
+    p.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction,
+                   help="reduce gradient buckets during backward (default: on with CUDA)")
+    p.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction,
+                   help="all-gather updated parameters during the next forward "
+                        "(default: as --overlap-grad-reduce)")
     p.add_argument("--gpu-mem-gb", type=float, help="memory per device for the plan")
     p.add_argument("--eval-data", nargs="+")
     p.add_argument("--config", help="YAML file of the same options (flags override it)")

@@ -306,6 +306,9 @@ class TrainConfig:
     precision: Optional[str] = None  # bf16 | fp8 | fp32; None: bf16 on GPU, fp32 on CPU
     pack: Optional[bool] = None  # pack each micro-batch's sequences into one row (THD); None: on with Transformer Engine and cp 1
     logprob_chunk: int = LOGPROB_CHUNK  # tokens per chunk of the fused output layer + log-probs (no full logits); 0: plain path
+    # Megatron DDP communication overlap (distributed optimizer); None: on with CUDA, off on CPU.
+    overlap_grad_reduce: Optional[bool] = None  # reduce-scatter each gradient bucket during backward, as soon as its last gradient is in
+    overlap_param_gather: Optional[bool] = None  # all-gather the updated parameters during the next forward, bucket by bucket (needs overlap_grad_reduce); None: as overlap_grad_reduce
     eval_data: tuple = ()  # held-out prefixes
     eval_interval: int = 0  # evaluate every N steps (and at start and end); 0: start and end only
     save_interval: int = 0  # resumable checkpoint every N steps; 0: final model only
@@ -328,6 +331,9 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if self.logprob_chunk < 0:
             raise ValueError(f"--logprob-chunk {self.logprob_chunk} must be >= 0 (0: plain path)")
+        if self.overlap_param_gather and self.overlap_grad_reduce is False:
+            raise ValueError("--overlap-param-gather needs --overlap-grad-reduce (Megatron-Core "
+                             "supports the parameter all-gather overlap only with it)")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"--steps {self.steps} must be >= 1")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:

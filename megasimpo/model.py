@@ -230,14 +230,31 @@ def packed_attention(batch: dict, attention_backend: str) -> tuple:
     return ~allowed.view(1, 1, n, n), None
 
 
-def wrap_for_training(chunks: list, precision: Precision) -> list:
-    """Float16Module (BF16) + Megatron DDP with the distributed optimizer's grad buffers."""
+DDP_BUCKET_SIZE = None  # parameters per overlapped gradient bucket; None: Megatron's default
+
+
+def wrap_for_training(chunks: list, precision: Precision, *, overlap_grad_reduce: bool = False,
+                      overlap_param_gather: bool = False) -> list:
+    """Float16Module (BF16) + Megatron DDP with the distributed optimizer's grad buffers.
+
+    ``overlap_grad_reduce``: each gradient bucket is reduce-scattered asynchronously once the
+    backward hooks have seen all of its gradients on the last micro-batch;
+    ``overlap_param_gather`` (needs it): the optimizer step leaves the parameter all-gather to
+    forward pre-hooks of the next pass. The caller wires the schedule's sync functions
+    (``config.no_sync_func`` / ``grad_sync_func`` / ``param_sync_func``), as Megatron-LM does.
+    """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.transformer.module import Float16Module
 
+    assert overlap_grad_reduce or not overlap_param_gather, "param gather overlap needs grad's"
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=overlap_param_gather,
+        # The interleaved schedule launches the next chunk's all-gather itself (param_sync_func);
+        # the other schedules never do, so there each bucket's pre-hook launches the next one.
+        align_param_gather=overlap_param_gather and len(chunks) > 1,
+        bucket_size=DDP_BUCKET_SIZE,
         use_distributed_optimizer=True,
         check_for_nan_in_grad=False,  # non-finite steps are skipped by the trainer instead
     )
@@ -245,9 +262,38 @@ def wrap_for_training(chunks: list, precision: Precision) -> list:
     for i, chunk in enumerate(chunks):
         config = chunk.config
         module = Float16Module(config, chunk) if config.bf16 else chunk
+        # One bucket for chunks after the first (Megatron-LM's get_model): their reduction is
+        # overlapped with the other chunks' compute anyway.
         wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config,
                                                module=module, disable_bucketing=i > 0))
     return wrapped
+
+
+def set_sync_funcs(model: list) -> None:
+    """Sets the schedule's DDP hooks on the chunks' shared TransformerConfig, per chunk (a bare
+    function for one chunk), as Megatron-LM's training loop does: ``no_sync`` for all but the
+    last micro-batch; with overlap, each chunk's reduction launched by the schedule once that
+    chunk's backward is done (align_grad_reduce) and, in the interleaved schedule, each chunk's
+    parameter all-gather launched ahead of its forward (align_param_gather)."""
+    def per_chunk(name):
+        fns = [getattr(m, name) for m in model]
+        return fns[0] if len(fns) == 1 else fns
+
+    config, ddp_config = unwrap(model[0]).config, model[0].ddp_config
+    config.no_sync_func = per_chunk("no_sync")
+    if ddp_config.overlap_grad_reduce:
+        config.grad_sync_func = per_chunk("start_grad_sync")
+    if ddp_config.align_param_gather:
+        config.param_sync_func = per_chunk("start_param_sync")
+
+
+def finish_param_gather(model: list) -> None:
+    """Completes the parameter all-gather that an optimizer step under overlap_param_gather
+    leaves to the next forward's pre-hooks, so the chunks hold the updated weights (before a
+    save). A no-op without that overlap (the step all-gathers synchronously)."""
+    for m in model:
+        if m.ddp_config.overlap_param_gather:
+            m.start_param_sync(force_sync=True)
 
 
 def wrap_frozen(chunks: list, precision: Precision) -> list:

@@ -23,8 +23,9 @@ from megasimpo.data.batches import ConcatPairs, full_pass_batches, make_batch
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
 from megasimpo.data.packing import pack_step
 from megasimpo.metrics import MetricsSink, batch_forward_flops, peak_memory_gb, peak_tflops
-from megasimpo.model import (Precision, build_chunks, resolve_attention_backend, unwrap,
-                             wrap_for_training, wrap_frozen)
+from megasimpo.model import (Precision, build_chunks, finish_param_gather,
+                             resolve_attention_backend, set_sync_funcs, unwrap, wrap_for_training,
+                             wrap_frozen)
 from megasimpo.parallel import groups as pgroups
 from megasimpo.step import TOTAL_KEYS, PairStep, reduce_stats, run_microbatches
 
@@ -53,6 +54,7 @@ class Trainer:
                              f"{self.attention_backend}): FP8 GEMMs are Transformer Engine's")
         self.groups = pgroups.initialize(self.layout, cfg.seed)
         self.pack = self._packing()
+        self.overlap_grad_reduce, self.overlap_param_gather = self._overlap()
         self.step_fn = PairStep(cfg.loss, self.groups, self.model_cfg.vocab_size,
                                 logprob_chunk=cfg.logprob_chunk)
         self._setup_data()
@@ -99,6 +101,17 @@ class Trainer:
         thd_kernel = self.attention_backend == "te" or (
             self.attention_backend == "sdpa" and torch.cuda.is_available())
         return thd_kernel and self.layout.cp == 1
+
+    def _overlap(self) -> tuple:
+        """(overlap_grad_reduce, overlap_param_gather): the flags, else on with CUDA and off on
+        CPU (gloo runs keep Megatron's synchronous reduction unless asked)."""
+        grad = self.cfg.overlap_grad_reduce
+        grad = torch.cuda.is_available() if grad is None else grad
+        param = grad if self.cfg.overlap_param_gather is None else self.cfg.overlap_param_gather
+        if param and not grad:
+            raise ValueError("--overlap-param-gather needs --overlap-grad-reduce (off by default "
+                             "without CUDA); pass both")
+        return grad, param
 
     def _setup_data(self):
         cfg, lay = self.cfg, self.layout
@@ -164,7 +177,9 @@ class Trainer:
                 checkpoint.load_model(chunks, cfg.load)
             return self.step_fn.prepare_model(chunks)
 
-        self.model = wrap_for_training(weights(self.plan.recompute), self.precision)
+        self.model = wrap_for_training(weights(self.plan.recompute), self.precision,
+                                       overlap_grad_reduce=self.overlap_grad_reduce,
+                                       overlap_param_gather=self.overlap_param_gather)
         self.reference = None
         if cfg.loss.needs_reference and cfg.ref == "live":
             self.reference = wrap_frozen(weights(False), self.precision)
@@ -175,6 +190,7 @@ class Trainer:
                             bf16=self.precision.dtype == torch.bfloat16,
                             params_dtype=self.precision.dtype, clip_grad=cfg.clip_grad,
                             use_distributed_optimizer=True,
+                            overlap_param_gather=self.overlap_param_gather,
                             # A constant scale of 1 changes no value but makes Megatron check the
                             # gradients for inf/nan and skip the update when it finds any.
                             loss_scale=1.0),
@@ -188,8 +204,7 @@ class Trainer:
         config = unwrap(self.model[0]).config
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
-        no_sync = [m.no_sync for m in self.model]
-        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        set_sync_funcs(self.model)
         self.start_step = 0
         checkpoint.remove_stale_partials(cfg.out)
         latest = checkpoint.latest_checkpoint(cfg.out)
@@ -212,6 +227,8 @@ class Trainer:
                 "world_size": lay.world_size, "precision": self.precision.name,
                 "seq_length": self.seq_length, "micro_batch_size": self.micro_batch_size,
                 "recompute": self.plan.recompute, "packed_sequences": self.pack,
+                "overlap_grad_reduce": self.overlap_grad_reduce,
+                "overlap_param_gather": self.overlap_param_gather,
                 "num_microbatches": self.num_microbatches, "steps": self.num_steps,
                 "warmup_steps": self.warmup_steps, "beta": self.cfg.loss.beta,
                 "train_pairs": len(self.train_data),
@@ -312,6 +329,7 @@ class Trainer:
 
     def save(self, done: int) -> str:
         """Resumable checkpoint after ``done`` steps (collective)."""
+        finish_param_gather(self.model)
         return checkpoint.save_training_state(
             self.cfg.out, done, self.model, self.optimizer, self.scheduler, self.model_cfg,
             dataclasses.asdict(self.layout), keep=self.cfg.keep_checkpoints)
@@ -395,6 +413,7 @@ class Trainer:
                         print(f"megasimpo train: stopping after step {done} ({why}); run the "
                               "same command to resume", flush=True)
                     return rows
+            finish_param_gather(self.model)
             checkpoint.save_model([unwrap(m) for m in self.model], self.model_cfg,
                                   os.path.join(cfg.out, "final_model"), source=cfg.load,
                                   tokenizer_dir=checkpoint.tokenizer_dir(cfg.load))

@@ -87,6 +87,23 @@ def _main_grad(weight: Tensor) -> Optional[Tensor]:
     return buf
 
 
+def _ready_marker(weight: Tensor) -> Tensor:
+    """[v_pad/tp, h] all-zero sparse gradient for a weight whose gradient is already in main_grad.
+
+    Megatron DDP (which gives its parameters ``grad_added_to_main_grad``) marks a parameter's
+    gradient ready for its bucket's reduce-scatter in a hook on the parameter's gradient
+    accumulator, and under overlap_grad_reduce asserts that ``.grad`` is set there. Returning
+    None would leave it None, so autograd gets this instead, after the accumulation: the hook
+    adds it to main_grad (no change), clears ``.grad`` and marks the weight ready. With a tied
+    embedding at PP=1 autograd sums it with the embedding's dense gradient (exactly) first, so
+    that one still reaches main_grad through the hook. Megatron's own fused wgrad accumulation
+    returns a dense dummy for the same reason (and so that the hook runs on the device's backward
+    thread); an empty sparse one on the weight's device costs no memory.
+    """
+    return torch.zeros(weight.shape, dtype=weight.dtype, device=weight.device,
+                       layout=torch.sparse_coo)
+
+
 class _FusedVocabParallelLogprobs(torch.autograd.Function):
     """log p(label) of ``hidden @ W^T`` per token; saves only the [n] logsumexp for backward."""
 
@@ -170,10 +187,11 @@ class _FusedVocabParallelLogprobs(torch.autograd.Function):
             if ctx.communicate and ctx.reduce_hidden_grad:
                 dist.all_reduce(grad_x, op=dist.ReduceOp.SUM, group=ctx.tp_group)
             grad_hidden = grad_x.view(hidden.shape)
-        # Accumulated into main_grad: no .grad (Megatron DDP then adds nothing for this use; with
-        # tied embeddings the embedding's own gradient still arrives through .grad). This relies
-        # on DDP's overlap_grad_reduce being off, as in megasimpo.model.wrap_for_training.
-        grad_weight = grad_w.to(weight.dtype) if need_weight and not into_main_grad else None
+        grad_weight = None
+        if need_weight and not into_main_grad:
+            grad_weight = grad_w.to(weight.dtype)
+        elif into_main_grad and hasattr(weight, "grad_added_to_main_grad"):
+            grad_weight = _ready_marker(weight)
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
@@ -203,8 +221,9 @@ def fused_vocab_parallel_logprobs(
     each rank's partial is left as is, for a caller that reduce-scatters it, as the backward of a
     sequence-parallel gather does); grad_weight [v_pad/tp, h] is this rank's shard (no reduction;
     zero rows for padded ids), added straight into ``weight.main_grad`` when Megatron DDP gave the
-    weight an fp32 one (then ``weight.grad`` gets nothing from this call). Neither input is
-    modified; backward may run more than once (retain_graph).
+    weight an fp32 one (then ``weight.grad`` gets nothing from this call, or, for a DDP
+    parameter, an all-zero sparse tensor for DDP's backward hook: ``_ready_marker``). Neither
+    input is modified; backward may run more than once (retain_graph).
 
     Every rank of tp_group must pass the same s, b and chunk_size (there are collectives per
     chunk). Rank r of tp_group holds ids [r * v_pad/tp, (r+1) * v_pad/tp) (Megatron's layout).

@@ -244,6 +244,32 @@ def test_weight_gradient_goes_into_main_grad():
         _close(h.grad, ref_h, **tol)
 
 
+def test_ddp_parameter_gets_an_empty_gradient_for_the_readiness_hook():
+    """A Megatron DDP parameter (it has ``grad_added_to_main_grad``) gets a .grad after the
+    accumulation, as DDP's hook needs under overlap_grad_reduce: all-zero, sparse, so adding it
+    to main_grad changes nothing, and summed exactly with another use's dense gradient."""
+    torch.set_num_threads(1)
+    hidden, weight, labels, upstream = _inputs(seed=4)
+    _, _, ref_w = _fused(hidden, weight, labels, upstream)
+    for tied in (False, True):
+        w = weight.detach().clone().requires_grad_(True)
+        w.main_grad, w.grad_added_to_main_grad = torch.zeros(w.shape), False
+        out = fused_vocab_parallel_logprobs(hidden, w, labels, tp_group=None, vocab_size=VOCAB,
+                                            chunk_size=7)
+        loss = (out * upstream).sum() + (w[3].sum() if tied else 0.0)  # tied: an embedding use
+        seen = []
+        w.register_post_accumulate_grad_hook(lambda p: seen.append(p.main_grad.clone()))
+        loss.backward()
+        _close(seen[0], ref_w)  # accumulated before the hook ran
+        other = torch.zeros(w.shape)
+        other[3] = 1.0
+        if tied:
+            assert w.grad.layout == torch.strided and torch.equal(w.grad, other)
+        else:
+            assert w.grad.layout == torch.sparse_coo and w.grad._nnz() == 0
+        assert not w.grad_added_to_main_grad
+
+
 def _partial_grad_worker(rank, world_size):
     """TP=2 with reduce_hidden_grad=False: each rank keeps its vocab shard's partial dhidden."""
     torch.set_num_threads(1)
