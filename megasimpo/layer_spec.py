@@ -10,7 +10,8 @@
   bmm: the score matrix is materialised and saved for backward);
 * ``auto`` (default): ``te`` when Transformer Engine imports on a GPU, else ``sdpa``.
 
-The local spec's norms are :class:`TorchRMSNorm`, which supports sequence parallelism: under SP
+The local spec's norms (:class:`TorchRMSNorm`) and SwiGLU come from ``local_kernels.py``: they save
+for backward what fused GPU kernels save. The norm supports sequence parallelism: under SP
 a norm sees only this rank's [s/tp, b, h] slice, so its weight gradient is partial; marking the
 weight ``sequence_parallel`` makes Megatron's ``finalize_model_grads`` all-reduce it over TP (as
 it does for TE's and apex's norms). Both local variants save the TE spec's checkpoint keys.
@@ -25,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from megasimpo.config import ATTENTION_BACKENDS
+from megasimpo.local_kernels import SwiGLU, rms_norm
 
 
 def have_te() -> bool:
@@ -51,12 +53,17 @@ def resolve_attention_backend(requested: Optional[str] = None) -> str:
 
 
 class TorchRMSNorm(torch.nn.RMSNorm):
-    """``torch.nn.RMSNorm`` built from a TransformerConfig, usable with sequence parallelism."""
+    """``torch.nn.RMSNorm`` built from a TransformerConfig, usable with sequence parallelism,
+    computed by ``local_kernels.rms_norm`` (saves the input and 1/rms only)."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
         super().__init__(hidden_size, eps=eps)
         # Megatron all-reduces the gradients of parameters marked so over TP under SP.
         self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., h] -> [..., h]."""
+        return rms_norm(x, self.weight, self.eps)
 
 
 def _block_causal_mask(cu_seqlens: torch.Tensor, length: int, device) -> torch.Tensor:
@@ -143,8 +150,9 @@ def block_spec(backend: str, config, vp_stage: Optional[int]):
     if backend == "sdpa":
         attention = replace(attention, submodules=replace(
             attention.submodules, core_attention=_dot_product_attention()))
+    mlp = replace(sub.mlp, submodules=replace(sub.mlp.submodules, activation_func=SwiGLU))
     layer = replace(layer, submodules=replace(sub, input_layernorm=TorchRMSNorm,
                                               pre_mlp_layernorm=TorchRMSNorm,
-                                              self_attention=attention))
+                                              self_attention=attention, mlp=mlp))
     num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TorchRMSNorm)

@@ -17,10 +17,14 @@ with the highest total (first or last):
   Recomputation", re-derived for a Llama layer with Transformer Engine flash attention: no
   dropout masks, no s^2 scores, SwiGLU, GQA with g = KV heads / heads), with s = seq/CP tokens and
   b = 2 x micro-batch sequences (chosen and rejected), in bf16:
-  ``s*b*((12 + 4g)*h + 6*f)`` bytes = two norm inputs, QKV input, Q, K and V, attention output,
-  fc1 input (each s*b*h, K and V g times that), the SwiGLU input [s, b, 2f] and fc2 input [s, b, f].
-  Sequence parallelism shards all of it over TP; without it the norm inputs, QKV input and fc1
-  input (8*s*b*h) are replicated. ~34*s*b*h for Llama-3 (g = 1/8, f = 3.5h), Korthikanti's 34 too.
+  ``s*b*((14 + 6g)*h + 6*f)`` bytes = two norm inputs, QKV input, the QKV projection's output
+  (Q, K and V: it stays alive under the V view attention saves), the rotary-embedded Q and K
+  (new tensors), attention output, fc1 input (each s*b*h, K and V g times that), the SwiGLU
+  input [s, b, 2f] and fc2 input [s, b, f]. Sequence parallelism shards all of it over TP;
+  without it the norm inputs, QKV input and fc1 input (8*s*b*h) are replicated. ~36*s*b*h for
+  Llama-3 (g = 1/8, f = 3.5h); Korthikanti's 34 has no rotary copies. Calibrated against
+  ``plan --simulate`` (one real step on fake tensors), which measures the local spec with
+  memory-lean norm and SwiGLU kernels (``local_kernels.py``): TE's fused layers save the same;
   Full recompute keeps only each layer's input (2*s*b*h / TP with SP). One extra layer's worth is
   the working set of the layer being (re)computed and back-propagated;
 * in-flight micro-batches (Megatron's schedules): without pipelining 1; 1F1B stage r holds
@@ -115,7 +119,8 @@ def layer_activation_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence
         return 2 * tokens * h / split  # the layer input only
     g = model.num_query_groups / model.num_attention_heads
     replicated = 8 * h  # norm inputs (2), QKV input, fc1 input: sharded only by SP
-    sharded = (4 + 4 * g) * h + 6 * f  # Q, K, V, attention output, SwiGLU input and output
+    # QKV output (Q, K, V), rotary Q and K, attention output, SwiGLU input and output
+    sharded = (6 + 6 * g) * h + 6 * f
     saved = tokens * (replicated / split + sharded / tp)  # bf16: the factor 2 is in the counts
     if attention_backend == "unfused":
         saved += attention_score_bytes(model, tokens=tokens, seq=seq, tp=tp)

@@ -86,7 +86,7 @@ class MemoryTracker(TorchDispatchMode):
         """Counts tensors made outside the tracker (e.g. before it started), in the current
         category."""
         for t in tree_flatten(tensors)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 self._add(t.untyped_storage())
 
     def relabel(self, tensors, category: str) -> int:
@@ -94,7 +94,7 @@ class MemoryTracker(TorchDispatchMode):
         assert category in CATEGORIES, category
         moved = 0
         for t in tree_flatten(tensors)[0]:
-            if not isinstance(t, torch.Tensor):
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
                 continue
             key = self._storages.get(t.untyped_storage())
             if key is None:
@@ -128,6 +128,6 @@ class MemoryTracker(TorchDispatchMode):
                 return func(*args, **kwargs)
         out = self.overrides.get(func, func)(*args, **kwargs)
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:  # sparse: no storage
                 self._add(t.untyped_storage())
         return out

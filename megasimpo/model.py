@@ -83,7 +83,10 @@ def transformer_config(model: ModelConfig, layout: Layout, precision: Precision,
         fp8_amax_history_len=1024 if precision.name == "fp8" else 1,
         fp8_amax_compute_algo="max" if precision.name == "fp8" else "most_recent",
         # Fused kernels exist only on CUDA (some only with TE/apex); numerics are the same.
-        bias_activation_fusion=on_gpu,
+        # The local spec's SwiGLU is layer_spec's activation module (Megatron calls it through
+        # use_te_activation_func); the TE spec uses Megatron's fused bias_swiglu on GPU.
+        bias_activation_fusion=on_gpu and te,
+        use_te_activation_func=not te,
         masked_softmax_fusion=on_gpu,
         apply_rope_fusion=te,
         persist_layer_norm=False,

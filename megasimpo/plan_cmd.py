@@ -66,14 +66,14 @@ def load_model_config(args) -> ModelConfig:
     return model_config(args.load)
 
 
-def make_plan(args, model: ModelConfig) -> planner.Plan:
-    """Runs the planner with the flags of ``args``."""
+def make_plan(args, model: ModelConfig, exclude: tuple = ()) -> planner.Plan:
+    """Runs the planner with the flags of ``args`` (never one of the ``exclude`` layouts)."""
     overrides = {k: getattr(args, k) for k in planner.OVERRIDABLE}
     return planner.plan(model, args.gpus, gpus_per_node=args.gpus_per_node,
                         gpu_mem_gb=args.gpu_mem_gb, seq_length=args.seq_length, loss=args.loss,
                         ref=args.ref, global_batch_size=args.global_batch_size,
                         logprob_chunk=args.logprob_chunk, attention_backend=args.attention_backend,
-                        overrides=overrides)
+                        overrides=overrides, exclude=exclude)
 
 
 def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> str:
@@ -137,14 +137,31 @@ def run(args) -> int:
         print(format_plan(result, model, args.gpus_per_node))
         if sims:
             print(format_simulation(result, sims))
-    if sims and out["simulated_memory_gb"]["total_with_overhead"] > out["memory_budget_gb"]:
-        print(f"megasimpo plan: error: the simulated peak "
-              f"{out['simulated_memory_gb']['total_with_overhead']:.1f} GB (with the "
-              f"{OVERHEAD_GB:g} GB fixed overhead) exceeds the {out['memory_budget_gb']:.1f} GB "
-              "budget; fix part of the layout (e.g. --recompute, a larger --tp or --pp) and "
-              "simulate again", file=sys.stderr)
+    refusal = sims and refuse(args, model, result, out["simulated_memory_gb"])
+    if refusal:
+        print(f"megasimpo plan: error: {refusal}", file=sys.stderr)
         return 3
     return 0
+
+
+def refuse(args, model: ModelConfig, result: planner.Plan, simulated: dict) -> str:
+    """Why a simulated plan does not fit, with the next layout to try; "" when it fits."""
+    peak, budget = simulated["total_with_overhead"], planner.MEMORY_FRACTION * result.gpu_mem_gb
+    if peak <= budget:
+        return ""
+    why = (f"the simulated peak {peak:.1f} GB (rank {simulated['rank']}, with the "
+           f"{OVERHEAD_GB:g} GB fixed overhead) exceeds the {budget:.1f} GB budget of this plan "
+           f"(tp={result.tp} pp={result.pp} vpp={result.vpp or 1} cp={result.cp} "
+           f"dp={result.dp}, micro-batch {result.micro_batch_size}"
+           f"{', full recompute' if result.recompute else ''})")
+    try:
+        nxt = make_plan(args, model, exclude=(result,))
+    except ValueError:
+        return why + "; no other layout fits either"
+    flags = (f"--tp {nxt.tp} --pp {nxt.pp} --vpp {nxt.vpp or 1} --cp {nxt.cp} "
+             f"--micro-batch-size {nxt.micro_batch_size}"
+             + (" --recompute" if nxt.recompute else " --no-recompute"))
+    return why + f"; the next layout is {flags} ({nxt.memory.total:.1f} GB predicted): simulate it"
 
 
 SIM_PARTS = ("weights", "grads", "optimizer", "reference", "activations", "logits")

@@ -90,6 +90,13 @@ class Plan:
         return d
 
 
+def layout_key(layout) -> tuple:
+    """What identifies a layout (a Plan or a candidate dict) for ``plan(exclude=...)``."""
+    get = layout.get if isinstance(layout, dict) else lambda k: getattr(layout, k)
+    return tuple(get(k) for k in ("tp", "pp", "vpp", "cp", "micro_batch_size", "recompute",
+                                  "sequence_parallel"))
+
+
 def _divisors(n: int) -> list:
     return [d for d in range(1, n + 1) if n % d == 0]
 
@@ -229,11 +236,13 @@ def _no_fit_message(model, gpus, budget, gpu_mem_gb, work, fixed, search) -> str
 def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: float = 80.0,
          seq_length: int = 4096, loss: str = "simpo", ref: str = "live",
          logprob_chunk: int = LOGPROB_CHUNK, attention_backend: str = "te",
-         global_batch_size: int = 128, overrides: Optional[dict] = None) -> Plan:
+         global_batch_size: int = 128, overrides: Optional[dict] = None,
+         exclude: tuple = ()) -> Plan:
     """The fastest layout that fits (see the module docstring for the order of preference).
 
     ``overrides`` fixes any of tp, pp, vpp, cp, micro_batch_size, recompute, sequence_parallel
-    (None values are ignored) and the rest is planned around them. ``attention_backend`` (te,
+    (None values are ignored) and the rest is planned around them; layouts in ``exclude``
+    (Plans, e.g. ones a simulation refused) are not considered. ``attention_backend`` (te,
     sdpa or unfused: the one the run will use) decides whether attention scores take memory.
     Raises ValueError when nothing fits, naming the
     minimum (or nearest) GPU count that would work.
@@ -258,7 +267,8 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
                   global_batch_size=global_batch_size)
     work = dict(seq_length=seq_length, loss=loss, ref=ref, logprob_chunk=logprob_chunk,
                 attention_backend=attention_backend)
-    candidates = list(_layouts(model, gpus, fixed=fixed, **search))
+    candidates = [c for c in _layouts(model, gpus, fixed=fixed, **search)
+                  if layout_key(c) not in {layout_key(x) for x in exclude}]
     for c in candidates:
         c["memory"] = _memory(model, c, work)
     feasible = [c for c in candidates if c["memory"].total <= budget]

@@ -6,8 +6,9 @@ reference where the loss has one), then optimizer steps through Megatron's pipel
 fused log-probs, finalize_model_grads and Adam. Tensors are ``FakeTensorMode`` tensors (shapes,
 dtypes and storages, no memory) and the world is torch's fake process group of the job's size
 (collectives return at once), so a 70B rank of a 64-GPU job runs on a laptop CPU.
-``memory_tracker.MemoryTracker`` counts every storage; the step measured is the second one, when
-the Adam moments exist (the steady state of a run).
+``memory_tracker.MemoryTracker`` counts every storage. The Adam moments are created before the
+step (torch's Adam would make them lazily inside the first one), so the step measured is the
+steady state of a run.
 
 What differs from the GPU rank: the CUDA-only calls go through ``parallel/cpu.py``'s redirect,
 the layer spec is the local one with SDPA attention (a flash kernel on CPU too: outputs and
@@ -25,7 +26,7 @@ from megasimpo.config import LossConfig, ModelConfig, TrainConfig
 from megasimpo.memory_tracker import CATEGORIES, MemoryTracker
 
 GB = 1e9
-SIM_STEPS = 2  # step 1 creates the Adam moments; step 2 is measured
+SIM_STEPS = 1  # the Adam moments are created first (as a resume does), so step 1 is steady
 
 
 def stage_rank(layout, stage: int) -> int:
@@ -195,6 +196,7 @@ def measure(cfg: TrainConfig, model: ModelConfig, *, fake: bool, steps: int = SI
     "total": peak GB, "static": {category: GB live after the steps}}."""
     from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
 
+    from megasimpo.parallel import compat
     from megasimpo.trainer import Trainer
 
     flags = []  # Megatron's found-inf flags: read as 0 so the update runs
@@ -204,6 +206,8 @@ def measure(cfg: TrainConfig, model: ModelConfig, *, fake: bool, steps: int = SI
     with fake_mode, tracker, _fake_safe_kernels(fake):
         with tracker.phase("other"):  # what _label does not claim stays "other"
             trainer = Trainer(cfg, random_init=model)
+        with tracker.phase("optimizer"):  # torch's Adam makes its moments lazily: make them now
+            compat.prepare_optimizer_for_load(trainer.optimizer)
         _label(trainer, tracker)
         flags += [getattr(o, "found_inf", None) for o in
                   getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer])]

@@ -112,9 +112,10 @@ def test_activations_by_hand():
     s, b, h, tp = 4096, 2, 8192, 8  # one pair per micro-batch = 2 sequences
     per_layer = memory_model.layer_activation_bytes(LLAMA3_70B, tokens=s * b, tp=tp,
                                                     sequence_parallel=True, recompute=False)
-    # (12 + 4g)h + 6f bytes per token with g = 1/8, all sharded by TP+SP: 8192*(12.5*8192+6*28672)/8
-    assert per_layer == 8192 * (12.5 * 8192 + 6 * 28672) / 8
-    assert per_layer == pytest.approx(34 * s * b * h / tp, rel=0.02)  # Korthikanti's 34sbh/t
+    # (14 + 6g)h + 6f bytes per token with g = 1/8, all sharded by TP+SP: Korthikanti's
+    # (12 + 4g)h + 6f plus the rotary copies of Q and K, (2 + 2g)h.
+    assert per_layer == 8192 * (14.75 * 8192 + 6 * 28672) / 8
+    assert per_layer == pytest.approx(36 * s * b * h / tp, rel=0.02)
     assert memory_model.layer_activation_bytes(LLAMA3_70B, tokens=s * b, tp=tp,
                                                sequence_parallel=True,
                                                recompute=True) == 2 * s * b * h / tp

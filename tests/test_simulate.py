@@ -21,11 +21,11 @@ from megasimpo.config import LossConfig
 MODEL = dataclasses.replace(TINY, dtype="bfloat16")
 
 
-def _plan(**kw):
+def _plan(model=MODEL, **kw):
     args = dict(gpus_per_node=2, gpu_mem_gb=80.0, seq_length=64, global_batch_size=8,
                 attention_backend="sdpa", overrides=dict(tp=2, micro_batch_size=2))
     args.update(kw)
-    return planner.plan(MODEL, 2, **args)
+    return planner.plan(model, 2, **args)
 
 
 def _storage_bytes(tensors) -> float:
@@ -53,10 +53,10 @@ def _real(rank, world, plan, workdir):
     return report, counted
 
 
-def _simulated(plan, **kw):
+def _simulated(plan, model=MODEL, **kw):
     from megasimpo.simulate import simulate
 
-    return simulate(plan, MODEL, **kw)
+    return simulate(plan, model, **kw)
 
 
 def test_simulation_equals_the_real_run(tmp_path):
@@ -81,10 +81,12 @@ def test_simulation_responds_to_what_matters():
     # The frozen copy holds the same bf16 weights; the policy's sit in DDP's padded buffer.
     assert dpo["static"]["reference"] == pytest.approx(base["static"]["weights"], rel=0.05)
     assert dpo["total"] - base["total"] >= dpo["static"]["reference"] * 0.99
-    plain = _simulated(_plan(logprob_chunk=0), ranks=[0])[0]
-    fused = _simulated(_plan(logprob_chunk=16), ranks=[0])[0]
-    # Full logits: [2 x 2 sequences x 64 tokens, 128/2 vocab] fp32 at least, on top of the rest.
-    assert plain["logits"] - fused["logits"] > 4 * 64 * 64 * 4 / 1e9
+    wide = dataclasses.replace(MODEL, vocab_size=8192)  # logits dominate the peak
+    plain = _simulated(_plan(wide, logprob_chunk=0), wide, ranks=[0])[0]
+    fused = _simulated(_plan(wide, logprob_chunk=16), wide, ranks=[0])[0]
+    # Full logits: [2 x 2 sequences x 64 tokens, 8192/2 vocab], bf16 and more.
+    assert plain["logits"] - fused["logits"] > 4 * 64 * 4096 * 2 / 1e9
+    assert plain["total"] > fused["total"]
 
 
 def test_plan_simulate_cli_json(tmp_path):
@@ -104,3 +106,25 @@ def test_plan_simulate_cli_json(tmp_path):
     assert set(d["simulated_memory_gb_by_rank"]) == {"0", "2"}  # first and last stage
     assert sim["rank"] in (0, 2) and sim["total"] > 0
     assert sim["weights"] > 0 and sim["optimizer"] > 0
+
+
+def test_a_simulated_peak_over_budget_is_refused_with_the_next_layout():
+    import argparse
+
+    from megasimpo import plan_cmd
+    from test_planner import LLAMA3_70B
+
+    args = argparse.Namespace(gpus=64, gpus_per_node=8, gpu_mem_gb=80.0, seq_length=4096,
+                              loss="simpo", ref="live", global_batch_size=128,
+                              logprob_chunk=1024, attention_backend="te", tp=None, pp=None,
+                              vpp=None, cp=None, micro_batch_size=None, recompute=None,
+                              sequence_parallel=None)
+    plan = plan_cmd.make_plan(args, LLAMA3_70B)
+    fits = dict(total_with_overhead=plan.memory.total, rank=0)
+    assert plan_cmd.refuse(args, LLAMA3_70B, plan, fits) == ""
+    over = dict(total_with_overhead=75.0, rank=0)
+    message = plan_cmd.refuse(args, LLAMA3_70B, plan, over)
+    assert "exceeds the 72.0 GB budget" in message and "the next layout is --tp" in message
+    nxt = plan_cmd.make_plan(args, LLAMA3_70B, exclude=(plan,))
+    assert planner.layout_key(nxt) != planner.layout_key(plan)
+    assert f"--tp {nxt.tp} --pp {nxt.pp}" in message
