@@ -146,7 +146,7 @@ def run(args) -> int:
 
 def refuse(args, model: ModelConfig, result: planner.Plan, simulated: dict) -> str:
     """Why a simulated plan does not fit, with the next layout to try; "" when it fits."""
-    peak, budget = simulated["total_with_overhead"], planner.MEMORY_FRACTION * result.gpu_mem_gb
+    peak, budget = simulated["total"], planner.MEMORY_FRACTION * result.gpu_mem_gb
     if peak <= budget:
         return ""
     why = (f"the simulated peak {peak:.1f} GB (rank {simulated['rank']}, with the "
@@ -168,12 +168,14 @@ SIM_PARTS = ("weights", "grads", "optimizer", "reference", "activations", "logit
 
 
 def simulated_gb(report: dict) -> dict:
-    """A simulation report in the plan's categories (pipeline buffers count as activations)."""
+    """A simulation report in the plan's categories, GB (pipeline buffers count as
+    activations)."""
     d = {k: round(report[k], 6) for k in SIM_PARTS}
     d["activations"] = round(report["activations"] + report["pipeline"] + report["other"], 6)
-    d["total"] = round(report["total"], 6)
-    d["total_with_overhead"] = round(report["total"] + OVERHEAD_GB, 6)
-    d.update(rank=report["rank"], stage=report["stage"])
+    # The fixed overhead is the memory model's constant (a fake tensor has no CUDA context), so
+    # "total" compares with the plan's memory_gb total; "tensors" is what was measured.
+    d.update(overhead=OVERHEAD_GB, total=round(report["total"] + OVERHEAD_GB, 6),
+             tensors=round(report["total"], 6), rank=report["rank"], stage=report["stage"])
     return d
 
 
@@ -190,8 +192,8 @@ def format_simulation(plan: planner.Plan, sims: list) -> str:
             ratio = f"{sim[key] / pred:11.2f}" if pred else f"{'-':>11}"
             lines.append(f"    {key:<36}{sim[key]:10.2f}{pred:10.2f}{ratio}")
         tensors = model.total - model.overhead
-        lines.append(f"    {'total (tensors)':<36}{sim['total']:10.2f}{tensors:10.2f}"
-                     f"{sim['total'] / tensors:11.2f}")
-        lines.append(f"    {'+ fixed overhead':<36}{sim['total_with_overhead']:10.2f}"
-                     f"{model.total:10.2f}")
+        lines.append(f"    {'total, tensors':<36}{sim['tensors']:10.2f}{tensors:10.2f}"
+                     f"{sim['tensors'] / tensors:11.2f}")
+        lines.append(f"    {'total, + fixed overhead':<36}{sim['total']:10.2f}"
+                     f"{model.total:10.2f}{sim['total'] / model.total:11.2f}")
     return "\n".join(lines)

@@ -274,7 +274,6 @@ def simulate(plan, model: ModelConfig, *, ranks: Optional[list] = None, gpus_per
              logprob_chunk: Optional[int] = None, timeout: float = 1800.0) -> list:
     """Simulated memory of ``ranks`` (default: rank 0 of the first and of the last pipeline
     stage) of the job ``plan`` describes, each in its own process; a list of reports."""
-    import concurrent.futures as cf
     import multiprocessing as mp
 
     loss = loss or LossConfig(name=plan.loss)
@@ -284,9 +283,24 @@ def simulate(plan, model: ModelConfig, *, ranks: Optional[list] = None, gpus_per
     for r in ranks:
         if not 0 <= r < plan.world_size:
             raise ValueError(f"--rank {r} is outside the job's {plan.world_size} ranks")
-    ctx = mp.get_context("spawn")
-    with cf.ProcessPoolExecutor(max_workers=min(len(ranks), os.cpu_count() or 1),
-                                mp_context=ctx, max_tasks_per_child=1) as pool:
-        futures = [pool.submit(_simulate_rank, plan, model, r, gpus_per_node, loss, ref,
-                               logprob_chunk) for r in ranks]
-        return [f.result(timeout=timeout) for f in futures]
+    # One fresh process per rank: Megatron's parallel state is global to a process.
+    with mp.get_context("spawn").Pool(min(len(ranks), os.cpu_count() or 1),
+                                      maxtasksperchild=1) as pool:
+        jobs = [pool.apply_async(_child, (plan, model, r, gpus_per_node, loss, ref,
+                                          logprob_chunk)) for r in ranks]
+        results = [job.get(timeout=timeout) for job in jobs]
+    for r in results:
+        if isinstance(r, str):
+            raise RuntimeError(f"simulating a rank failed:\n{r}")
+    return results
+
+
+def _child(*args):
+    """``_simulate_rank`` in a pool process; a failure comes back as its traceback text (some
+    exceptions of torch's C++ side do not pickle)."""
+    import traceback
+
+    try:
+        return _simulate_rank(*args)
+    except Exception:
+        return traceback.format_exc()

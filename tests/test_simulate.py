@@ -84,8 +84,8 @@ def test_simulation_responds_to_what_matters():
     wide = dataclasses.replace(MODEL, vocab_size=8192)  # logits dominate the peak
     plain = _simulated(_plan(wide, logprob_chunk=0), wide, ranks=[0])[0]
     fused = _simulated(_plan(wide, logprob_chunk=16), wide, ranks=[0])[0]
-    # Full logits: [2 x 2 sequences x 64 tokens, 8192/2 vocab], bf16 and more.
-    assert plain["logits"] - fused["logits"] > 4 * 64 * 4096 * 2 / 1e9
+    # The full fp32 logits [2 x 2 sequences x 64 tokens, 8192/2 vocab] are there at the peak.
+    assert plain["logits"] >= 4 * 64 * 4096 * 4 / 1e9 > fused["logits"]
     assert plain["total"] > fused["total"]
 
 
@@ -104,7 +104,7 @@ def test_plan_simulate_cli_json(tmp_path):
     d = json.loads(out.stdout)
     sim = d["simulated_memory_gb"]
     assert set(d["simulated_memory_gb_by_rank"]) == {"0", "2"}  # first and last stage
-    assert sim["rank"] in (0, 2) and sim["total"] > 0
+    assert sim["rank"] in (0, 2) and sim["total"] == pytest.approx(sim["tensors"] + 4.0)
     assert sim["weights"] > 0 and sim["optimizer"] > 0
 
 
@@ -120,9 +120,9 @@ def test_a_simulated_peak_over_budget_is_refused_with_the_next_layout():
                               vpp=None, cp=None, micro_batch_size=None, recompute=None,
                               sequence_parallel=None)
     plan = plan_cmd.make_plan(args, LLAMA3_70B)
-    fits = dict(total_with_overhead=plan.memory.total, rank=0)
+    fits = dict(total=plan.memory.total, rank=0)
     assert plan_cmd.refuse(args, LLAMA3_70B, plan, fits) == ""
-    over = dict(total_with_overhead=75.0, rank=0)
+    over = dict(total=75.0, rank=0)
     message = plan_cmd.refuse(args, LLAMA3_70B, plan, over)
     assert "exceeds the 72.0 GB budget" in message and "the next layout is --tp" in message
     nxt = plan_cmd.make_plan(args, LLAMA3_70B, exclude=(plan,))

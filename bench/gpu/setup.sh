@@ -63,11 +63,7 @@ PYEOF
     fi
     MEGASIMPO_TE_OK=$(cat "$site/.te_ok")
     export MEGASIMPO_TE_OK
-    if [ "$MEGASIMPO_TE_OK" != 1 ]; then
-        # read by an SDPA attention path when one is built (issue "Fast without Transformer
-        # Engine"); today's code takes Megatron's local spec without TE either way
-        export MEGASIMPO_ATTENTION_BACKEND=sdpa
-    fi
+    # Without TE, train's --attention-backend auto resolves to sdpa by itself (layer_spec.py).
     timeout 120 python3 -c '
 import torch, megatron.core, trl, datasets, transformers
 cuda = torch.cuda.is_available()
@@ -76,6 +72,6 @@ print("setup: torch", torch.__version__, "cuda", torch.version.cuda,
 print("setup: megatron-core", megatron.core.__version__, "trl", trl.__version__,
       "datasets", datasets.__version__, "transformers", transformers.__version__)' \
         || echo "setup: importing the stack failed (above): the bench rows will fail too"
-    echo "setup: MEGASIMPO_TE_OK=$MEGASIMPO_TE_OK MEGASIMPO_ATTENTION_BACKEND=${MEGASIMPO_ATTENTION_BACKEND:-unset}; $(( $(date +%s) - t0 )) s"
+    echo "setup: MEGASIMPO_TE_OK=$MEGASIMPO_TE_OK; $(( $(date +%s) - t0 )) s"
 }
 _setup_main
