@@ -66,11 +66,12 @@ class TorchRMSNorm(torch.nn.RMSNorm):
         return rms_norm(x, self.weight, self.eps)
 
 
-def _block_causal_mask(cu_seqlens: torch.Tensor, length: int, device) -> torch.Tensor:
-    """[length, length] bool, True = may attend: causal inside each cu_seqlens segment."""
+def block_causal_mask(cu_seqlens: torch.Tensor, device) -> torch.Tensor:
+    """[T, T] bool, True = may attend: causal inside each segment of a packed row
+    (``cu_seqlens`` [n + 1] boundaries, T = cu_seqlens[-1])."""
     seg = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=device),
                                   cu_seqlens.diff().to(device).long())
-    causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    causal = torch.ones(seg.numel(), seg.numel(), dtype=torch.bool, device=device).tril()
     return causal & (seg[:, None] == seg[None, :])
 
 
@@ -120,7 +121,7 @@ def _dot_product_attention():
                 if query.is_cuda:
                     out = _varlen(query, key, value, packed_seq_params, self.softmax_scale)
                     return out.reshape(t, -1)
-                allowed = _block_causal_mask(packed_seq_params.cu_seqlens_q, t, query.device)
+                allowed = block_causal_mask(packed_seq_params.cu_seqlens_q, query.device)
                 q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, key, value))
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed,
                                                      scale=self.softmax_scale, enable_gqa=gqa)

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from megasimpo.config import Layout, ModelConfig
-from megasimpo.layer_spec import block_spec, have_te, resolve_attention_backend
+from megasimpo.layer_spec import (block_causal_mask, block_spec, have_te,
+                                  resolve_attention_backend)
 
 VOCAB_MULTIPLE = 128  # embedding rows are padded to this so checkpoints reshard to any TP <= 128
 
@@ -215,7 +216,7 @@ def packed_attention(batch: dict, attention_backend: str) -> tuple:
 
     ``te`` and ``sdpa``: THD attention over ``cu_seqlens`` (no mask; RoPE restarts per sequence).
     ``unfused`` (Megatron's DotProductAttention): a block-diagonal causal mask [1, 1, T, T]
-    (True = masked) from ``segment_ids``; its RoPE runs over the packed positions, which changes
+    (True = masked) from ``cu_seqlens``; its RoPE runs over the packed positions, which changes
     nothing inside a block because rotary attention scores depend only on the distance between
     two positions.
     """
@@ -226,10 +227,8 @@ def packed_attention(batch: dict, attention_backend: str) -> tuple:
         return None, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                      max_seqlen_q=batch["max_seqlen"],
                                      max_seqlen_kv=batch["max_seqlen"])
-    seg = batch["segment_ids"][0]
-    n = seg.numel()
-    causal = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
-    allowed = causal & (seg[:, None] == seg[None, :])
+    allowed = block_causal_mask(batch["cu_seqlens"], batch["tokens"].device)
+    n = allowed.shape[0]
     return ~allowed.view(1, 1, n, n), None
 
 

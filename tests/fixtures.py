@@ -34,3 +34,16 @@ def _write(rank, world, root, model, num_pairs, seed):
     checkpoint.save_model(chunks, model, os.path.join(root, "model"), source="test")
     write_pairs(os.path.join(root, "data", "train"), synthetic_pairs(num_pairs, seed), model.vocab_size)
     write_pairs(os.path.join(root, "data", "eval"), synthetic_pairs(16, seed + 1), model.vocab_size)
+
+
+def write_tiny_hf_config(path, **fields) -> str:
+    """A small Llama ``config.json`` at ``path`` (fields override); returns the path."""
+    import json
+
+    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4,
+              "vocab_size": 64, "max_position_embeddings": 64}
+    config.update(fields)
+    with open(path, "w") as f:
+        json.dump(config, f)
+    return str(path)

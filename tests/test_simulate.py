@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from fixtures import TINY
+from fixtures import TINY, write_tiny_hf_config
 from multirank import run_ranks
 
 from megasimpo import planner
@@ -90,11 +90,7 @@ def test_simulation_responds_to_what_matters():
 
 
 def test_plan_simulate_cli_json(tmp_path):
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 4,
-        "vocab_size": 64, "max_position_embeddings": 64}))
+    config = write_tiny_hf_config(tmp_path / "config.json")
     out = subprocess.run([sys.executable, "-m", "megasimpo", "plan", "--hf-config", str(config),
                           "--gpus", "4", "--gpus-per-node", "2", "--pp", "2", "--tp", "2",
                           "--seq-length", "32", "--global-batch-size", "8",

@@ -6,15 +6,14 @@ import os
 import subprocess
 import sys
 
+from fixtures import write_tiny_hf_config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_bench_memory_tiny(tmp_path):
-    config = tmp_path / "config.json"
-    config.write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "num_hidden_layers": 2,
-        "vocab_size": 256, "max_position_embeddings": 512}))
+    config = write_tiny_hf_config(tmp_path / "config.json", hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=2, vocab_size=256, max_position_embeddings=512)
     out, png = tmp_path / "memory.json", tmp_path / "memory.png"
     run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"),
                           "--hf-config", str(config), "--gpus", "2", "--seqs", "64,256",
