@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megasimpo import atomic
 from megasimpo.config import ModelConfig
 from megasimpo.model import unwrap
 from megasimpo.parallel.compat import finish_optimizer_load, prepare_optimizer_for_load
@@ -55,37 +56,84 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _failure(error: BaseException, path: str) -> str:
+    """One line for a save that failed: the cause, and the free space when the disk is full."""
+    import errno
+
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    full = (getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text
+            or "unexpected pos" in text)  # torch's zip writer on a short write
+    if full:
+        parent = os.path.dirname(os.path.abspath(path))
+        free = shutil.disk_usage(parent).free / 1e9 if os.path.isdir(parent) else float("nan")
+        return f"no space left on the device of {parent} ({free:.1f} GB free; {text})"
+    if isinstance(error, PermissionError):
+        return f"permission denied ({text}); make {os.path.dirname(path) or '.'} writable"
+    return f"{type(error).__name__}: {text}"
+
+
+def _agree(error: Optional[str]) -> Optional[str]:
+    """The first rank's error message, on every rank (None when all succeeded)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
+
+
+def _check(error: Optional[str], path: str, partial: str) -> None:
+    """Raises on every rank if any rank failed, after removing the unfinished ``partial``."""
+    error = _agree(error)
+    if error:
+        if _rank0():
+            shutil.rmtree(partial, ignore_errors=True)
+        raise ValueError(f"saving {path} failed, so nothing was replaced (an earlier version "
+                         f"of it, if any, is intact): {error}")
+
+
 def atomic_save(path: str, sharded_state: dict, meta: dict,
                 tokenizer_dir: Optional[str] = None, common: Optional[dict] = None,
                 per_rank: Optional[dict] = None) -> None:
     """Saves ``sharded_state`` (collective: every rank calls it) to ``path`` atomically.
 
     ``common``: plain values saved once (rank 0) and returned by every load; ``per_rank``:
-    {file name: object} each rank writes beside the shards (RNG states).
+    {file name: object} each rank writes beside the shards (RNG states). A failure on any rank
+    (a full disk, a read-only directory) removes ``PATH.partial`` and raises ValueError on every
+    rank; an existing ``path`` is only replaced once the new one is complete
+    (``atomic.replace_dir``).
     """
     from megatron.core import dist_checkpointing
 
-    partial = path.rstrip("/") + ".partial"
+    partial = path.rstrip("/") + atomic.PARTIAL_SUFFIX
+    error = None
     if _rank0():
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
-    _barrier()
+        try:
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+        except OSError as e:
+            error = _failure(e, partial)
+    _check(error, path, partial)
     state = dict(sharded_state)
     if common:
         state.update(common)
-    dist_checkpointing.save(state, partial)
-    for name, obj in (per_rank or {}).items():
-        torch.save(obj, os.path.join(partial, name))
-    _barrier()
+    try:
+        from megasimpo.parallel.processes import sync_save_strategy  # leaves no process behind
+        dist_checkpointing.save(state, partial, sharded_strategy=sync_save_strategy())
+        for name, obj in (per_rank or {}).items():
+            torch.save(obj, os.path.join(partial, name))
+    except Exception as e:  # noqa: BLE001 - every cause gets the same clean-up and one line
+        error = _failure(e, partial)
+    _check(error, path, partial)
     if _rank0():
-        if tokenizer_dir and os.path.isdir(tokenizer_dir):
-            shutil.copytree(tokenizer_dir, os.path.join(partial, "tokenizer"))
-        with open(os.path.join(partial, META_FILE), "w") as f:
-            json.dump(dict(meta, format=FORMAT), f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(partial, path)
-    _barrier()
+        try:
+            if tokenizer_dir and os.path.isdir(tokenizer_dir):
+                shutil.copytree(tokenizer_dir, os.path.join(partial, "tokenizer"))
+            with open(os.path.join(partial, META_FILE), "w") as f:
+                json.dump(dict(meta, format=FORMAT), f, indent=2)
+            atomic.replace_dir(partial, path)
+        except OSError as e:
+            error = _failure(e, partial)
+    _check(error, path, partial)
 
 
 def save_model(chunks: list, model: ModelConfig, path: str, *, source: str = "",
@@ -95,12 +143,59 @@ def save_model(chunks: list, model: ModelConfig, path: str, *, source: str = "",
                 tokenizer_dir=tokenizer_dir)
 
 
-def load_model(chunks: list, path: str) -> None:
-    """Loads a checkpoint's weights into this rank's chunks, whatever layout it was saved at."""
+def read_dcp_metadata(path: str):
+    """torch.distributed.checkpoint's index of ``path`` (``.metadata``): which bytes of which
+    shard file hold each tensor."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(path).read_metadata()
+
+
+def verify_shards(path: str) -> None:
+    """ValueError naming the file when a shard the checkpoint's index lists is missing or
+    shorter than the index says (an interrupted copy): checked before any rank reads a byte."""
+    if not os.path.isfile(os.path.join(path, ".metadata")):
+        raise ValueError(f"{path}: no .metadata, so the tensors cannot be found: the checkpoint "
+                         "is incomplete; copy it again or use another one")
+    needed = {}
+    for info in read_dcp_metadata(path).storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0),
+                                         info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise ValueError(f"{file}: shard file missing: the checkpoint is incomplete (an "
+                             "interrupted copy?); copy it again or use another checkpoint")
+        if os.path.getsize(file) < size:
+            raise ValueError(f"{file}: {os.path.getsize(file)} bytes, but the checkpoint's index "
+                             f"needs {size}: the file is truncated; copy it again or use another "
+                             "checkpoint")
+
+
+def _load(sharded_state: dict, path: str) -> dict:
+    """``dist_checkpointing.load`` with the shards checked first and its failures (raised by
+    torch as a BaseException carrying each rank's error) turned into one ValueError."""
     from megatron.core import dist_checkpointing
 
+    verify_shards(path)
+    try:
+        return dist_checkpointing.load(sharded_state, path)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # torch's CheckpointException derives from BaseException
+        failures = getattr(e, "failures", None) or {}
+        inner = next(iter(failures.values()), (e,))[0] if failures else e
+        text = str(inner).strip() or type(inner).__name__
+        hint = ("its tensors have other shapes than the model its megasimpo.json describes"
+                if "shape mismatch" in text else "a shard is unreadable or corrupted")
+        raise ValueError(f"{path}: cannot load the checkpoint: {hint} ({text}); use another "
+                         "checkpoint or convert the model again") from None
+
+
+def load_model(chunks: list, path: str) -> None:
+    """Loads a checkpoint's weights into this rank's chunks, whatever layout it was saved at."""
     read_meta(path)
-    state = dist_checkpointing.load(sharded_model_state(chunks), path)
+    state = _load(sharded_model_state(chunks), path)
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
 
@@ -164,9 +259,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_training_state(run_dir: str, step: int, chunks: list, optimizer, scheduler,
-                        model: ModelConfig, layout: dict, keep: int) -> str:
+                        model: ModelConfig, layout: dict, keep: int,
+                        run: Optional[dict] = None) -> str:
     """Checkpoint after ``step`` optimizer steps: model, optimizer, LR schedule, data position
-    (the step: the data order is a function of it) and RNG; then ``latest`` and rotation."""
+    (the step: the data order is a function of it) and RNG; then ``latest`` and rotation.
+    ``run``: the run configuration it is written under (a resume compares against it)."""
     name = f"step_{step:07d}"
     path = os.path.join(run_dir, CHECKPOINTS, name)
     model_state = sharded_model_state(chunks)
@@ -174,16 +271,14 @@ def save_training_state(run_dir: str, step: int, chunks: list, optimizer, schedu
     state["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=False,
                                                       metadata=OPTIMIZER_SHARDING)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    atomic_save(path, state, {"model": model.to_dict(), "step": step, "layout": layout},
+    atomic_save(path, state, {"model": model.to_dict(), "step": step, "layout": layout,
+                              **({"run": run} if run is not None else {})},
                 common={"scheduler": scheduler.state_dict(), "train": {"step": step}},
                 per_rank={f"rng_{rank:05d}.pt": _rng_state()})
     if _rank0():
-        pointer = os.path.join(run_dir, CHECKPOINTS, LATEST)
-        with open(pointer + ".tmp", "w") as f:
-            f.write(name + "\n")
-        os.replace(pointer + ".tmp", pointer)
+        atomic.write_text(os.path.join(run_dir, CHECKPOINTS, LATEST), name + "\n")
         done = sorted(d for d in os.listdir(os.path.join(run_dir, CHECKPOINTS))
-                      if d.startswith("step_") and not d.endswith(".partial"))
+                      if d.startswith("step_") and not d.endswith((atomic.PARTIAL_SUFFIX, atomic.OLD_SUFFIX)))
         for old in done[:-keep] if keep > 0 else []:
             shutil.rmtree(os.path.join(run_dir, CHECKPOINTS, old), ignore_errors=True)
     _barrier()
@@ -194,15 +289,13 @@ def load_training_state(path: str, chunks: list, optimizer, scheduler, layout: d
     """Restores a training checkpoint at this rank's layout; returns the steps already done.
 
     RNG states are restored only when the layout is unchanged (they are per rank)."""
-    from megatron.core import dist_checkpointing
-
     meta = read_meta(path)
     prepare_optimizer_for_load(optimizer)
     model_state = sharded_model_state(chunks)
     sharded = dict(model_state)
     sharded["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True,
                                                         metadata=OPTIMIZER_SHARDING)
-    state = dist_checkpointing.load(sharded, path)
+    state = _load(sharded, path)
     for i, chunk in enumerate(chunks):
         unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
     optimizer.load_state_dict(state["optimizer"])

@@ -45,7 +45,56 @@ def _train_parser(sub) -> None:
                         "(default: as --overlap-grad-reduce)")
     p.add_argument("--gpu-mem-gb", type=float, help="memory per device for the plan")
     p.add_argument("--eval-data", nargs="+")
+    p.add_argument("--force", action="store_true",
+                   help="train into a finished run directory again (replaces its final_model)")
+    p.add_argument("--resume-anyway", action="store_true",
+                   help="resume --out's checkpoint even though it was written under another "
+                        "configuration (the differences are printed)")
     p.add_argument("--config", help="YAML file of the same options (flags override it)")
+
+
+def _yaml_value(path: str, key: str, value):
+    """``value`` of option ``key`` from YAML file ``path``, checked against the field's type.
+    PyYAML reads ``1e-3`` (no dot) as a string: a float field takes such a string as the number
+    it spells; anything else of the wrong type is an error naming the file and the option."""
+    import typing
+
+    hints = {**typing.get_type_hints(LossConfig), **typing.get_type_hints(TrainConfig),
+             "loss": str, "gamma": float}
+    if key not in hints:
+        return value  # unknown options are reported together below
+    kind = hints[key]
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is typing.Union:
+        if value is None:
+            return value
+        kind = args[0]
+    wrong = None
+    if kind is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                wrong = "a number"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            wrong = "a number"
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            wrong = "an integer"
+    elif kind is bool:
+        if not isinstance(value, bool):
+            wrong = "true or false"
+    elif kind is str:
+        if not isinstance(value, str):
+            wrong = "a string"
+    elif kind is tuple:
+        if not (isinstance(value, str) or (isinstance(value, list)
+                                           and all(isinstance(v, str) for v in value))):
+            wrong = "a path or a list of paths"
+    if wrong:
+        raise ValueError(f"{path}: {key}: expected {wrong}, got {value!r} "
+                         f"({type(value).__name__})")
+    return value
 
 
 def train_config(args: dict) -> TrainConfig:
@@ -56,7 +105,9 @@ def train_config(args: dict) -> TrainConfig:
             loaded = yaml.safe_load(f) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{args['config']}: expected a mapping of option: value")
-        opts.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        for key, value in loaded.items():
+            key = str(key).replace("-", "_")
+            opts[key] = _yaml_value(args["config"], key, value)
     opts.update({k: v for k, v in args.items() if k not in ("config", "command")})
     loss_opts = {k: opts.pop(k) for k in list(opts) if k in LOSS_FIELDS}
     name = opts.pop("loss", "simpo")

@@ -317,6 +317,9 @@ class TrainConfig:
     exit_interval: Optional[int] = None  # checkpoint and exit 0 after step N
     log_interval: int = 1  # metrics rows every N steps
     seed: int = 1234  # data order and any random init
+    # How this start treats what --out already holds (megasimpo/run_dir.py); not run settings.
+    force: bool = False  # train into a finished run again (its final_model is replaced at the end)
+    resume_anyway: bool = False  # resume a checkpoint written under another configuration
 
     def __post_init__(self):
         if not self.data:
@@ -326,7 +329,8 @@ class TrainConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"--attention-backend {self.attention_backend!r} is not one of "
                              + ", ".join(ATTENTION_BACKENDS))
-        for name in ("micro_batch_size", "global_batch_size", "epochs", "log_interval"):
+        for name in ("micro_batch_size", "global_batch_size", "epochs", "log_interval",
+                     "max_skipped_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
         if self.logprob_chunk < 0:

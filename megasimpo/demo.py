@@ -146,25 +146,26 @@ def run_demo(out: str, steps: int = 60, nproc: int = 2, tp: int = 2) -> dict:
     train, held_out = write_demo_data(os.path.join(out, "data"), os.path.join(model_dir, "tokenizer"))
     print(f"[demo] stay-on-topic pairs (text JSONL -> preprocess_data pipeline) -> {train}, "
           f"{held_out}", flush=True)
-    if os.path.exists(os.path.join(out, "metrics.jsonl")):
-        os.remove(os.path.join(out, "metrics.jsonl"))
+    # The run directory is beside its inputs, never around them (train refuses an --out that
+    # contains --load); --force: the demo redoes its own run each time it is started.
+    run = os.path.join(out, "run")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "megasimpo", "train", "--load", model_dir,
-           "--data", train, "--eval-data", held_out, "--out", out, "--tp", str(tp),
+           "--data", train, "--eval-data", held_out, "--out", run, "--tp", str(tp),
            "--steps", str(steps), "--global-batch-size", "32", "--micro-batch-size", "8",
-           "--lr", "3e-3", "--eval-interval", "10", "--seed", "0"]
+           "--lr", "3e-3", "--eval-interval", "10", "--seed", "0", "--force"]
     print("[demo] " + " ".join(cmd[2:]), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run(cmd, check=True, env=env)
-    rows = read_metrics(out)
+    rows = read_metrics(run)
     evals = [r for r in rows if "eval_rank_accuracy" in r]
     before, after = evals[0], evals[-1]
-    png = plot_run(out)
+    png = plot_run(run)
     print("\n[demo] held-out (128 pairs)      before    after")
     for key, name in (("eval_rank_accuracy", "likelihood-ranking accuracy"),
                       ("eval_rewards/accuracies", "reward accuracy"),
                       ("eval_rewards/margins", "reward margin")):
         print(f"[demo]   {name:<28}{before[key]:>7.3f}  {after[key]:>7.3f}")
-    print(f"[demo] metrics: {os.path.join(out, 'metrics.jsonl')}  plot: {png}  "
-          f"trained model: {os.path.join(out, 'final_model')}")
+    print(f"[demo] metrics: {os.path.join(run, 'metrics.jsonl')}  plot: {png}  "
+          f"trained model: {os.path.join(run, 'final_model')}")
     return {"before": before, "after": after}

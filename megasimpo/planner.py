@@ -198,10 +198,30 @@ def _check_overrides(model: ModelConfig, gpus: int, overrides: dict) -> dict:
     return fixed
 
 
+def _no_layout_message(what: str, gpus: int, fixed: dict, global_batch_size: int) -> str:
+    """Why no layout exists at all: the global batch does not split into DP x micro-batches."""
+    mbs = fixed.get("micro_batch_size")
+    if mbs and global_batch_size % mbs:
+        return (f"--global-batch-size {global_batch_size} is not a multiple of "
+                f"--micro-batch-size {mbs}: every data-parallel rank runs whole micro-batches; "
+                f"choose a global batch that DP x {mbs} divides, or another micro-batch size")
+    model_ranks = fixed.get("tp", 1) * fixed.get("pp", 1) * fixed.get("cp", 1)
+    dp = gpus // model_ranks if gpus % model_ranks == 0 else None
+    if dp and global_batch_size % (dp * (mbs or 1)):
+        return (f"--global-batch-size {global_batch_size} is not divisible by data-parallel size "
+                f"{dp} x micro-batch {mbs or 1} = {dp * (mbs or 1)} ({gpus} GPUs / "
+                f"{model_ranks} per model replica); choose a multiple of {dp * (mbs or 1)}")
+    return (f"no valid layout for {what} on {gpus} GPUs with a global batch of "
+            f"{global_batch_size} pairs: the GPU count must be TP x PP x CP x DP and DP x "
+            "micro-batch must divide the global batch; relax the fixed flags")
+
+
 def _no_fit_message(model, gpus, budget, gpu_mem_gb, work, fixed, search) -> str:
     """Why nothing fits, with the minimum (or nearest) GPU count that would work."""
     loss, seq_length = work["loss"], work["seq_length"]
-    what = (f"the model ({model.num_parameters / 1e9:.1f} B parameters, {loss}, seq {seq_length}"
+    n = model.num_parameters
+    size = f"{n / 1e9:.1f} B" if n >= 1e8 else f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
+    what = (f"the model ({size} parameters, {loss}, seq {seq_length}"
             + "".join(f", {k}={v}" for k, v in fixed.items()) + ")")
     mem = f"GPUs of {gpu_mem_gb:g} GB (budget {budget:.1f} GB = {MEMORY_FRACTION:.0%})"
     works, leanest = set(), None
@@ -213,7 +233,7 @@ def _no_fit_message(model, gpus, budget, gpu_mem_gb, work, fixed, search) -> str
             works.add(c["tp"] * c["pp"] * c["cp"] * c["dp"])
     if not works:
         if leanest is None:
-            return f"no valid layout for {what}"
+            return _no_layout_message(what, gpus, fixed, search["global_batch_size"])
         return (f"{what} does not fit on {mem} at any GPU count: the leanest layout "
                 f"({_describe(leanest)}) needs {leanest['memory'].total:.1f} GB per GPU; "
                 "use GPUs with more memory or a shorter --seq-length")

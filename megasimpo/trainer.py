@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 import yaml
 
-from megasimpo import checkpoint
+from megasimpo import checkpoint, run_dir
 from megasimpo.config import ModelConfig, TrainConfig
 from megasimpo.data.batches import ConcatPairs, full_pass_batches, make_batch
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
@@ -27,6 +27,7 @@ from megasimpo.model import (Precision, build_chunks, finish_param_gather,
                              resolve_attention_backend, set_sync_funcs, unwrap, wrap_for_training,
                              wrap_frozen)
 from megasimpo.parallel import groups as pgroups
+from megasimpo.parallel import processes
 from megasimpo.step import TOTAL_KEYS, PairStep, reduce_stats, run_microbatches
 
 SEQ_MULTIPLE = 16  # default sequence lengths are rounded to this (2 x TP x CP <= 16 divides it)
@@ -38,11 +39,44 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, *, random_init: Optional[ModelConfig] = None):
         """``random_init``: start from random weights of this architecture (drawn from cfg.seed)
         instead of loading ``cfg.load``; for benchmarks, which time steps and need no checkpoint."""
+        processes.setup_rank()  # its helpers die with it; torchrun's death stops it
         self.cfg = cfg
         self.random_init = random_init
         rank, world = pgroups.init_distributed()
         self.is_rank0 = rank == 0
         self.model_cfg = random_init or checkpoint.model_config(cfg.load)
+        self.lock = self._claim_run_dir()
+        try:
+            self._build(world)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Gives up the run directory (its lock); the process group stays."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    # ----- set-up -------------------------------------------------------------------------
+
+    def _claim_run_dir(self):
+        """Rank 0 checks and locks --out (megasimpo/run_dir.py); every rank raises its error."""
+        lock, notes, error = None, [], None
+        if self.is_rank0:
+            try:
+                lock, notes = run_dir.prepare(self.cfg, self.model_cfg.to_dict())
+            except ValueError as e:
+                error = str(e)
+        error = pgroups.from_rank0(error)
+        if error:
+            raise ValueError(error)
+        for note in notes:
+            print(f"megasimpo train: {note}", flush=True)
+        return lock
+
+    def _build(self, world: int) -> None:
+        cfg = self.cfg
         self.attention_backend = resolve_attention_backend(cfg.attention_backend)
         self.train_data = ConcatPairs(cfg.data)
         self.eval_data = ConcatPairs(cfg.eval_data) if cfg.eval_data else None
@@ -59,8 +93,6 @@ class Trainer:
                                 logprob_chunk=cfg.logprob_chunk)
         self._setup_data()
         self._setup_model()
-
-    # ----- set-up -------------------------------------------------------------------------
 
     def _plan(self, world: int):
         """The layout and batch split: the planner's choice around the flags the user fixed."""
@@ -332,20 +364,20 @@ class Trainer:
         finish_param_gather(self.model)
         return checkpoint.save_training_state(
             self.cfg.out, done, self.model, self.optimizer, self.scheduler, self.model_cfg,
-            dataclasses.asdict(self.layout), keep=self.cfg.keep_checkpoints)
+            dataclasses.asdict(self.layout), keep=self.cfg.keep_checkpoints,
+            run=run_dir.run_record(self.cfg))
 
     def _start_metrics(self) -> MetricsSink:
-        """Opens metrics.jsonl; on resume, first drops rows past the checkpoint (a run that died
-        after its last checkpoint logged steps that are about to be redone)."""
-        path = os.path.join(self.cfg.out, "metrics.jsonl")
-        if self.is_rank0 and self.start_step and os.path.exists(path):
-            with open(path) as f:
-                keep = [line for line in f if line.strip()
-                        and json.loads(line).get("step", 0) <= self.start_step]
-            with open(path + ".tmp", "w") as f:
-                f.writelines(keep)
-            os.replace(path + ".tmp", path)
+        """Opens metrics.jsonl after dropping the rows of steps this start redoes (a run that
+        died after its last checkpoint logged steps that are about to be redone)."""
+        if self.is_rank0:
+            run_dir.truncate_metrics(self.cfg.out, self.start_step)
         return MetricsSink(self.cfg.out, self.is_rank0)
+
+    def _status(self, state: str, step: int, checkpoint_path=None, reason: str = "") -> None:
+        if self.is_rank0:
+            run_dir.write_status(self.cfg.out, state, step=step, steps=self.num_steps,
+                                 checkpoint=checkpoint_path, reason=reason)
 
     def run(self) -> list:
         """Trains to the configured step count, resuming from RUN_DIR's latest checkpoint.
@@ -368,7 +400,8 @@ class Trainer:
         self._signal = None
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
         sink = self._start_metrics()
-        rows, skipped_in_a_row = [], 0
+        self._status("running", self.start_step)
+        rows, skipped_in_a_row, finished, done = [], 0, False, self.start_step
         try:
             if self.eval_data is not None and self.start_step == 0:
                 row = {"step": 0, **self.evaluate(self.eval_data)}
@@ -408,16 +441,25 @@ class Trainer:
                     if self.is_rank0:
                         print(f"megasimpo train: checkpoint {path}", flush=True)
                 if exiting:
+                    why = f"signal {self._signal}" if stop else f"--exit-interval {cfg.exit_interval}"
                     if self.is_rank0:
-                        why = f"signal {self._signal}" if stop else f"--exit-interval {cfg.exit_interval}"
                         print(f"megasimpo train: stopping after step {done} ({why}); run the "
                               "same command to resume", flush=True)
+                    self._status("stopped", done, path, why)
+                    finished = True
                     return rows
             finish_param_gather(self.model)
-            checkpoint.save_model([unwrap(m) for m in self.model], self.model_cfg,
-                                  os.path.join(cfg.out, "final_model"), source=cfg.load,
-                                  tokenizer_dir=checkpoint.tokenizer_dir(cfg.load))
+            final = os.path.join(cfg.out, run_dir.FINAL_MODEL)
+            checkpoint.save_model([unwrap(m) for m in self.model], self.model_cfg, final,
+                                  source=cfg.load, tokenizer_dir=checkpoint.tokenizer_dir(cfg.load))
+            self._status("finished", self.num_steps, final)
+            finished = True
         finally:
+            if not finished:  # an exception (a kill -9 leaves "running" and a stale lock)
+                try:
+                    self._status("failed", done, reason="an error; see the log")
+                except OSError:  # e.g. the disk that is full; the error itself matters more
+                    pass
             sink.close()
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -427,6 +469,10 @@ class Trainer:
 def train(cfg: TrainConfig) -> list:
     """Runs one training job in this process (a rank of a torchrun job or a single process)."""
     try:
-        return Trainer(cfg).run()
+        trainer = Trainer(cfg)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
         pgroups.destroy()

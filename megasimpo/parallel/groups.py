@@ -139,6 +139,15 @@ def chunk_stages(vp_stage: Optional[int]) -> tuple[bool, bool]:
             ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
 
 
+def from_rank0(value):
+    """``value`` as rank 0 has it, on every rank (a picklable object; identity on one rank)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def destroy() -> None:
     """Tears down Megatron's groups and the default group (safe to call twice)."""
     from megatron.core import parallel_state as ps

@@ -1,0 +1,69 @@
+"""Publishing files and directories by rename, so a reader never sees a half-written one.
+
+Writers build ``PATH.partial`` (a directory) or a temporary file beside ``PATH`` and publish it
+with one rename. Replacing an existing directory cannot be one rename on POSIX, so it is three
+steps, none of which deletes the old version before the new one is in place:
+
+    PATH -> PATH.old ; PATH.partial -> PATH ; delete PATH.old
+
+A crash between the first two leaves ``PATH.old`` and no ``PATH``; ``recover(PATH)`` (called
+before anything reads or replaces ``PATH``) puts the old version back.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+
+OLD_SUFFIX = ".old"
+PARTIAL_SUFFIX = ".partial"
+
+
+def recover(path: str) -> None:
+    """Undoes a replacement that died midway: ``PATH.old`` without ``PATH`` becomes ``PATH``
+    again; a ``PATH.old`` beside a complete ``PATH`` is the leftover of a finished one."""
+    old = path.rstrip("/") + OLD_SUFFIX
+    if not os.path.lexists(old):
+        return
+    if os.path.lexists(path):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(old, path)
+
+
+def replace_dir(partial: str, path: str) -> None:
+    """Publishes the complete directory ``partial`` as ``path``, keeping any old ``path`` until
+    the new one is in place."""
+    recover(path)
+    old = path.rstrip("/") + OLD_SUFFIX
+    if os.path.lexists(path):
+        os.replace(path, old)
+    os.replace(partial, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and one rename (mode 0666 & ~umask,
+    as ``open`` would give)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    """``write_text`` of ``obj`` as indented JSON."""
+    write_text(path, json.dumps(obj, indent=2) + "\n")
