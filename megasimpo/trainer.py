@@ -1,28 +1,26 @@
-"""The training loop: Megatron schedules, DDP, distributed optimizer, cosine LR, eval, metrics.
+"""A built run and its step: Megatron schedules, DDP, distributed optimizer, cosine LR, eval.
 
 One optimizer step = this rank's micro-batches through ``get_forward_backward_func`` (Megatron's
 own no-pipelining, 1F1B or interleaved schedule), ``finalize_model_grads`` (DP reduce-scatter,
 embedding sync, division by the global pair count), then the distributed optimizer. A live DPO
 reference is a frozen copy at the same layout that runs forward-only over the same micro-batches.
+The loop around the steps (checkpoints, stops, status, final model) is megasimpo/run_loop.py.
 """
 
 import dataclasses
 import math
-import signal
-import json
 import os
 import time
 from typing import Optional
 
 import torch
-import yaml
 
 from megasimpo import checkpoint, run_dir
 from megasimpo.config import ModelConfig, TrainConfig
 from megasimpo.data.batches import ConcatPairs, full_pass_batches, make_batch
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
 from megasimpo.data.packing import pack_step
-from megasimpo.metrics import MetricsSink, batch_forward_flops, peak_memory_gb, peak_tflops
+from megasimpo.metrics import batch_forward_flops, peak_memory_gb, peak_tflops
 from megasimpo.model import (Precision, build_chunks, finish_param_gather,
                              resolve_attention_backend, set_sync_funcs, unwrap, wrap_for_training,
                              wrap_frozen)
@@ -345,20 +343,6 @@ class Trainer:
 
     # ----- the run --------------------------------------------------------------------------
 
-    def _stop_requested(self) -> bool:
-        """Whether any rank received SIGTERM/SIGUSR1 (all ranks agree, so all stop together)."""
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if self._signal else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if torch.cuda.is_available():
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def _on_signal(self, signum, frame):
-        self._signal = signum
-
     def save(self, done: int) -> str:
         """Resumable checkpoint after ``done`` steps (collective)."""
         finish_param_gather(self.model)
@@ -367,103 +351,11 @@ class Trainer:
             dataclasses.asdict(self.layout), keep=self.cfg.keep_checkpoints,
             run=run_dir.run_record(self.cfg))
 
-    def _start_metrics(self) -> MetricsSink:
-        """Opens metrics.jsonl after dropping the rows of steps this start redoes (a run that
-        died after its last checkpoint logged steps that are about to be redone)."""
-        if self.is_rank0:
-            run_dir.truncate_metrics(self.cfg.out, self.start_step)
-        return MetricsSink(self.cfg.out, self.is_rank0)
-
-    def _status(self, state: str, step: int, checkpoint_path=None, reason: str = "") -> None:
-        if self.is_rank0:
-            run_dir.write_status(self.cfg.out, state, step=step, steps=self.num_steps,
-                                 checkpoint=checkpoint_path, reason=reason)
-
     def run(self) -> list:
-        """Trains to the configured step count, resuming from RUN_DIR's latest checkpoint.
+        """Trains to the configured step count (megasimpo/run_loop.py); returns the rows."""
+        from megasimpo.run_loop import RunLoop
 
-        Writes metrics, config.yaml, periodic checkpoints and RUN_DIR/final_model. Stops early,
-        with a checkpoint and no final model, at ``--exit-interval`` or on SIGTERM/SIGUSR1.
-        """
-        from tqdm import tqdm
-
-        cfg = self.cfg
-        resolved = self.resolved()
-        if self.is_rank0:
-            os.makedirs(cfg.out, exist_ok=True)
-            with open(os.path.join(cfg.out, "config.yaml"), "w") as f:
-                yaml.safe_dump(resolved, f, sort_keys=False)
-            print("megasimpo train:", yaml.safe_dump(resolved["derived"] | resolved["layout"],
-                                                    default_flow_style=True).strip(), flush=True)
-            for reason in self.plan.reasons:
-                print(f"  plan: {reason}", flush=True)
-        self._signal = None
-        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGUSR1)}
-        sink = self._start_metrics()
-        self._status("running", self.start_step)
-        rows, skipped_in_a_row, finished, done = [], 0, False, self.start_step
-        try:
-            if self.eval_data is not None and self.start_step == 0:
-                row = {"step": 0, **self.evaluate(self.eval_data)}
-                sink.write(row)
-                rows.append(row)
-            bar = tqdm(range(self.start_step, self.num_steps), desc="train",
-                       disable=not self.is_rank0, dynamic_ncols=True,
-                       initial=self.start_step, total=self.num_steps)
-            for step in bar:
-                row = self.train_step(step)
-                done = step + 1
-                skipped_in_a_row = skipped_in_a_row + 1 if row["skipped"] else 0
-                if self.eval_data is not None and (
-                        done == self.num_steps
-                        or (cfg.eval_interval and done % cfg.eval_interval == 0)):
-                    row.update(self.evaluate(self.eval_data))
-                if (done % cfg.log_interval == 0 or done == self.num_steps or row["skipped"]
-                        or "eval_loss" in row):
-                    sink.write(row)
-                rows.append(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", acc=f"{row['rewards/accuracies']:.2f}")
-                if row["skipped"] and self.is_rank0:
-                    print(f"megasimpo train: step {done}: non-finite loss or gradient "
-                          f"(loss={row['loss']}, grad_norm={row['grad_norm']}); update skipped",
-                          flush=True)
-                if skipped_in_a_row >= cfg.max_skipped_steps:
-                    raise RuntimeError(
-                        f"{skipped_in_a_row} consecutive steps (up to step {done}) had a non-finite "
-                        "loss or gradient; stopping. Check the data and lower --lr; the last "
-                        "checkpoint is intact")
-                stop = self._stop_requested()
-                exiting = stop or (cfg.exit_interval and done % cfg.exit_interval == 0
-                                   and done < self.num_steps)
-                if exiting or (cfg.save_interval and done % cfg.save_interval == 0
-                               and done < self.num_steps):
-                    path = self.save(done)
-                    if self.is_rank0:
-                        print(f"megasimpo train: checkpoint {path}", flush=True)
-                if exiting:
-                    why = f"signal {self._signal}" if stop else f"--exit-interval {cfg.exit_interval}"
-                    if self.is_rank0:
-                        print(f"megasimpo train: stopping after step {done} ({why}); run the "
-                              "same command to resume", flush=True)
-                    self._status("stopped", done, path, why)
-                    finished = True
-                    return rows
-            finish_param_gather(self.model)
-            final = os.path.join(cfg.out, run_dir.FINAL_MODEL)
-            checkpoint.save_model([unwrap(m) for m in self.model], self.model_cfg, final,
-                                  source=cfg.load, tokenizer_dir=checkpoint.tokenizer_dir(cfg.load))
-            self._status("finished", self.num_steps, final)
-            finished = True
-        finally:
-            if not finished:  # an exception (a kill -9 leaves "running" and a stale lock)
-                try:
-                    self._status("failed", done, reason="an error; see the log")
-                except OSError:  # e.g. the disk that is full; the error itself matters more
-                    pass
-            sink.close()
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-        return rows
+        return RunLoop(self).run()
 
 
 def train(cfg: TrainConfig) -> list:
