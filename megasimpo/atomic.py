@@ -19,6 +19,23 @@ OLD_SUFFIX = ".old"
 PARTIAL_SUFFIX = ".partial"
 
 
+def check_out_not_over_input(out: str, source: str, flag: str = "--load") -> None:
+    """ValueError when ``out`` is or contains ``source``: writing (or replacing) the output
+    would delete its own input."""
+    dst = os.path.realpath(os.path.expanduser(out)).rstrip(os.sep)
+    src = os.path.realpath(os.path.expanduser(source))
+    if dst == src or src.startswith(dst + os.sep):
+        raise ValueError(f"--out {out} must neither be nor contain {flag} {source}: the "
+                         "output would replace its own input; choose another --out")
+
+
+def _delete(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
 def recover(path: str) -> None:
     """Undoes a replacement that died midway: ``PATH.old`` without ``PATH`` becomes ``PATH``
     again; a ``PATH.old`` beside a complete ``PATH`` is the leftover of a finished one."""
@@ -26,7 +43,7 @@ def recover(path: str) -> None:
     if not os.path.lexists(old):
         return
     if os.path.lexists(path):
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
     else:
         os.replace(old, path)
 
@@ -39,7 +56,7 @@ def replace_dir(partial: str, path: str) -> None:
     if os.path.lexists(path):
         os.replace(path, old)
     os.replace(partial, path)
-    shutil.rmtree(old, ignore_errors=True)
+    _delete(old)
 
 
 def _umask() -> int:

@@ -145,10 +145,10 @@ def save_model(chunks: list, model: ModelConfig, path: str, *, source: str = "",
 
 def read_dcp_metadata(path: str):
     """torch.distributed.checkpoint's index of ``path`` (``.metadata``): which bytes of which
-    shard file hold each tensor."""
-    from torch.distributed.checkpoint import FileSystemReader
+    shard file hold each tensor. Read by the restricted unpickler (megasimpo/safe_load.py)."""
+    from megasimpo import safe_load
 
-    return FileSystemReader(path).read_metadata()
+    return safe_load.read_dcp_metadata(path)
 
 
 def verify_shards(path: str) -> None:
@@ -177,19 +177,22 @@ def _load(sharded_state: dict, path: str) -> dict:
     torch as a BaseException carrying each rank's error) turned into one ValueError."""
     from megatron.core import dist_checkpointing
 
+    from megasimpo import safe_load
+
     verify_shards(path)
-    try:
-        return dist_checkpointing.load(sharded_state, path)
-    except (KeyboardInterrupt, SystemExit):
-        raise
-    except BaseException as e:  # torch's CheckpointException derives from BaseException
-        failures = getattr(e, "failures", None) or {}
-        inner = next(iter(failures.values()), (e,))[0] if failures else e
-        text = str(inner).strip() or type(inner).__name__
-        hint = ("its tensors have other shapes than the model its megasimpo.json describes"
-                if "shape mismatch" in text else "a shard is unreadable or corrupted")
-        raise ValueError(f"{path}: cannot load the checkpoint: {hint} ({text}); use another "
-                         "checkpoint or convert the model again") from None
+    with safe_load.guard(path):  # no pickle in the checkpoint can build more than plain data
+        try:
+            return dist_checkpointing.load(sharded_state, path)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # torch's CheckpointException derives from BaseException
+            failures = getattr(e, "failures", None) or {}
+            inner = next(iter(failures.values()), (e,))[0] if failures else e
+            text = str(inner).strip() or type(inner).__name__
+            hint = ("its tensors have other shapes than the model its megasimpo.json describes"
+                    if "shape mismatch" in text else "a shard is unreadable or corrupted")
+            raise ValueError(f"{path}: cannot load the checkpoint: {hint} ({text}); use another "
+                             "checkpoint or convert the model again") from None
 
 
 def load_model(chunks: list, path: str) -> None:
@@ -232,26 +235,58 @@ def remove_stale_partials(run_dir: str) -> None:
     _barrier()
 
 
+RNG_FORMAT = "megasimpo-rng-v2"
+
+
 def _rng_state() -> dict:
+    """This rank's RNG states as tensors, numbers and strings only, so that the file loads with
+    ``torch.load(weights_only=True)`` and can hold no code (numpy's state array and Python's
+    state tuple become int64 tensors; torch, CUDA and tracker states are uint8 tensors)."""
     import random
 
     import numpy as np
     from megatron.core import tensor_parallel
 
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    version, mt, gauss_next = random.getstate()
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
+    for k, v in tracker.items():
+        if not (isinstance(v, torch.Tensor) and v.dtype == torch.uint8):
+            raise ValueError(f"RNG tracker state {k!r} is a {type(v).__name__}, not a uint8 "
+                             "tensor (CUDA-graph RNG?): it cannot be saved as plain tensors")
+    return {"format": RNG_FORMAT,
+            "python": {"version": int(version), "state": torch.tensor(mt, dtype=torch.int64),
+                       "gauss_next": gauss_next},
+            "numpy": {"name": str(name), "key": torch.from_numpy(key.astype(np.int64)),
+                      "pos": int(pos), "has_gauss": int(has_gauss),
+                      "cached_gaussian": float(cached_gaussian)},
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+            "tracker": dict(tracker)}
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, source: str = "RNG state") -> None:
+    """Restores what ``_rng_state`` saved (``source``: the file, for errors). Files written
+    before RNG_FORMAT (pickled tuples with a numpy array) are accepted as long as they loaded
+    with ``weights_only=True``."""
     import random
 
     import numpy as np
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    try:
+        if state.get("format") == RNG_FORMAT:
+            py, npy = state["python"], state["numpy"]
+            python = (py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss_next"])
+            numpy_state = (npy["name"], npy["key"].numpy().astype(np.uint32), npy["pos"],
+                           npy["has_gauss"], npy["cached_gaussian"])
+        else:  # megasimpo-checkpoint-v1 RNG files
+            python, numpy_state = state["python"], state["numpy"]
+        random.setstate(python)
+        np.random.set_state(numpy_state)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{source}: not an RNG state megasimpo wrote ({type(e).__name__}: "
+                         f"{e}); the checkpoint is corrupted: use another one") from None
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -304,7 +339,9 @@ def load_training_state(path: str, chunks: list, optimizer, scheduler, layout: d
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(path, f"rng_{rank:05d}.pt")
     if meta.get("layout") == layout and os.path.isfile(rng_file):
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        from megasimpo.safe_load import load_tensors
+
+        _set_rng_state(load_tensors(rng_file, "its RNG state"), rng_file)
     return int(state["train"]["step"])
 
 

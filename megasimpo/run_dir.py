@@ -47,14 +47,6 @@ def _real(path: str) -> str:
     return os.path.realpath(os.path.expanduser(path))
 
 
-def check_out_vs_load(out: str, load: str, flag: str = "--load") -> None:
-    """ValueError when ``out`` is or contains ``load``: writing the run would replace its input."""
-    dst, src = _real(out), _real(load)
-    if dst == src or src.startswith(dst.rstrip(os.sep) + os.sep):
-        raise ValueError(f"--out {out} must neither be nor contain {flag} {load}: the run's "
-                         "outputs would replace its input; choose another --out")
-
-
 def run_record(cfg: TrainConfig) -> dict:
     """The run configuration a checkpoint is written under: ``cfg.to_dict()`` with real paths
     (a resume from another working directory compares the files, not the spellings)."""
@@ -309,7 +301,7 @@ def prepare(cfg: TrainConfig, model: dict) -> tuple:
     from megasimpo import checkpoint
 
     if cfg.load and not cfg.load.startswith("<"):  # "<random>": benchmarks' random weights
-        check_out_vs_load(cfg.out, cfg.load)
+        atomic.check_out_not_over_input(cfg.out, cfg.load)
     try:
         created = not os.path.isdir(cfg.out)
         os.makedirs(cfg.out, exist_ok=True)

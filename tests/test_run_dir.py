@@ -26,9 +26,9 @@ def test_out_must_not_be_or_contain_load(tmp_path, out, load, bad):
     out, load = str(tmp_path / out), str(tmp_path / load)
     if bad:
         with pytest.raises(ValueError, match="must neither be nor contain --load"):
-            run_dir.check_out_vs_load(out, load)
+            atomic.check_out_not_over_input(out, load)
     else:
-        run_dir.check_out_vs_load(out, load)
+        atomic.check_out_not_over_input(out, load)
 
 
 def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):

@@ -109,7 +109,9 @@ def _hf_encoder(path: str) -> PairEncoder:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        # trust_remote_code=False: a tokenizer directory's own Python code is refused, never run
+        # (None would ask on stdin, and "y" would run it).
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         raise ValueError(f"tokenizer {path!r} could not be loaded: {err}") from None
     if getattr(tok, "chat_template", None):

@@ -21,7 +21,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from megasimpo import checkpoint
+from megasimpo import atomic, checkpoint, safe_load
 from megasimpo.config import ModelConfig
 from megasimpo.hf import mapping, streaming
 
@@ -133,9 +133,7 @@ def _single_process_group():
 def _begin(out: str, force: bool, source: str) -> str:
     """Checks ``out`` and returns a fresh ``out.partial`` to write into."""
     out = out.rstrip("/")
-    src, dst = os.path.realpath(source), os.path.realpath(out)
-    if dst == src or src.startswith(dst + os.sep):  # --force would delete the input
-        raise ValueError(f"--out {out} must neither be nor contain the input {source}")
+    atomic.check_out_not_over_input(out, source, "the input")  # --force would delete it
     if os.path.lexists(out) and not force:
         raise ValueError(f"{out} already exists; pass --force to replace it")
     partial = out + ".partial"
@@ -145,9 +143,7 @@ def _begin(out: str, force: bool, source: str) -> str:
 
 
 def _commit(partial: str, out: str) -> None:
-    out = out.rstrip("/")
-    _remove(out)
-    os.replace(partial, out)
+    atomic.replace_dir(partial, out.rstrip("/"))  # an old --out goes only once this is in place
 
 
 def _remove(path: str) -> None:
@@ -327,7 +323,7 @@ def export_hf(ckpt: str, out: str, *, force: bool = False,
     partial = _begin(out, force, ckpt)
     try:
         writer, total = _ShardWriter(partial, max_shard_size), 0
-        with _single_process_group():
+        with _single_process_group(), safe_load.guard(ckpt):
             stored = _stored_tensors(ckpt, model)
             bar = _progress(sum(len(g) for g in groups), "export", progress)
             for group in groups:
