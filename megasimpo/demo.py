@@ -82,7 +82,8 @@ def write_demo_data(data_dir: str, tokenizer: str, seed: int = 0) -> tuple[str, 
     for name, n, s in (("train", 512, seed), ("eval", 128, seed + 1)):
         records = write_records(os.path.join(data_dir, f"{name}.jsonl"), n, s)
         prefixes.append(os.path.join(data_dir, name))
-        run(PreprocessConfig(inputs=(records,), tokenizer=tokenizer, out=prefixes[-1]),
+        run(PreprocessConfig(inputs=(records,), tokenizer=tokenizer, out=prefixes[-1],
+                             force=True),  # the demo remakes its own data each time
             progress=False)
     return prefixes[0], prefixes[1]
 

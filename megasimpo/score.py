@@ -17,6 +17,7 @@ import torch.distributed as dist
 from megasimpo import checkpoint
 from megasimpo.config import LOGPROB_CHUNK, Layout, LossConfig
 from megasimpo.data.batches import ConcatPairs, full_pass, make_batch
+from megasimpo.data.indexed import check_token_range
 from megasimpo.data.loader import count_truncated, default_seq_length
 from megasimpo.jsonl import read_jsonl
 from megasimpo.model import Precision, build_chunks, wrap_frozen
@@ -81,6 +82,7 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
     prec = Precision(name=precision) if precision else Precision.default()
     groups = pgroups.initialize(layout, 0)
     dataset = ConcatPairs([data])
+    check_token_range(dataset, model_cfg.vocab_size, load)
     multiple = 2 * (layout.tp if layout.sequence_parallel else 1)
     seq_length = seq_length or default_seq_length(dataset, multiple, model_cfg.max_position_embeddings)
     truncated = count_truncated(dataset, seq_length)

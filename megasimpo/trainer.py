@@ -18,6 +18,7 @@ import torch
 from megasimpo import checkpoint, run_dir
 from megasimpo.config import ModelConfig, TrainConfig
 from megasimpo.data.batches import ConcatPairs, full_pass_batches, make_batch
+from megasimpo.data.indexed import check_token_range
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
 from megasimpo.data.packing import pack_step
 from megasimpo.metrics import batch_forward_flops, peak_memory_gb, peak_tflops
@@ -78,6 +79,10 @@ class Trainer:
         self.attention_backend = resolve_attention_backend(cfg.attention_backend)
         self.train_data = ConcatPairs(cfg.data)
         self.eval_data = ConcatPairs(cfg.eval_data) if cfg.eval_data else None
+        # Every id below the checkpoint's real vocabulary (not the padded one): the max id is in
+        # each dataset's index, so this reads no token.
+        check_token_range([self.train_data] + ([self.eval_data] if self.eval_data else []),
+                          self.model_cfg.vocab_size, cfg.load)
         self.plan = self._plan(world)
         self.layout = self.plan.layout
         self.precision = Precision(name=cfg.precision) if cfg.precision else Precision.default()

@@ -168,3 +168,21 @@ def test_batch_that_does_not_split_is_explained():
     with pytest.raises(ValueError, match="DP x micro-batch dividing the global batch of 6 pairs"):
         planner.plan(TINY, 4, gpu_mem_gb=10, seq_length=64, global_batch_size=6,
                      overrides=dict(micro_batch_size=2, tp=1, pp=1))
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(inputs, tmp_path):
+    from megasimpo.data.indexed import write_pairs
+
+    ckpt, _, _ = inputs
+    # Ids 64..70: above TINY's 64-token vocabulary, inside its padded embedding rows.
+    prefix = str(tmp_path / "wide")
+    pairs = [([1, 2, 3], [4, 5, 64 + i % 7], [6, 7]) for i in range(16)]
+    write_pairs(prefix, pairs, vocab_size=128)
+    p = _train(ckpt, prefix, tmp_path / "run", "--steps", "1")
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert f"{prefix}: token id 70 >= the model's vocabulary size 64 ({ckpt})" in p.stderr
+    assert not (tmp_path / "run").exists()  # a start that fails its checks leaves nothing
+    s = subprocess.run([sys.executable, "-m", "megasimpo", "score", "--load", ckpt, "--data",
+                        prefix, "--out", str(tmp_path / "s.jsonl")], capture_output=True,
+                       text=True, timeout=300)
+    assert s.returncode == 2 and "token id 70 >= the model's vocabulary size 64" in s.stderr

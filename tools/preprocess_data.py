@@ -1,10 +1,12 @@
 """Preference records (JSONL / JSON / Parquet / saved datasets) -> Megatron pair dataset.
 
     python tools/preprocess_data.py --input FILE [FILE ...] --tokenizer HF_DIR|SPM_MODEL --out PREFIX
-        [--max-length N] [--workers N] [--split-eval F] [--skip-invalid] [--seed N]
+        [--max-length N] [--workers N] [--split-eval F] [--skip-invalid] [--seed N] [--force]
 
-Writes PREFIX.bin/.idx and PREFIX.summary.json (with --split-eval also PREFIX_eval.*). Bad input
-prints ``preprocess_data: error: <message>`` and exits 2 with nothing written.
+Writes PREFIX.bin/.idx and PREFIX.summary.json (with --split-eval also PREFIX_eval.*). Existing
+outputs are refused unless --force, which replaces them once the new ones are complete and removes
+a PREFIX_eval.* the run does not write. Bad input prints ``preprocess_data: error: <message>`` and
+exits 2 with nothing written.
 """
 
 import argparse
@@ -42,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip-invalid", action="store_true",
                    help="count invalid records as skips instead of failing")
     p.add_argument("--seed", type=int, default=1234, help="seed of the eval split")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing PREFIX.* / PREFIX_eval.* outputs")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p.parse_args(argv)
 
@@ -53,7 +57,7 @@ def main(argv=None) -> int:
         config = PreprocessConfig(
             inputs=tuple(args.input), tokenizer=args.tokenizer, out=args.out,
             max_length=args.max_length, workers=args.workers, split_eval=args.split_eval,
-            skip_invalid=args.skip_invalid, seed=args.seed)
+            skip_invalid=args.skip_invalid, seed=args.seed, force=args.force)
         summaries = run(config, progress=not args.no_progress)
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -25,6 +25,11 @@ class ConcatPairs:
         self.parts = [PairDataset(p) for p in self.prefixes]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])
 
+    @property
+    def max_token_id(self) -> int:
+        """Largest token id over every part (-1 for none); see ``indexed.check_token_range``."""
+        return max((p.max_token_id for p in self.parts), default=-1)
+
     def __len__(self):
         return int(self.offsets[-1])
 

@@ -12,7 +12,9 @@ Skips are counted by reason: ``invalid`` (only with ``skip_invalid``; otherwise 
 record raises ``InvalidRecord``), ``empty`` (a blank response), ``identical`` (same response ids),
 ``too_long`` (a response leaves no room for one prompt token within ``max_length``) and ``unscorable``
 (empty prompt and a 1-token response: no response token has a predecessor to be scored from).
-Nothing is published unless the whole run succeeds.
+Nothing is published unless the whole run succeeds. Existing outputs (``PREFIX.*``, ``PREFIX_eval.*``)
+are refused unless ``force``; with it they are replaced only once the new ones are complete, and a
+``PREFIX_eval.*`` the new run does not write is removed after that, so it cannot pass for its split.
 """
 
 import contextlib
@@ -29,15 +31,14 @@ import numpy as np
 from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
 
 from megasimpo.data.formats import (
-    InvalidRecord, TokenPair, check_token_range, has_empty_response, line_location,
-    parse_json_line, parse_record, row_location)
-from megasimpo.data.indexed import PairWriter
+    InvalidRecord, TokenPair, check_token_range, has_empty_response, parse_json_line, parse_record)
+from megasimpo.data.indexed import PairWriter, file_mode
+from megasimpo.data.inputs import Item, open_input
 from megasimpo.data.tokenize import PairEncoder, load_encoder, truncate_prompt
 
 SKIP_REASONS = ("invalid", "empty", "identical", "too_long", "unscorable")
 NUM_EXAMPLES = 5  # locations kept per skip reason in the summary
 BIAS_THRESHOLD = 0.05  # |mean difference| / mean length below which lengths count as "about the same"
-Item = Tuple[str, object, bool]  # (location, raw JSON line or decoded row, payload is a JSON line)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,6 +54,7 @@ class PreprocessConfig:
     skip_invalid: bool = False  # count invalid records as skips instead of failing
     seed: int = 1234  # seeds the eval split
     chunk_size: int = 64  # records per task handed to a worker
+    force: bool = False  # replace existing outputs (and remove a stale PREFIX_eval.*)
 
     def __post_init__(self):
         if not self.inputs:
@@ -72,68 +74,19 @@ class PreprocessConfig:
         return f"{self.out}_eval"
 
 
-# ---------------------------------------------------------------- reading inputs (main process)
-
-def _count_lines(path: str) -> int:
-    with open(path, "rb") as f:
-        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 20), b""))
+def output_paths(prefix: str) -> List[str]:
+    """The files one output prefix consists of."""
+    return [get_bin_path(prefix), get_idx_path(prefix), f"{prefix}.summary.json"]
 
 
-def _json_lines(path: str) -> Iterator[Item]:
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():  # blank lines (e.g. a trailing one) are not records
-                yield line_location(path, number), line, True
-
-
-def _first_char(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                return line.lstrip()[0]
-    return ""
-
-
-def _open_input(path: str) -> Tuple[Optional[int], Iterator[Item]]:
-    """(record count or an estimate for the progress bar, items in file order) of one input."""
-    if os.path.isdir(path):
-        import datasets
-
-        try:
-            ds = datasets.load_from_disk(path)
-        except (FileNotFoundError, ValueError) as err:
-            raise ValueError(f"{path}: not a saved datasets directory: {err}") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds and len(ds) != 1:
-                raise ValueError(f"{path}: saved DatasetDict has splits {sorted(ds)}; expected "
-                                 "'train' or a single split")
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        return len(ds), ((row_location(path, i), row, False) for i, row in enumerate(ds))
-    if not os.path.isfile(path):
-        raise ValueError(f"input {path!r} not found")
-    ext = os.path.splitext(path)[1].lower()
-    if ext == ".parquet":
-        import datasets
-        import pyarrow.parquet
-
-        try:
-            num_rows = pyarrow.parquet.read_metadata(path).num_rows
-            ds = datasets.load_dataset("parquet", data_files=path, split="train", streaming=True)
-        except Exception as err:  # pyarrow/datasets raise many types for an unreadable file
-            raise ValueError(f"{path}: not a readable Parquet file: {err}") from None
-        return num_rows, ((row_location(path, i), row, False) for i, row in enumerate(ds))
-    if ext == ".jsonl" or (ext == ".json" and _first_char(path) != "["):
-        return _count_lines(path), _json_lines(path)
-    if ext == ".json":
-        with open(path, encoding="utf-8") as f:
-            try:
-                rows = json.load(f)
-            except json.JSONDecodeError as err:  # a broken array has no records to skip to
-                raise ValueError(f"{line_location(path, err.lineno)}: malformed JSON: {err.msg} "
-                                 f"(column {err.colno})") from None
-        return len(rows), ((row_location(path, i), row, False) for i, row in enumerate(rows))
-    raise ValueError(f"input {path!r}: unsupported file type {ext!r} (expected .jsonl, .json, "
-                     ".parquet or a saved datasets directory)")
+def _check_not_overwriting(config: PreprocessConfig) -> None:
+    """ValueError naming the existing outputs of a run without ``force``."""
+    existing = [p for prefix in (config.out, config.eval_prefix) for p in output_paths(prefix)
+                if os.path.lexists(p)]
+    if existing and not config.force:
+        raise ValueError(f"--out {config.out}: {', '.join(existing)} already exist(s); pass "
+                         "--force to replace them (a PREFIX_eval.* this run does not write is "
+                         "removed), or choose another --out")
 
 
 # ---------------------------------------------------------------- encoding (worker processes)
@@ -142,6 +95,8 @@ def encode_item(encoder: PairEncoder, max_length: Optional[int], item: Item) -> 
     """One record -> ``("pair", prompt, chosen, rejected, truncated)`` (int32 arrays) or
     ``("skip", reason, InvalidRecord | location)``."""
     where, payload, is_line = item
+    if isinstance(payload, InvalidRecord):  # the line could not even be decoded
+        return ("skip", "invalid", payload)
     try:
         record = parse_record(parse_json_line(payload, where) if is_line else payload, where)
         if isinstance(record, TokenPair):
@@ -313,7 +268,7 @@ def summary_lines(summary: dict) -> List[str]:
 
 def _remove_outputs(prefixes: List[str]) -> None:
     for prefix in prefixes:
-        for path in (get_idx_path(prefix), get_bin_path(prefix), f"{prefix}.summary.json"):
+        for path in output_paths(prefix)[::-1]:  # .bin last: a lone .bin is never read
             with contextlib.suppress(FileNotFoundError):
                 os.remove(path)
 
@@ -333,7 +288,7 @@ def _write(config: PreprocessConfig, vocab_size: int, pairs: Iterator[tuple],
     """Write the split(s) and summaries; on any failure nothing is left at the prefixes."""
     splits = ["train", "eval"] if config.split_eval > 0 else ["all"]
     prefixes = [config.out, config.eval_prefix][:len(splits)]
-    tmp_summaries, publishing = [], False
+    tmp_summaries, publishing, mode = [], False, file_mode()
     try:
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(PairWriter(p, vocab_size)) for p in prefixes]
@@ -352,16 +307,21 @@ def _write(config: PreprocessConfig, vocab_size: int, pairs: Iterator[tuple],
             counts = {split: len(lens) for split, lens in zip(splits, lengths)}
             summaries = [build_summary(np.asarray(lens, np.int64), tally, config, prefix, split,
                                        counts) for split, prefix, lens in zip(splits, prefixes, lengths)]
-            for summary in summaries:
+            for summary, writer in zip(summaries, writers):
+                # PairDataset checks the summary's fingerprint against the .idx it sits beside.
+                summary.update(fingerprint=writer.seal(), max_token_id=writer.max_token_id)
                 fd, tmp = tempfile.mkstemp(suffix=".summary.json.tmp", dir=os.path.dirname(
                     os.path.abspath(summary["prefix"])))
                 tmp_summaries.append((tmp, f"{summary['prefix']}.summary.json"))
                 with os.fdopen(fd, "w") as f:
                     json.dump(summary, f, indent=2)
                     f.write("\n")
+                os.chmod(tmp, mode)
             publishing = True  # leaving the block renames the .bin/.idx into place
         for tmp, final in tmp_summaries:
             os.replace(tmp, final)
+        if config.split_eval == 0:  # with --force: an older split must not outlive its train set
+            _remove_outputs([config.eval_prefix])
     except BaseException:
         for tmp, _ in tmp_summaries:
             with contextlib.suppress(FileNotFoundError):
@@ -374,11 +334,13 @@ def _write(config: PreprocessConfig, vocab_size: int, pairs: Iterator[tuple],
 
 def run(config: PreprocessConfig, progress: bool = True) -> List[dict]:
     """Run the pipeline; returns the summaries written (the main/train prefix first).
-    ValueError (``InvalidRecord`` for a bad record) on bad input, with nothing written."""
+    ValueError (``InvalidRecord`` for a bad record) on bad input or existing outputs without
+    ``force``, with nothing written."""
     from tqdm import tqdm
 
+    _check_not_overwriting(config)
     encoder = load_encoder(config.tokenizer)
-    opened = [_open_input(path) for path in config.inputs]  # fail on a missing input up front
+    opened = [open_input(path) for path in config.inputs]  # fail on a missing input up front
     totals = [total for total, _ in opened]
     items = itertools.chain.from_iterable(it for _, it in opened)
     tally = _Tally()

@@ -287,8 +287,8 @@ def test_split_eval_sizes_disjoint_seeded_and_ordered(tmp_path, llama3):
                for i in range(20)]
     path = write_jsonl(tmp_path / "in.jsonl", records)
     splits = {}
-    for seed in (1, 1, 2):
-        summaries, prefix = preprocess(tmp_path, [path], llama3, name=f"s{seed}/ds",
+    for run_number, seed in enumerate((1, 1, 2)):
+        summaries, prefix = preprocess(tmp_path, [path], llama3, name=f"r{run_number}/ds",
                                        split_eval=0.25, seed=seed)
         train = [p[0][1] - 9 for p in read_pairs(prefix)]  # input index of each stored pair
         held = [p[0][1] - 9 for p in read_pairs(prefix + "_eval")]
