@@ -1,4 +1,4 @@
-# make demo: the embedded default run end to end.  make test: the test suite.
+# make demo: the embedded default run end to end.  make test: lint (ruff) and the test suite.
 # Both create .venv when needed and install the project into it (torch 2.13.0 is taken first when
 # no torch is installed, so pip does not pull a CUDA build where a CPU one is wanted).
 PYTHON ?= python3
@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(PY) -m megasimpo demo --out demo_run
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check megasimpo tools bench tests examples
 	$(PY) -m pytest tests -q
 
 clean:

@@ -281,14 +281,17 @@ class TrainConfig:
     out: str  # run directory: metrics, config.yaml, checkpoints, final model/
     loss: LossConfig = field(default_factory=LossConfig)
     ref: str = "live"  # reference log-probs for dpo/ipo/rdpo: "live" frozen copy or "precomputed"
-    ref_logps: tuple = ()  # --ref precomputed: `megasimpo score` JSONL per --data then --eval-data prefix (default PREFIX.ref_logps.jsonl)
+    # --ref precomputed: `megasimpo score` JSONL per --data then --eval-data prefix
+    # (default PREFIX.ref_logps.jsonl)
+    ref_logps: tuple = ()
     # Layout and batch split: None = the planner decides (megasimpo/planner.py); a value fixes it.
     tp: Optional[int] = None  # tensor-parallel size
     pp: Optional[int] = None  # pipeline-parallel size
     vpp: Optional[int] = None  # virtual pipeline chunks per rank
     cp: Optional[int] = None  # context-parallel size
     sequence_parallel: Optional[bool] = None  # None: on when tp > 1
-    attention_backend: str = "auto"  # auto | te | sdpa | unfused (megasimpo/layer_spec.py); auto: te with Transformer Engine on a GPU, else sdpa
+    # auto | te | sdpa | unfused (megasimpo/layer_spec.py); auto: te with TE on a GPU, else sdpa
+    attention_backend: str = "auto"
     micro_batch_size: Optional[int] = None  # pairs per micro-batch per DP rank
     recompute: Optional[bool] = None  # full activation recompute
     gpu_mem_gb: Optional[float] = None  # memory per device the plan may use (default: queried)
@@ -304,11 +307,17 @@ class TrainConfig:
     adam_beta2: float = 0.999
     clip_grad: float = 1.0  # global grad-norm clip
     precision: Optional[str] = None  # bf16 | fp8 | fp32; None: bf16 on GPU, fp32 on CPU
-    pack: Optional[bool] = None  # pack each micro-batch's sequences into one row (THD); None: on with Transformer Engine and cp 1
-    logprob_chunk: int = LOGPROB_CHUNK  # tokens per chunk of the fused output layer + log-probs (no full logits); 0: plain path
+    # Pack each micro-batch's sequences into one row (THD); None: with a variable-length
+    # attention kernel (TE, or SDPA on a GPU) and cp 1.
+    pack: Optional[bool] = None
+    # Tokens per chunk of the fused output layer + log-probs (no full logits); 0: plain path.
+    logprob_chunk: int = LOGPROB_CHUNK
     # Megatron DDP communication overlap (distributed optimizer); None: on with CUDA, off on CPU.
-    overlap_grad_reduce: Optional[bool] = None  # reduce-scatter each gradient bucket during backward, as soon as its last gradient is in
-    overlap_param_gather: Optional[bool] = None  # all-gather the updated parameters during the next forward, bucket by bucket (needs overlap_grad_reduce); None: as overlap_grad_reduce
+    # Reduce-scatter each gradient bucket during backward, as soon as its last gradient is in.
+    overlap_grad_reduce: Optional[bool] = None
+    # All-gather the updated parameters during the next forward, bucket by bucket (needs
+    # overlap_grad_reduce); None: as overlap_grad_reduce.
+    overlap_param_gather: Optional[bool] = None
     eval_data: tuple = ()  # held-out prefixes
     eval_interval: int = 0  # evaluate every N steps (and at start and end); 0: start and end only
     save_interval: int = 0  # resumable checkpoint every N steps; 0: final model only

@@ -135,11 +135,11 @@ def train_trend(rows: list, key: str) -> Optional[dict]:
     k = max(1, math.ceil(TRAIN_WINDOW * n))
     early, late = np.array(vals[:k]), np.array(vals[-k:])
     se = math.sqrt((early.var(ddof=1) + late.var(ddof=1)) / k) if k > 1 else 0.0
-    e, l = float(early.mean()), float(late.mean())
-    threshold = max(NUM_SE * se, REL_TOL * max(abs(e), abs(l)))
-    return {"early": e, "late": l, "delta": l - e, "se": se, "threshold": threshold,
+    e, la = float(early.mean()), float(late.mean())
+    threshold = max(NUM_SE * se, REL_TOL * max(abs(e), abs(la)))
+    return {"early": e, "late": la, "delta": la - e, "se": se, "threshold": threshold,
             "early_steps": [steps[0], steps[k - 1]], "late_steps": [steps[-k], steps[-1]],
-            "num_rows": n, "trend": _direction(l - e, threshold) if n >= 2 else "n/a"}
+            "num_rows": n, "trend": _direction(la - e, threshold) if n >= 2 else "n/a"}
 
 
 def eval_trend(rows: list, key: str) -> Optional[dict]:

@@ -18,7 +18,6 @@ RUNS = [(backend, pack) for pack in (False, True) for backend in ("unfused", "sd
 def _train_all(rank, world, ckpt, data, root, layout_kw):
     """Every (backend, pack) run of RUNS in this process: {key: (losses, grad norms, derived)}."""
     from megasimpo.config import LossConfig, TrainConfig
-    from megasimpo.parallel import groups
     from megasimpo.trainer import Trainer
 
     out = {}

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from fixtures import TINY, tiny_run_inputs
+from multirank import run_ranks
 
 TINY_TIED = dataclasses.replace(TINY, tie_word_embeddings=True)
-from multirank import run_ranks
 
 STEPS = 3
 

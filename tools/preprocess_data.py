@@ -22,7 +22,7 @@ try:
 except ImportError:  # run from a checkout without installing the package
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megasimpo.data.preprocess import PreprocessConfig, run, summary_lines
+from megasimpo.data.preprocess import PreprocessConfig, run, summary_lines  # noqa: E402
 
 PROG = "preprocess_data"
 

@@ -449,7 +449,7 @@ def test_export_checks_checkpoint_against_its_config(tmp_path, models):
     with open(os.path.join(bad, "megasimpo.json"), "w") as f:
         json.dump(meta, f)
     with pytest.raises(ValueError, match=r"decoder\.layers\.mlp\.linear_fc1\.weight in checkpoint "
-                                         + ".*bad\.ckpt: shape"):
+                                         + r".*bad\.ckpt: shape"):
         export_hf(bad, str(tmp_path / "out"))
     assert not os.path.exists(tmp_path / "out") and not os.path.exists(tmp_path / "out.partial")
     with pytest.raises(ValueError, match="no config.json"):
