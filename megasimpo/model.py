@@ -80,7 +80,7 @@ def transformer_config(model: ModelConfig, layout: Layout, precision: Precision,
         pipeline_dtype=precision.dtype,
         bf16=precision.dtype == torch.bfloat16,
         fp8="hybrid" if precision.name == "fp8" else None,
-        fp8_recipe="delayed" if precision.name == "fp8" else "delayed",
+        fp8_recipe="delayed",  # read only when fp8 is set
         fp8_amax_history_len=1024 if precision.name == "fp8" else 1,
         fp8_amax_compute_algo="max" if precision.name == "fp8" else "most_recent",
         # Fused kernels exist only on CUDA (some only with TE/apex); numerics are the same.

@@ -43,7 +43,7 @@ TRAIN_ONLY_KEYS = ("grad_norm", "lr")
 THROUGHPUT_KEYS = ("tokens_per_sec", "tflops_per_gpu", "mfu", "mem_peak_gb", "step_time_s")
 # What logps/* means per loss (megasimpo/losses.py): summed over response tokens or averaged.
 SUMMED_LOGPS_LOSSES = ("dpo", "ipo", "cpo", "rdpo")
-AVERAGED_LOGPS_LOSSES = ("simpo", "orpo")
+AVERAGED_LOGPS_LOSSES = ("simpo", "orpo", "sft")  # sft logs a_w, a_l as SimPO does
 
 
 # ----- reading ------------------------------------------------------------------------------------

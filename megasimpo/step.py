@@ -139,7 +139,7 @@ class PairStep:
                       None if ref is None else ref[:, 0], None if ref is None else ref[:, 1])
         weights = batch.get("weights")
         loss_sum, metrics = preference_loss(self.loss, x, weights)
-        w = torch.ones(b) if weights is None else weights.float()
+        w = torch.ones(b, device=sums.device) if weights is None else weights.float()
         avg = sums.detach() / counts
         stats = [loss_sum.detach()] + [metrics[k] for k in self.metric_keys] + [
             (counts[:b] * w).sum(), (counts[b:] * w).sum(),

@@ -249,3 +249,10 @@ def test_cli_writes_markdown_json_and_png(tmp_path):
     with Image.open(out / "review.png") as im:
         im.verify()
         assert im.size == (1500, 800)
+
+
+def test_sft_logps_have_a_unit():
+    from megasimpo.review import _logps_note
+
+    note = _logps_note("sft", {})
+    assert "per-token averages" in note and "unknown" not in note
