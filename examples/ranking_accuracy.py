@@ -299,12 +299,9 @@ def read_scores(path: str, splits: dict) -> dict:
 
 def write_reference(scores: np.ndarray, prefix: str) -> None:
     """SFT scores of one split as ``PREFIX.ref_logps.jsonl`` (DPO's --ref precomputed input)."""
-    from megasimpo.score import default_scores_path
+    from megasimpo.score import default_scores_path, write_scores
 
-    with open(default_scores_path(prefix), "w") as f:
-        for i, (cl, rl, ct, rt) in enumerate(scores):
-            f.write(json.dumps({"index": i, "chosen_logps": float(cl), "rejected_logps": float(rl),
-                                "chosen_tokens": int(ct), "rejected_tokens": int(rt)}) + "\n")
+    write_scores(default_scores_path(prefix), scores)
 
 
 def pair_metrics(s: np.ndarray, ref: np.ndarray, kind: str) -> dict:

@@ -10,6 +10,7 @@ A crash between the first two leaves ``PATH.old`` and no ``PATH``; ``recover(PAT
 before anything reads or replaces ``PATH``) puts the old version back.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -65,20 +66,28 @@ def _umask() -> int:
     return mask
 
 
-def write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` through a temporary file and one rename (mode 0666 & ~umask,
-    as ``open`` would give)."""
+@contextlib.contextmanager
+def replacing(path: str):
+    """``with replacing(PATH) as f: f.write(...)``: a text file beside ``path`` that replaces it
+    by one rename when the block ends cleanly (mode 0666 & ~umask, as ``open`` would give) and
+    is deleted when it raises."""
     parent = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
         with os.fdopen(fd, "w") as f:
-            f.write(text)
+            yield f
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and one rename (``replacing``)."""
+    with replacing(path) as f:
+        f.write(text)
 
 
 def write_json(path: str, obj) -> None:

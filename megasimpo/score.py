@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megasimpo import checkpoint
+from megasimpo import atomic, checkpoint
 from megasimpo.config import LOGPROB_CHUNK, Layout, LossConfig
 from megasimpo.data.batches import ConcatPairs, full_pass, make_batch
 from megasimpo.data.indexed import check_token_range
@@ -123,12 +123,10 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
 
 
 def write_scores(path: str, scores: np.ndarray) -> None:
-    """``scores`` [n, 4] in FIELDS order as the score JSONL, in dataset order; written to
-    PATH.partial then renamed."""
+    """``scores`` [n, 4] in FIELDS order as the score JSONL, in dataset order; published by one
+    rename (``atomic.replacing``)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = path + ".partial"
-    with open(partial, "w") as f:
+    with atomic.replacing(path) as f:
         for i, (cl, rl, ct, rt) in enumerate(scores):
             f.write(json.dumps({"index": i, "chosen_logps": float(cl), "rejected_logps": float(rl),
                                 "chosen_tokens": int(ct), "rejected_tokens": int(rt)}) + "\n")
-    os.replace(partial, path)
