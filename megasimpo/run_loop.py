@@ -14,6 +14,7 @@ import yaml
 from megasimpo import checkpoint, run_dir
 from megasimpo.metrics import MetricsSink
 from megasimpo.model import finish_param_gather, unwrap
+from megasimpo.parallel import groups as pgroups
 
 
 class RunLoop:
@@ -30,11 +31,7 @@ class RunLoop:
         import torch.distributed as dist
 
         flag = torch.tensor([1.0 if self._signal else 0.0])
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            if torch.cuda.is_available():
-                flag = flag.cuda()
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return bool(pgroups.all_reduce_host(flag, dist.ReduceOp.MAX).item())
 
     def _on_signal(self, signum, frame):
         self._signal = signum

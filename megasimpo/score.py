@@ -12,7 +12,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from megasimpo import atomic, checkpoint
 from megasimpo.config import LOGPROB_CHUNK, Layout, LossConfig
@@ -105,11 +104,7 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
                 real = [j for j in range(b - a) if weights[a + j] > 0]
                 rows = torch.cat([o["logps"].double().cpu(), o["counts"].double().cpu()], 1)
                 table[[idx[a + j] for j in real]] = rows[real]
-    if world > 1:  # each pair was filled in by exactly one reporting rank
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        table = table.to(dev)
-        dist.all_reduce(table)
-        table = table.cpu()
+    table = pgroups.all_reduce_host(table)  # each pair was filled in by one reporting rank
     scores = table.numpy()
     summary = {"pairs": len(dataset), "ranking_accuracy": ranking_accuracy(scores),
                "prompt_truncated": truncated, "seq_length": seq_length}

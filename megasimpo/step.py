@@ -17,7 +17,7 @@ from megasimpo.config import LossConfig
 from megasimpo.losses import PairLogps, preference_loss
 from megasimpo.model import emit_hidden_states, output_weight, packed_attention, unwrap
 from megasimpo.parallel.fused_logprobs import fused_vocab_parallel_logprobs
-from megasimpo.parallel.groups import ProcessGroups
+from megasimpo.parallel.groups import ProcessGroups, all_reduce_host
 from megasimpo.parallel.logprobs import (packed_sequence_logps, sequence_logps,
                                          vocab_parallel_logprobs)
 
@@ -184,17 +184,11 @@ def reduce_stats(step: PairStep, outputs: list, groups: ProcessGroups) -> Option
 
     Returns per-pair means (and token totals) on every rank; every rank must call it.
     """
-    import torch.distributed as dist
-
     vec = torch.zeros(len(step.stat_keys), dtype=torch.float64)
     if groups.reports_metrics:
         for out in outputs:
             vec += out["stats"].double().cpu()
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        vec = vec.to(dev)
-        dist.all_reduce(vec)
-        vec = vec.cpu()
+    vec = all_reduce_host(vec)
     total = dict(zip(step.stat_keys, vec.tolist()))
     n = max(total["num_pairs"], 1.0)
     out = {k: v / n for k, v in total.items() if k not in TOTAL_KEYS}

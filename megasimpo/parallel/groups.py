@@ -139,6 +139,17 @@ def chunk_stages(vp_stage: Optional[int]) -> tuple[bool, bool]:
             ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
 
 
+def all_reduce_host(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """A small CPU tensor reduced over the whole world, returned on the CPU: it travels on the
+    device the backend needs (the current GPU for NCCL). No-op on one rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return tensor
+    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    moved = tensor.to(dev)
+    dist.all_reduce(moved, op=op)
+    return moved.cpu()
+
+
 def from_rank0(value):
     """``value`` as rank 0 has it, on every rank (a picklable object; identity on one rank)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
