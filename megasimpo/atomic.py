@@ -30,7 +30,8 @@ def check_out_not_over_input(out: str, source: str, flag: str = "--load") -> Non
                          "output would replace its own input; choose another --out")
 
 
-def _delete(path: str) -> None:
+def delete(path: str) -> None:
+    """Removes the file or directory ``path`` if it exists (a symlink itself, not its target)."""
     if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
     elif os.path.lexists(path):
@@ -44,7 +45,7 @@ def recover(path: str) -> None:
     if not os.path.lexists(old):
         return
     if os.path.lexists(path):
-        _delete(old)
+        delete(old)
     else:
         os.replace(old, path)
 
@@ -57,13 +58,15 @@ def replace_dir(partial: str, path: str) -> None:
     if os.path.lexists(path):
         os.replace(path, old)
     os.replace(partial, path)
-    _delete(old)
+    delete(old)
 
 
-def _umask() -> int:
+def file_mode() -> int:
+    """The mode ``open`` gives a new file (0o666 & ~umask): ``mkstemp`` files are 0600 and are
+    chmod-ed to it before they are published. The umask can only be read by setting it."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 @contextlib.contextmanager
@@ -76,7 +79,7 @@ def replacing(path: str):
     try:
         with os.fdopen(fd, "w") as f:
             yield f
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megasimpo import atomic
 from megasimpo.config import ModelConfig
 from megasimpo.model import unwrap
+from megasimpo.parallel import groups as pgroups
 from megasimpo.parallel.compat import finish_optimizer_load, prepare_optimizer_for_load
 
 META_FILE = "megasimpo.json"
@@ -72,18 +73,9 @@ def _failure(error: BaseException, path: str) -> str:
     return f"{type(error).__name__}: {text}"
 
 
-def _agree(error: Optional[str]) -> Optional[str]:
-    """The first rank's error message, on every rank (None when all succeeded)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return error
-    errors = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
-    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
-
-
 def _check(error: Optional[str], path: str, partial: str) -> None:
     """Raises on every rank if any rank failed, after removing the unfinished ``partial``."""
-    error = _agree(error)
+    error = pgroups.first_error(error)
     if error:
         if _rank0():
             shutil.rmtree(partial, ignore_errors=True)

@@ -29,6 +29,7 @@ from megatron.core.datasets.indexed_dataset import (
     get_idx_path,
 )
 
+from megasimpo.atomic import file_mode
 from megasimpo.data.fingerprint import (
     compute_fingerprint, encode_trailer, read_index, read_trailer)
 
@@ -74,14 +75,6 @@ def remove_quietly(path: str) -> None:
         os.remove(path)
     except FileNotFoundError:
         pass
-
-
-def file_mode() -> int:
-    """The mode ``open`` gives a new file (0o666 & ~umask); ``mkstemp`` files are 0600 and are
-    chmod-ed to it before they are published. The umask can only be read by setting it."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def _fsync(path: str) -> None:

@@ -32,7 +32,8 @@ from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
 
 from megasimpo.data.formats import (
     InvalidRecord, TokenPair, check_token_range, has_empty_response, parse_json_line, parse_record)
-from megasimpo.data.indexed import PairWriter, file_mode
+from megasimpo.atomic import file_mode
+from megasimpo.data.indexed import PairWriter
 from megasimpo.data.inputs import Item, open_input
 from megasimpo.data.tokenize import PairEncoder, load_encoder, truncate_prompt
 

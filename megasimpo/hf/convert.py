@@ -137,20 +137,13 @@ def _begin(out: str, force: bool, source: str) -> str:
     if os.path.lexists(out) and not force:
         raise ValueError(f"{out} already exists; pass --force to replace it")
     partial = out + ".partial"
-    _remove(partial)
+    atomic.delete(partial)
     os.makedirs(partial)
     return partial
 
 
 def _commit(partial: str, out: str) -> None:
     atomic.replace_dir(partial, out.rstrip("/"))  # an old --out goes only once this is in place
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
 
 
 def _copy_tokenizer(src: str, dst: str, skip: tuple = ()) -> None:
@@ -223,7 +216,7 @@ def import_hf(hf_dir: str, out: str, *, force: bool = False, progress: bool = Tr
                        "source": os.path.abspath(hf_dir)}, f, indent=2)
         _commit(partial, out)
     except BaseException:
-        _remove(partial)
+        atomic.delete(partial)
         raise
     return model
 
@@ -351,7 +344,7 @@ def export_hf(ckpt: str, out: str, *, force: bool = False,
             json.dump(mapping.hf_config(model, base), f, indent=2)
         _commit(partial, out)
     except BaseException:
-        _remove(partial)
+        atomic.delete(partial)
         raise
     return model
 

@@ -150,6 +150,16 @@ def all_reduce_host(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     return moved.cpu()
 
 
+def first_error(error):
+    """The first rank's error message (or None), on every rank: each rank says how its part of
+    a collective piece of work went, and all act on the same answer."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
+
+
 def from_rank0(value):
     """``value`` as rank 0 has it, on every rank (a picklable object; identity on one rank)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
