@@ -51,10 +51,10 @@ def run_row(size: str, seq: int, loss: str, ref: str) -> dict:
         plan = planner.plan(model, gpus, gpu_mem_gb=GPU_GB, seq_length=seq, loss=loss, ref=ref)
     except ValueError as e:
         return dict(row, status=f"no layout: {e}")
-    row.update(layout=f"tp{plan.tp} pp{plan.pp} cp{plan.cp} dp{plan.dp}"
+    row.update(layout=f"tp{plan.layout.tp} pp{plan.layout.pp} cp{plan.layout.cp} dp{plan.layout.dp}"
                       + (" recompute" if plan.recompute else ""),
                model_gb=round(plan.memory.total, 2))
-    if plan.cp > 1:
+    if plan.layout.cp > 1:
         return dict(row, status="planned only: CP needs TE attention to simulate")
     t0 = time.time()
     sims = simulate(plan, model, loss=LossConfig(name=loss), ref=ref)

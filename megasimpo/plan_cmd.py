@@ -78,18 +78,18 @@ def make_plan(args, model: ModelConfig, exclude: tuple = ()) -> planner.Plan:
 
 def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> str:
     """The human-readable table: model, layout, batch, memory per GPU, reasons."""
-    m = model
+    m, lay = model, plan.layout
     lines = [
         f"model   {m.architecture}: {m.num_layers} layers, hidden {m.hidden_size}, "
         f"ffn {m.ffn_hidden_size}, {m.num_attention_heads} heads / {m.num_query_groups} KV heads, "
         f"vocab {m.vocab_size}, {m.num_parameters / 1e9:.2f} B parameters",
         f"world   {plan.world_size} GPUs ({gpus_per_node} per node, {plan.gpu_mem_gb:g} GB each), "
         f"seq {plan.seq_length}, loss {plan.loss}, attention {plan.attention_backend}",
-        f"layout  TP={plan.tp}  PP={plan.pp}  VPP={plan.vpp or '-'}  CP={plan.cp}  DP={plan.dp}  "
-        f"SP={'on' if plan.sequence_parallel else 'off'}  "
+        f"layout  TP={lay.tp}  PP={lay.pp}  VPP={lay.vpp or '-'}  CP={lay.cp}  DP={lay.dp}  "
+        f"SP={'on' if lay.sequence_parallel else 'off'}  "
         f"recompute={'full' if plan.recompute else 'off'}",
         f"batch   {plan.micro_batch_size} pair(s) per micro-batch x {plan.num_microbatches} "
-        f"micro-batches x DP {plan.dp} = {plan.global_batch_size} pairs per step; "
+        f"micro-batches x DP {lay.dp} = {plan.global_batch_size} pairs per step; "
         f"pipeline bubble {plan.bubble:.1%}",
         "",
     ]
@@ -147,18 +147,20 @@ def run(args) -> int:
 def refuse(args, model: ModelConfig, result: planner.Plan, simulated: dict) -> str:
     """Why a simulated plan does not fit, with the next layout to try; "" when it fits."""
     peak, budget = simulated["total"], planner.MEMORY_FRACTION * result.gpu_mem_gb
+    lay = result.layout
     if peak <= budget:
         return ""
     why = (f"the simulated peak {peak:.1f} GB (rank {simulated['rank']}, with the "
            f"{OVERHEAD_GB:g} GB fixed overhead) exceeds the {budget:.1f} GB budget of this plan "
-           f"(tp={result.tp} pp={result.pp} vpp={result.vpp or 1} cp={result.cp} "
-           f"dp={result.dp}, micro-batch {result.micro_batch_size}"
+           f"(tp={lay.tp} pp={lay.pp} vpp={lay.vpp or 1} cp={lay.cp} "
+           f"dp={lay.dp}, micro-batch {result.micro_batch_size}"
            f"{', full recompute' if result.recompute else ''})")
     try:
         nxt = make_plan(args, model, exclude=(result,))
     except ValueError:
         return why + "; no other layout fits either"
-    flags = (f"--tp {nxt.tp} --pp {nxt.pp} --vpp {nxt.vpp or 1} --cp {nxt.cp} "
+    flags = (f"--tp {nxt.layout.tp} --pp {nxt.layout.pp} --vpp {nxt.layout.vpp or 1} "
+             f"--cp {nxt.layout.cp} "
              f"--micro-batch-size {nxt.micro_batch_size}"
              + (" --recompute" if nxt.recompute else " --no-recompute"))
     return why + f"; the next layout is {flags} ({nxt.memory.total:.1f} GB predicted): simulate it"

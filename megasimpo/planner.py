@@ -18,6 +18,7 @@ fastest one that fits in ``MEMORY_FRACTION`` of the GPU, by this preference orde
 Memory per layout comes from ``megasimpo.memory_model`` (its docstring has the model).
 """
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -38,12 +39,7 @@ OVERRIDABLE = ("tp", "pp", "vpp", "cp", "micro_batch_size", "recompute", "sequen
 class Plan:
     """A complete layout and batch split for one run, with its predicted memory and the reasons."""
 
-    tp: int  # tensor-parallel size
-    pp: int  # pipeline stages
-    vpp: Optional[int]  # virtual stages per pipeline rank (None: not interleaved)
-    cp: int  # context-parallel size
-    dp: int  # data-parallel replicas
-    sequence_parallel: bool  # SP over the TP group
+    layout: Layout  # TP/PP/VPP/CP/DP sizes and sequence parallelism
     micro_batch_size: int  # pairs per micro-batch (2x sequences)
     num_microbatches: int  # micro-batches per DP rank per optimizer step
     global_batch_size: int  # pairs per optimizer step
@@ -61,26 +57,21 @@ class Plan:
     @property
     def world_size(self) -> int:
         """GPUs the plan occupies."""
-        return self.tp * self.pp * self.cp * self.dp
+        return self.layout.world_size
 
     @property
     def bubble(self) -> float:
         """Pipeline bubble fraction (pp-1) / (num_microbatches x vpp)."""
-        return (self.pp - 1) / (self.num_microbatches * (self.vpp or 1))
-
-    @property
-    def layout(self) -> Layout:
-        """The parallel layout as ``config.Layout``."""
-        return Layout(tp=self.tp, pp=self.pp, vpp=self.vpp, cp=self.cp, dp=self.dp,
-                      sequence_parallel=self.sequence_parallel)
+        return (self.layout.pp - 1) / (self.num_microbatches * self.layout.num_chunks)
 
     def to_dict(self) -> dict:
-        """JSON/YAML form: every field, ``memory_gb`` with its total, budget and bubble."""
-        d = {k: getattr(self, k) for k in ("tp", "pp", "vpp", "cp", "dp", "sequence_parallel",
-                                           "micro_batch_size", "num_microbatches",
-                                           "global_batch_size", "recompute", "seq_length",
-                                           "loss", "ref", "logprob_chunk", "attention_backend",
-                                           "gpu_mem_gb")}
+        """JSON/YAML form: the layout's fields at the top level (the ``plan --json`` contract),
+        every other field, ``memory_gb`` with its total, budget and bubble."""
+        d = dataclasses.asdict(self.layout)
+        d.update({k: getattr(self, k) for k in ("micro_batch_size", "num_microbatches",
+                                                "global_batch_size", "recompute", "seq_length",
+                                                "loss", "ref", "logprob_chunk",
+                                                "attention_backend", "gpu_mem_gb")})
         d["memory_budget_gb"] = round(MEMORY_FRACTION * self.gpu_mem_gb, 2)
         d["memory_gb"] = self.memory.to_dict()
         d["memory_peak_stage"] = self.memory.stage
@@ -92,9 +83,11 @@ class Plan:
 
 def layout_key(layout) -> tuple:
     """What identifies a layout (a Plan or a candidate dict) for ``plan(exclude=...)``."""
-    get = layout.get if isinstance(layout, dict) else lambda k: getattr(layout, k)
-    return tuple(get(k) for k in ("tp", "pp", "vpp", "cp", "micro_batch_size", "recompute",
-                                  "sequence_parallel"))
+    if not isinstance(layout, dict):
+        layout = {**dataclasses.asdict(layout.layout), "micro_batch_size": layout.micro_batch_size,
+                  "recompute": layout.recompute}
+    return tuple(layout[k] for k in ("tp", "pp", "vpp", "cp", "micro_batch_size", "recompute",
+                                     "sequence_parallel"))
 
 
 def _divisors(n: int) -> list:
@@ -243,7 +236,8 @@ def _no_fit_message(model, gpus, budget, gpu_mem_gb, work, fixed, search) -> str
                        gpus_per_node=search["gpus_per_node"],
                        global_batch_size=search["global_batch_size"], **work)
         return (f"{what} needs at least {minimum} {mem}; got --gpus {gpus} (on {minimum}: "
-                f"tp={example.tp} pp={example.pp} cp={example.cp} dp={example.dp}, "
+                f"tp={example.layout.tp} pp={example.layout.pp} cp={example.layout.cp} "
+                f"dp={example.layout.dp}, "
                 f"{example.memory.total:.1f} GB per GPU)")
     below = max(w for w in works if w <= gpus)
     above = [w for w in sorted(works) if w > gpus][:1]
@@ -299,9 +293,10 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
                        budget=budget, gpu_mem_gb=gpu_mem_gb, seq_length=seq_length, loss=loss,
                        ref=ref, global_batch_size=global_batch_size)
     layout = {k: v for k, v in best.items() if k != "memory"}
-    return Plan(**layout, global_batch_size=global_batch_size, seq_length=seq_length, loss=loss,
-                gpu_mem_gb=gpu_mem_gb, memory=best["memory"],
-                stages=stage_breakdowns(model, **work, **layout), reasons=tuple(reasons),
+    split = {k: layout.pop(k) for k in ("tp", "pp", "vpp", "cp", "dp", "sequence_parallel")}
+    return Plan(layout=Layout(**split), **layout, global_batch_size=global_batch_size,
+                seq_length=seq_length, loss=loss, gpu_mem_gb=gpu_mem_gb, memory=best["memory"],
+                stages=stage_breakdowns(model, **work, **split, **layout), reasons=tuple(reasons),
                 ref=ref, logprob_chunk=logprob_chunk, attention_backend=attention_backend)
 
 

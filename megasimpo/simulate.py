@@ -45,7 +45,7 @@ def train_config(plan, model: ModelConfig, workdir: str, *, loss: LossConfig, re
     from megasimpo.data.synthetic import random_pairs
     from megasimpo.score import default_scores_path, write_scores
 
-    prefix = os.path.join(workdir, "pairs")
+    prefix, lay = os.path.join(workdir, "pairs"), plan.layout
     num_pairs = plan.global_batch_size * SIM_STEPS
     write_pairs(prefix, random_pairs(num_pairs, plan.seq_length, model.vocab_size),
                 model.vocab_size)
@@ -54,7 +54,7 @@ def train_config(plan, model: ModelConfig, workdir: str, *, loss: LossConfig, re
         write_scores(default_scores_path(prefix), np.tile([-1.0 * n, -1.0 * n, n, n], (num_pairs, 1)))
     return TrainConfig(
         load="<simulated>", data=(prefix,), out=os.path.join(workdir, "run"), loss=loss, ref=ref,
-        tp=plan.tp, pp=plan.pp, vpp=plan.vpp, cp=plan.cp, sequence_parallel=plan.sequence_parallel,
+        tp=lay.tp, pp=lay.pp, vpp=lay.vpp, cp=lay.cp, sequence_parallel=lay.sequence_parallel,
         micro_batch_size=plan.micro_batch_size, recompute=plan.recompute,
         gpu_mem_gb=plan.gpu_mem_gb, global_batch_size=plan.global_batch_size,
         seq_length=plan.seq_length, steps=SIM_STEPS, precision=precision, pack=False,
@@ -279,7 +279,7 @@ def simulate(plan, model: ModelConfig, *, ranks: Optional[list] = None, gpus_per
     loss = loss or LossConfig(name=plan.loss)
     logprob_chunk = plan.logprob_chunk if logprob_chunk is None else logprob_chunk
     if ranks is None:
-        ranks = sorted({stage_rank(plan.layout, 0), stage_rank(plan.layout, plan.pp - 1)})
+        ranks = sorted({stage_rank(plan.layout, 0), stage_rank(plan.layout, plan.layout.pp - 1)})
     for r in ranks:
         if not 0 <= r < plan.world_size:
             raise ValueError(f"--rank {r} is outside the job's {plan.world_size} ranks")

@@ -26,14 +26,14 @@ LLAMA3_70B = ModelConfig(num_layers=80, hidden_size=8192, ffn_hidden_size=28672,
 def check_consistent(p: planner.Plan, model: ModelConfig, gpus: int, gpu_mem_gb: float = 80.0):
     """Every constraint the trainer and Megatron's schedules impose, and the memory budget."""
     assert p.world_size == gpus
-    assert Layout.resolve(model, gpus, tp=p.tp, pp=p.pp, vpp=p.vpp, cp=p.cp,
-                          sequence_parallel=p.sequence_parallel) == p.layout
-    assert p.micro_batch_size * p.dp * p.num_microbatches == p.global_batch_size
-    assert p.num_microbatches >= p.pp
-    if p.vpp:
-        assert p.num_microbatches % p.pp == 0 and model.num_layers % (p.pp * p.vpp) == 0
-    assert p.seq_length % (2 * p.cp * (p.tp if p.sequence_parallel else 1)) == 0
-    assert p.sequence_parallel == (p.tp > 1)
+    assert Layout.resolve(model, gpus, tp=p.layout.tp, pp=p.layout.pp, vpp=p.layout.vpp, cp=p.layout.cp,
+                          sequence_parallel=p.layout.sequence_parallel) == p.layout
+    assert p.micro_batch_size * p.layout.dp * p.num_microbatches == p.global_batch_size
+    assert p.num_microbatches >= p.layout.pp
+    if p.layout.vpp:
+        assert p.num_microbatches % p.layout.pp == 0 and model.num_layers % (p.layout.pp * p.layout.vpp) == 0
+    assert p.seq_length % (2 * p.layout.cp * (p.layout.tp if p.layout.sequence_parallel else 1)) == 0
+    assert p.layout.sequence_parallel == (p.layout.tp > 1)
     assert p.memory.total <= 0.9 * gpu_mem_gb
     assert p.memory.total == max(s.total for s in p.stages)
     assert len(p.reasons) >= 8 and all(isinstance(r, str) and r for r in p.reasons)
@@ -44,7 +44,7 @@ def check_consistent(p: planner.Plan, model: ModelConfig, gpus: int, gpu_mem_gb:
 def test_llama3_8b_on_8_gpus():
     p = planner.plan(LLAMA3_8B, 8, seq_length=4096)
     check_consistent(p, LLAMA3_8B, 8)
-    assert p.tp in (1, 2) and p.pp == 1 and p.cp == 1 and p.dp >= 4
+    assert p.layout.tp in (1, 2) and p.layout.pp == 1 and p.layout.cp == 1 and p.layout.dp >= 4
     assert not p.recompute
 
 
@@ -53,14 +53,14 @@ def test_llama3_8b_on_8_gpus():
 def test_llama3_70b_on_64_gpus(seq_length, loss):
     p = planner.plan(LLAMA3_70B, 64, seq_length=seq_length, loss=loss)
     check_consistent(p, LLAMA3_70B, 64)
-    assert p.tp == 8 and p.sequence_parallel  # 70B needs all of a node's NVLink
-    assert p.pp in (2, 4, 8) and p.dp >= 1
+    assert p.layout.tp == 8 and p.layout.sequence_parallel  # 70B needs all of a node's NVLink
+    assert p.layout.pp in (2, 4, 8) and p.layout.dp >= 1
     assert (p.memory.reference > 0) == (loss == "dpo")
 
 
 def test_llama3_70b_4096_simpo_expected_layout():
     p = planner.plan(LLAMA3_70B, 64, seq_length=4096)
-    assert (p.tp, p.pp, p.cp, p.dp, p.recompute) == (8, 2, 1, 4, False)
+    assert (p.layout.tp, p.layout.pp, p.layout.cp, p.layout.dp, p.recompute) == (8, 2, 1, 4, False)
     assert p.memory.total <= 72.0
 
 
@@ -76,7 +76,7 @@ def test_recompute_only_when_nothing_fits_without_it():
 def test_long_sequences_use_context_parallelism():
     p = planner.plan(LLAMA3_8B, 16, seq_length=32768)
     check_consistent(p, LLAMA3_8B, 16)
-    assert p.cp > 1
+    assert p.layout.cp > 1
 
 
 def test_smaller_gpus_get_a_leaner_plan():
@@ -198,24 +198,24 @@ def test_dpo_never_below_simpo_on_the_same_layout(model, gpus, seq_length):
 def test_overrides_are_kept_and_the_rest_planned():
     p = planner.plan(LLAMA3_70B, 64, overrides={"tp": 4})
     check_consistent(p, LLAMA3_70B, 64)
-    assert p.tp == 4 and any("fixed by override" in r for r in p.reasons)
+    assert p.layout.tp == 4 and any("fixed by override" in r for r in p.reasons)
     p = planner.plan(LLAMA3_70B, 64, overrides={"tp": 8, "pp": 4, "vpp": 5, "micro_batch_size": 1,
                                                 "cp": None})
-    assert (p.tp, p.pp, p.vpp, p.micro_batch_size) == (8, 4, 5, 1)
-    assert p.dp == 2 and p.num_microbatches == 64
+    assert (p.layout.tp, p.layout.pp, p.layout.vpp, p.micro_batch_size) == (8, 4, 5, 1)
+    assert p.layout.dp == 2 and p.num_microbatches == 64
     p = planner.plan(LLAMA3_8B, 8, overrides={"recompute": True})
     assert p.recompute
     p = planner.plan(LLAMA3_8B, 8, overrides={"vpp": 1, "pp": 2})
-    assert p.pp == 2 and p.vpp is None
+    assert p.layout.pp == 2 and p.layout.vpp is None
 
 
 @pytest.mark.parametrize("backend", ["te", "sdpa", "unfused"])
 def test_sequence_parallelism_without_transformer_engine(backend):
     # Every backend's norms support SP (layer_spec.TorchRMSNorm on the local spec).
     p = planner.plan(LLAMA3_70B, 64, attention_backend=backend)
-    assert p.tp > 1 and p.sequence_parallel
+    assert p.layout.tp > 1 and p.layout.sequence_parallel
     assert p.to_dict()["attention_backend"] == backend
-    assert not planner.plan(LLAMA3_70B, 64, overrides={"sequence_parallel": False}).sequence_parallel
+    assert not planner.plan(LLAMA3_70B, 64, overrides={"sequence_parallel": False}).layout.sequence_parallel
 
 
 def test_unfused_attention_pays_for_its_score_matrices():

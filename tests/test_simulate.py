@@ -123,4 +123,4 @@ def test_a_simulated_peak_over_budget_is_refused_with_the_next_layout():
     assert "exceeds the 72.0 GB budget" in message and "the next layout is --tp" in message
     nxt = plan_cmd.make_plan(args, LLAMA3_70B, exclude=(plan,))
     assert planner.layout_key(nxt) != planner.layout_key(plan)
-    assert f"--tp {nxt.tp} --pp {nxt.pp}" in message
+    assert f"--tp {nxt.layout.tp} --pp {nxt.layout.pp}" in message
