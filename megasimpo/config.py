@@ -13,6 +13,9 @@ from typing import Optional
 
 LOSSES = ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo", "sft")
 REFERENCE_LOSSES = ("dpo", "ipo", "rdpo")  # losses that need reference-model log-probs
+# Losses with a Bradley-Terry term: hinge can replace its sigmoid, label smoothing reaches that
+# sigmoid. Elsewhere (ipo, orpo, sft) either option would be silently ignored, so it is refused.
+HINGE_LOSSES = ("simpo", "dpo", "cpo", "rdpo")
 DEFAULT_BETA = {"simpo": 2.0, "dpo": 0.1, "ipo": 0.1, "cpo": 0.1, "orpo": 0.1, "rdpo": 0.1,
                 "sft": 1.0}
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -72,13 +75,12 @@ class ModelConfig:
 
     @property
     def num_parameters(self) -> int:
-        """Total parameter count (embeddings counted once when tied)."""
-        h, f, L, v = self.hidden_size, self.ffn_hidden_size, self.num_layers, self.vocab_size
-        q = self.num_attention_heads * self.head_dim
-        kv = 2 * self.num_query_groups * self.head_dim
-        attn = h * (q + kv) + q * h + (q + kv if self.qkv_bias else 0)
-        per_layer = attn + 3 * h * f + 2 * h
-        return L * per_layer + h + v * h * (1 if self.tie_word_embeddings else 2)
+        """Total parameter count (embeddings counted once when tied, at the HF vocabulary size)."""
+        from megasimpo.shapes import layer_shapes
+
+        h, v = self.hidden_size, self.vocab_size
+        return (self.num_layers * layer_shapes(self).parameters + h
+                + v * h * (1 if self.tie_word_embeddings else 2))
 
     @classmethod
     def from_hf(cls, path: str) -> "ModelConfig":
@@ -195,6 +197,17 @@ class LossConfig:
             raise ValueError(f"loss_type {self.loss_type!r} must be 'sigmoid' or 'hinge'")
         if self.sft_weight < 0:
             raise ValueError(f"--sft-weight {self.sft_weight} must be >= 0")
+        # A setting the chosen loss would silently ignore is a user error, not a no-op.
+        if self.loss_type == "hinge" and self.name not in HINGE_LOSSES:
+            raise ValueError(f"--loss-type hinge is not defined for --loss {self.name} (only "
+                             + ", ".join(HINGE_LOSSES) + ")")
+        if self.label_smoothing > 0 and (self.name not in HINGE_LOSSES or self.loss_type == "hinge"):
+            raise ValueError(
+                f"--label-smoothing {self.label_smoothing} has no effect for --loss {self.name} "
+                f"with --loss-type {self.loss_type} (only the sigmoid form of "
+                + ", ".join(HINGE_LOSSES) + ")")
+        if self.sft_weight > 0 and self.name != "simpo":
+            raise ValueError(f"--sft-weight {self.sft_weight} applies to simpo only, not {self.name}")
 
     @property
     def gamma(self) -> float:

@@ -197,37 +197,35 @@ _LOSSES: dict[str, Callable] = {
     "rdpo": rdpo_loss,
     "sft": sft_loss,
 }
-_HINGE = ("simpo", "dpo", "cpo", "rdpo")  # losses with a Bradley-Terry term hinge can replace
-_SMOOTHING = ("simpo", "dpo", "cpo", "rdpo")  # label smoothing only reaches that term's sigmoid form
+# Metrics each loss reports besides the TRL reward/log-prob set of ``_metrics`` (declared here
+# so the step knows its statistics vector before any batch; ``preference_loss`` checks it).
+_EXTRA_METRICS = {"cpo": ("nll_loss",), "orpo": ("log_odds_ratio", "nll_loss"), "sft": ("nll_loss",)}
+_BASE_METRICS = ("logps/chosen", "logps/rejected", "rewards/accuracies", "rewards/chosen",
+                 "rewards/margins", "rewards/rejected")
 
 
-def _check_options(cfg: LossConfig) -> None:
-    # A setting the chosen loss would silently ignore is a user error, not a no-op.
-    if cfg.loss_type == "hinge" and cfg.name not in _HINGE:
-        raise ValueError(f"loss_type 'hinge' is not defined for loss {cfg.name!r} (only {', '.join(_HINGE)})")
-    if cfg.label_smoothing > 0 and (cfg.name not in _SMOOTHING or cfg.loss_type == "hinge"):
-        raise ValueError(
-            f"label_smoothing {cfg.label_smoothing} has no effect for loss {cfg.name!r} with "
-            f"loss_type {cfg.loss_type!r} (only sigmoid {', '.join(_SMOOTHING)})"
-        )
-    if cfg.sft_weight > 0 and cfg.name != "simpo":
-        raise ValueError(f"sft_weight {cfg.sft_weight} applies to simpo only, not {cfg.name!r}")
+def metric_names(cfg: LossConfig) -> tuple:
+    """The names of the metrics ``preference_loss`` returns for ``cfg``, sorted."""
+    extra = _EXTRA_METRICS.get(cfg.name, ())
+    if cfg.name == "simpo" and cfg.sft_weight > 0:
+        extra = ("nll_loss",)
+    return tuple(sorted(_BASE_METRICS + extra))
 
 
 def preference_loss(cfg: LossConfig, x: PairLogps, weights: Optional[torch.Tensor] = None
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss named by ``cfg.name`` over b pairs (``x`` fields ``[b]``), summed over pairs.
 
-    Raises ValueError for a missing reference (dpo/ipo/rdpo) and for options the loss would ignore
-    (hinge for ipo/orpo, label smoothing outside the sigmoid Bradley-Terry losses, sft_weight outside simpo).
+    Raises ValueError for a missing reference (dpo/ipo/rdpo); options the loss would ignore are
+    refused by ``LossConfig`` itself.
 
     Returns ``(loss_sum, metric_sums)``: ``loss_sum`` is the 0-dim float32 SUM of the per-pair losses,
     carrying autograd; ``metric_sums`` maps each metric name to the detached 0-dim SUM over the pairs. The
     caller divides by the global number of pairs (Megatron's loss_func contract: sums and counts).
     ``weights`` [b] (1.0 for a real pair, 0.0 for filler in a short last micro-batch) weight both sums.
     """
-    _check_options(cfg)
     loss, metrics = _LOSSES[cfg.name](cfg, x)
+    assert tuple(sorted(metrics)) == metric_names(cfg), (sorted(metrics), metric_names(cfg))
     if weights is None:
         return loss.sum(), {k: v.sum() for k, v in metrics.items()}
     w = weights.to(loss.dtype)

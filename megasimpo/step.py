@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 
 from megasimpo.config import LossConfig
-from megasimpo.losses import PairLogps, preference_loss
+from megasimpo.losses import PairLogps, metric_names, preference_loss
 from megasimpo.model import emit_hidden_states, output_weight, packed_attention, unwrap
 from megasimpo.parallel.fused_logprobs import fused_vocab_parallel_logprobs
 from megasimpo.parallel.groups import ProcessGroups, all_reduce_host
@@ -69,7 +69,7 @@ class PairStep:
         self.groups = groups
         self.vocab_size = vocab_size
         self.logprob_chunk = logprob_chunk
-        self.metric_keys = self._metric_keys(loss)
+        self.metric_keys = metric_names(loss)
 
     def prepare_model(self, chunks: list) -> list:
         """On the fused path, makes the last-stage chunks emit hidden states; returns ``chunks``."""
@@ -77,14 +77,6 @@ class PairStep:
             for chunk in chunks:
                 emit_hidden_states(unwrap(chunk))
         return chunks
-
-    @staticmethod
-    def _metric_keys(loss: LossConfig) -> tuple:
-        """The loss's metric names in a fixed order (also validates the loss options early)."""
-        one = torch.ones(1)
-        ref = one if loss.needs_reference else None
-        _, metrics = preference_loss(loss, PairLogps(-one, -one, one, one, ref, ref))
-        return tuple(sorted(metrics))
 
     @property
     def stat_keys(self) -> tuple:

@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from megasimpo.config import LossConfig
+from megasimpo.config import LOSSES, LossConfig
 from megasimpo.losses import (
     PairLogps,
+    metric_names,
     cpo_loss,
     dpo_loss,
     ipo_loss,
@@ -309,8 +310,17 @@ def test_low_precision_inputs_are_computed_in_float32():
     dict(name="dpo", sft_weight=0.5),
 ])
 def test_options_the_loss_would_ignore_raise(kw):
-    with pytest.raises(ValueError):
-        preference_loss(LossConfig(**kw), make())
+    # Refused when the configuration is built (a flag or config.yaml), before any model exists.
+    with pytest.raises(ValueError, match=r"--(loss-type|label-smoothing|sft-weight) .* --loss|simpo only"):
+        LossConfig(**kw)
+
+
+@pytest.mark.parametrize("kw", [dict(name=n) for n in LOSSES] + [dict(name="simpo", sft_weight=0.5)])
+def test_declared_metric_names_are_the_ones_returned(kw):
+    cfg = LossConfig(**kw)
+    _, metrics = preference_loss(cfg, make(with_ref=cfg.needs_reference))
+    assert tuple(sorted(metrics)) == metric_names(cfg)
+    assert ("nll_loss" in metric_names(cfg)) == (cfg.name in ("cpo", "orpo", "sft") or cfg.sft_weight > 0)
 
 
 def test_mismatched_shapes_raise():
