@@ -24,6 +24,27 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 LOGPROB_CHUNK = 1024
 # Core attention implementations (megasimpo/layer_spec.py); "auto" resolves to te or sdpa.
 ATTENTION_BACKENDS = ("auto", "te", "sdpa", "unfused")
+LOSS_TYPES = ("sigmoid", "hinge")
+REFERENCE_SOURCES = ("live", "precomputed")
+PRECISIONS = ("bf16", "fp8", "fp32")
+
+
+def option(default=dataclasses.MISSING, doc: str = "", *, choices: tuple = (),
+           factory=dataclasses.MISSING):
+    """A run-configuration field with its documentation (the flag's help, megasimpo/flags.py
+    builds the train flags from these) and, for a string, its allowed values."""
+    return field(default=default, default_factory=factory,
+                 metadata={"doc": doc, "choices": choices})
+
+
+def check_choices(cfg) -> None:
+    """ValueError naming the flag when a field declared with ``choices`` holds another value."""
+    for f in dataclasses.fields(cfg):
+        value, choices = getattr(cfg, f.name), f.metadata.get("choices")
+        if choices and value is not None and value not in choices:
+            flag = "loss" if (type(cfg).__name__, f.name) == ("LossConfig", "name") else f.name
+            raise ValueError(f"--{flag.replace('_', '-')} {value!r} is not one of "
+                             + ", ".join(choices))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -175,26 +196,25 @@ class ModelConfig:
 class LossConfig:
     """Which preference loss, and its hyper-parameters (paper defaults)."""
 
-    name: str = "simpo"  # one of LOSSES
-    beta: Optional[float] = None  # None -> DEFAULT_BETA[name]; IPO's tau; ORPO's lambda
-    gamma_beta_ratio: float = 0.5  # SimPO target margin over beta (gamma = beta * ratio)
-    label_smoothing: float = 0.0  # conservative-DPO / SimPO label smoothing in [0, 0.5)
-    loss_type: str = "sigmoid"  # "sigmoid" or "hinge" (SimPO, DPO, R-DPO, CPO)
-    sft_weight: float = 0.0  # SimPO: weight of the chosen-response NLL added to the loss
-    cpo_alpha: float = 1.0  # CPO: weight of the chosen-response NLL
-    rdpo_alpha: float = 0.0  # R-DPO: length-regularisation strength alpha (per token)
+    name: str = option("simpo", "the preference loss (flag --loss)", choices=LOSSES)
+    beta: Optional[float] = option(None, "reward scale; default per loss (DEFAULT_BETA); IPO's tau, "
+                                         "ORPO's lambda")
+    gamma_beta_ratio: float = option(0.5, "SimPO target margin over beta (gamma = beta x ratio)")
+    label_smoothing: float = option(0.0, "conservative-DPO / SimPO label smoothing in [0, 0.5)")
+    loss_type: str = option("sigmoid", "Bradley-Terry term of simpo, dpo, cpo, rdpo",
+                            choices=LOSS_TYPES)
+    sft_weight: float = option(0.0, "SimPO: weight of the chosen-response NLL added to the loss")
+    cpo_alpha: float = option(1.0, "CPO: weight of the chosen-response NLL")
+    rdpo_alpha: float = option(0.0, "R-DPO: length-regularisation strength alpha (per token)")
 
     def __post_init__(self):
-        if self.name not in LOSSES:
-            raise ValueError(f"--loss {self.name!r} is not one of {', '.join(LOSSES)}")
+        check_choices(self)
         if self.beta is None:
             object.__setattr__(self, "beta", DEFAULT_BETA[self.name])
         if self.beta <= 0:
             raise ValueError(f"--beta {self.beta} must be positive")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ValueError(f"label_smoothing {self.label_smoothing} must be in [0, 0.5)")
-        if self.loss_type not in ("sigmoid", "hinge"):
-            raise ValueError(f"loss_type {self.loss_type!r} must be 'sigmoid' or 'hinge'")
         if self.sft_weight < 0:
             raise ValueError(f"--sft-weight {self.sft_weight} must be >= 0")
         # A setting the chosen loss would silently ignore is a user error, not a no-op.
@@ -289,68 +309,72 @@ class Layout:
 class TrainConfig:
     """One training run: inputs, outputs, schedule and the requested (partial) layout."""
 
-    load: str  # model checkpoint to start from (tools/convert_hf.py import, or a run's model/)
-    data: tuple  # training dataset prefixes (.bin/.idx), concatenated
-    out: str  # run directory: metrics, config.yaml, checkpoints, final model/
-    loss: LossConfig = field(default_factory=LossConfig)
-    ref: str = "live"  # reference log-probs for dpo/ipo/rdpo: "live" frozen copy or "precomputed"
-    # --ref precomputed: `megasimpo score` JSONL per --data then --eval-data prefix
-    # (default PREFIX.ref_logps.jsonl)
-    ref_logps: tuple = ()
+    load: str = option(doc="model checkpoint to start from (tools/convert_hf.py import, or a "
+                           "run's final_model/)")
+    data: tuple = option(doc="training dataset prefix(es) (.bin/.idx), concatenated")
+    out: str = option(doc="run directory: metrics, config.yaml, checkpoints, final_model/")
+    loss: LossConfig = option(factory=LossConfig, doc="the loss and its options (flattened flags)")
+    ref: str = option("live", "reference log-probs of dpo/ipo/rdpo: a live frozen copy, or "
+                              "precomputed by `megasimpo score`", choices=REFERENCE_SOURCES)
+    ref_logps: tuple = option((), "--ref precomputed: `megasimpo score` JSONL per --data then "
+                                  "--eval-data prefix (default PREFIX.ref_logps.jsonl)")
     # Layout and batch split: None = the planner decides (megasimpo/planner.py); a value fixes it.
-    tp: Optional[int] = None  # tensor-parallel size
-    pp: Optional[int] = None  # pipeline-parallel size
-    vpp: Optional[int] = None  # virtual pipeline chunks per rank
-    cp: Optional[int] = None  # context-parallel size
-    sequence_parallel: Optional[bool] = None  # None: on when tp > 1
-    # auto | te | sdpa | unfused (megasimpo/layer_spec.py); auto: te with TE on a GPU, else sdpa
-    attention_backend: str = "auto"
-    micro_batch_size: Optional[int] = None  # pairs per micro-batch per DP rank
-    recompute: Optional[bool] = None  # full activation recompute
-    gpu_mem_gb: Optional[float] = None  # memory per device the plan may use (default: queried)
-    global_batch_size: int = 128  # pairs per optimizer step, all ranks
-    seq_length: Optional[int] = None  # None: longest pair in the data (capped by the model)
-    steps: Optional[int] = None  # optimizer steps; None: epochs x steps per epoch
-    epochs: int = 1  # passes over the training data when steps is None
-    lr: float = 6e-7  # peak learning rate (SimPO's Llama-3-8B-Instruct setting)
-    min_lr: float = 0.0  # cosine floor
-    warmup_ratio: float = 0.1  # share of steps with linear warm-up
-    weight_decay: float = 0.0  # AdamW weight decay
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    clip_grad: float = 1.0  # global grad-norm clip
-    precision: Optional[str] = None  # bf16 | fp8 | fp32; None: bf16 on GPU, fp32 on CPU
-    # Pack each micro-batch's sequences into one row (THD); None: with a variable-length
-    # attention kernel (TE, or SDPA on a GPU) and cp 1.
-    pack: Optional[bool] = None
-    # Tokens per chunk of the fused output layer + log-probs (no full logits); 0: plain path.
-    logprob_chunk: int = LOGPROB_CHUNK
-    # Megatron DDP communication overlap (distributed optimizer); None: on with CUDA, off on CPU.
-    # Reduce-scatter each gradient bucket during backward, as soon as its last gradient is in.
-    overlap_grad_reduce: Optional[bool] = None
-    # All-gather the updated parameters during the next forward, bucket by bucket (needs
-    # overlap_grad_reduce); None: as overlap_grad_reduce.
-    overlap_param_gather: Optional[bool] = None
-    eval_data: tuple = ()  # held-out prefixes
-    eval_interval: int = 0  # evaluate every N steps (and at start and end); 0: start and end only
-    save_interval: int = 0  # resumable checkpoint every N steps; 0: final model only
-    keep_checkpoints: int = 2  # resumable checkpoints kept in RUN_DIR/checkpoints (0: all)
-    max_skipped_steps: int = 10  # stop after this many consecutive non-finite steps
-    exit_interval: Optional[int] = None  # checkpoint and exit 0 after step N
-    log_interval: int = 1  # metrics rows every N steps
-    seed: int = 1234  # data order and any random init
+    tp: Optional[int] = option(None, "tensor-parallel size")
+    pp: Optional[int] = option(None, "pipeline-parallel size")
+    vpp: Optional[int] = option(None, "virtual pipeline chunks per rank (interleaved schedule)")
+    cp: Optional[int] = option(None, "context-parallel size")
+    sequence_parallel: Optional[bool] = option(None, "sequence parallelism; default: on when tp > 1")
+    attention_backend: str = option("auto", "core attention (megasimpo/layer_spec.py); auto: te "
+                                            "with TE on a GPU, else sdpa", choices=ATTENTION_BACKENDS)
+    micro_batch_size: Optional[int] = option(None, "pairs per micro-batch per DP rank")
+    recompute: Optional[bool] = option(None, "full activation recompute")
+    gpu_mem_gb: Optional[float] = option(None, "memory per device the plan may use (default: "
+                                                "queried)")
+    global_batch_size: int = option(128, "pairs per optimizer step, all ranks")
+    seq_length: Optional[int] = option(None, "tokens per sequence; default: the longest pair in "
+                                             "the data (capped by the model)")
+    steps: Optional[int] = option(None, "optimizer steps; default: epochs x steps per epoch")
+    epochs: int = option(1, "passes over the training data when --steps is not given")
+    lr: float = option(6e-7, "peak learning rate (SimPO's Llama-3-8B-Instruct setting)")
+    min_lr: float = option(0.0, "cosine floor")
+    warmup_ratio: float = option(0.1, "share of steps with linear warm-up")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_beta1: float = option(0.9, "Adam beta1")
+    adam_beta2: float = option(0.999, "Adam beta2")
+    clip_grad: float = option(1.0, "global grad-norm clip")
+    precision: Optional[str] = option(None, "default: bf16 on GPU, fp32 on CPU",
+                                      choices=PRECISIONS)
+    pack: Optional[bool] = option(None, "pack each micro-batch's sequences into one row (THD); "
+                                        "default: with a variable-length attention kernel (TE, "
+                                        "or SDPA on a GPU) and cp 1")
+    logprob_chunk: int = option(LOGPROB_CHUNK, "tokens per chunk of the fused output layer + "
+                                               "log-probs (no full logits); 0: plain path")
+    overlap_grad_reduce: Optional[bool] = option(None, "reduce-scatter each gradient bucket "
+                                                       "during backward (Megatron DDP); default: "
+                                                       "on with CUDA, off on CPU")
+    overlap_param_gather: Optional[bool] = option(None, "all-gather updated parameters during "
+                                                        "the next forward (needs "
+                                                        "--overlap-grad-reduce); default: as it")
+    eval_data: tuple = option((), "held-out dataset prefix(es)")
+    eval_interval: int = option(0, "evaluate every N steps (and at start and end); 0: start and "
+                                   "end only")
+    save_interval: int = option(0, "resumable checkpoint every N steps; 0: final model only")
+    keep_checkpoints: int = option(2, "resumable checkpoints kept in RUN_DIR/checkpoints (0: all)")
+    max_skipped_steps: int = option(10, "stop after this many consecutive non-finite steps")
+    exit_interval: Optional[int] = option(None, "checkpoint and exit 0 after step N")
+    log_interval: int = option(1, "metrics rows every N steps")
+    seed: int = option(1234, "data order and any random init")
     # How this start treats what --out already holds (megasimpo/run_dir.py); not run settings.
-    force: bool = False  # train into a finished run again (its final_model is replaced at the end)
-    resume_anyway: bool = False  # resume a checkpoint written under another configuration
+    force: bool = option(False, "train into a finished run directory again (replaces its "
+                                "final_model at the end)")
+    resume_anyway: bool = option(False, "resume --out's checkpoint even though it was written "
+                                        "under another configuration (the differences are "
+                                        "printed)")
 
     def __post_init__(self):
+        check_choices(self)
         if not self.data:
             raise ValueError("--data needs at least one dataset prefix")
-        if self.ref not in ("live", "precomputed"):
-            raise ValueError(f"--ref {self.ref!r} must be 'live' or 'precomputed'")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"--attention-backend {self.attention_backend!r} is not one of "
-                             + ", ".join(ATTENTION_BACKENDS))
         for name in ("micro_batch_size", "global_batch_size", "epochs", "log_interval",
                      "max_skipped_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -12,7 +12,7 @@ import json
 import sys
 
 from megasimpo import planner
-from megasimpo.config import LOGPROB_CHUNK, LOSSES, ModelConfig
+from megasimpo.config import LOGPROB_CHUNK, LOSSES, REFERENCE_SOURCES, ModelConfig
 from megasimpo.memory_model import OVERHEAD_GB
 
 PARTS = (("weights", "weights (bf16)"), ("grads", "gradients (fp32)"),
@@ -34,7 +34,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU, GB (1e9 B)")
     p.add_argument("--seq-length", type=int, default=4096, help="tokens per sequence")
     p.add_argument("--loss", choices=LOSSES, default="simpo")
-    p.add_argument("--ref", choices=("live", "precomputed"), default="live",
+    p.add_argument("--ref", choices=REFERENCE_SOURCES, default="live",
                    help="reference log-probs of dpo/ipo/rdpo: live frozen model or `score` files")
     p.add_argument("--global-batch-size", type=int, default=128, help="pairs per optimizer step")
     for name in ("tp", "pp", "vpp", "cp", "micro-batch-size"):

@@ -22,7 +22,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from megasimpo.config import LOGPROB_CHUNK, LOSSES, REFERENCE_LOSSES, Layout, ModelConfig
+from megasimpo.config import (LOGPROB_CHUNK, LOSSES, REFERENCE_LOSSES, REFERENCE_SOURCES, Layout,
+                              ModelConfig)
 from megasimpo.memory_model import OVERHEAD_GB, MemoryBreakdown, memory_breakdown, stage_breakdowns
 
 MEMORY_FRACTION = 0.9  # plan to this share of the GPU: the rest is the model's error margin
@@ -270,7 +271,7 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
                          f"is {OVERHEAD_GB:g} GB)")
     if loss not in LOSSES:
         raise ValueError(f"--loss {loss!r} is not one of {', '.join(LOSSES)}")
-    if ref not in ("live", "precomputed"):
+    if ref not in REFERENCE_SOURCES:
         raise ValueError(f"--ref {ref!r} must be 'live' or 'precomputed'")
     if attention_backend not in ("te", "sdpa", "unfused"):
         raise ValueError(f"attention backend {attention_backend!r} must be te, sdpa or unfused "

@@ -62,6 +62,13 @@ def run_record(cfg: TrainConfig) -> dict:
     return record
 
 
+def replay_record(cfg: TrainConfig) -> dict:
+    """RUN_DIR/config.yaml's ``run:`` section: the run record with its ``--out`` first, so that
+    ``train --config RUN_DIR/config.yaml`` replays the run (and ``--out NEW`` replays it
+    elsewhere). ``--force`` and ``--resume-anyway`` are about one start, so they are not in it."""
+    return {"out": _real(cfg.out), **run_record(cfg)}
+
+
 def _flat(record: dict, prefix: str = "") -> dict:
     out = {}
     for key, value in record.items():
@@ -288,7 +295,8 @@ def _recorded_config(checkpoint_path: str, meta: dict, run_dir: str) -> Optional
         import yaml
 
         with open(path) as f:
-            return (yaml.safe_load(f) or {}).get("run")
+            record = (yaml.safe_load(f) or {}).get("run")
+        return {k: v for k, v in record.items() if k not in NOT_RUN_CONFIG} if record else None
     return None
 
 

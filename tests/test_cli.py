@@ -85,3 +85,45 @@ def test_yaml_config_with_flag_override(tmp_path):
         train_config({"load": "m", "data": ["a"]})
     with pytest.raises(ValueError, match="unknown option"):
         train_config({"load": "m", "data": ["a"], "out": "o", "bogus": 1})
+
+
+def test_every_config_field_is_a_flag():
+    # The train flags are built from the dataclasses: a field added there is a flag at once.
+    import argparse
+    import dataclasses
+
+    from megasimpo.config import LossConfig, TrainConfig
+    from megasimpo.train_flags import add_train_flags
+
+    parser = argparse.ArgumentParser()
+    add_train_flags(parser)
+    flags = {a.dest for a in parser._actions}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"loss"}
+    fields |= {"loss" if f.name == "name" else f.name for f in dataclasses.fields(LossConfig)}
+    assert fields <= flags
+    args = vars(parser.parse_args(["--load", "m", "--data", "a", "b", "--out", "o", "--loss", "ipo",
+                                   "--adam-beta2", "0.95", "--no-pack", "--force"]))
+    cfg = train_config(args)
+    assert (cfg.loss.name, cfg.adam_beta2, cfg.pack, cfg.force) == ("ipo", 0.95, False, True)
+    assert cfg.lr == TrainConfig.__dataclass_fields__["lr"].default  # no flag, no value
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--precision", "fp16"])  # choices come from the field
+
+
+def test_config_file_loss_mapping_and_run_sections(tmp_path):
+    # A run's config.yaml: options under run:, the loss as a mapping, the other sections ignored.
+    path = tmp_path / "config.yaml"
+    path.write_text("run:\n  load: m\n  data: [a]\n  out: o\n  loss: {name: rdpo, beta: 0.2, "
+                    "rdpo_alpha: 0.01}\n  steps: 7\nmodel: {num_layers: 2}\nderived: {steps: 7}\n")
+    cfg = train_config({"config": str(path), "out": "o2"})
+    assert (cfg.loss.name, cfg.loss.beta, cfg.loss.rdpo_alpha) == ("rdpo", 0.2, 0.01)
+    assert cfg.steps == 7 and cfg.out == "o2"
+    path.write_text("load: m\ndata: a\nout: o\nloss: {name: dpo, beta: high}\n")
+    with pytest.raises(ValueError, match="beta: expected a number, got 'high'"):
+        train_config({"config": str(path)})
+    path.write_text("load: m\ndata: a\nout: o\nloss: dpo\nloss_type: hinge\nlabel_smoothing: 0.1\n")
+    with pytest.raises(ValueError, match="--label-smoothing 0.1 has no effect"):
+        train_config({"config": str(path)})
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="expected a mapping"):
+        train_config({"config": str(path)})

@@ -1,0 +1,154 @@
+"""`megasimpo train`'s flags and `--config` files, both built from the config dataclasses.
+
+Every ``TrainConfig`` field is a flag (``--micro-batch-size`` for ``micro_batch_size``), and so is
+every ``LossConfig`` field (``--loss`` for its ``name``); the help text and the allowed values are
+the fields' own (``config.option``). Two flags are not fields: ``--gamma`` (SimPO's absolute
+margin, converted to ``gamma_beta_ratio``) and ``--config``.
+
+A ``--config`` file is a YAML mapping of the same options, in either spelling (``min-lr`` or
+``min_lr``); the loss options may sit at the top level or under ``loss:`` (which is then a
+mapping of ``LossConfig`` fields, or just the loss's name). ``RUN_DIR/config.yaml`` is such a file:
+its ``run:`` section holds the options and the other sections (``model``, ``layout``, ``plan``,
+``derived``) record what the run derived from them, so they are read back as nothing. Flags
+given on the command line win over the file. A value of the wrong type is an error naming the file
+and the option (PyYAML reads ``1e-3``, without a dot, as a string: a number field takes it as the
+number it spells).
+"""
+
+import argparse
+import dataclasses
+import typing
+
+import yaml
+
+from megasimpo.config import LossConfig, TrainConfig
+
+EXTRA_FLAGS = ("gamma", "config")
+RUN_SECTIONS = ("model", "layout", "plan", "derived")  # outputs in RUN_DIR/config.yaml
+
+
+def _kind(cls, f) -> type:
+    """The value type of field ``f`` of ``cls``: int, float, bool, str or tuple (Optional unwrapped)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    if typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def _fields() -> dict:
+    """option name -> (dataclass, field): TrainConfig's fields, then LossConfig's (``loss`` is
+    LossConfig's ``name``)."""
+    out = {f.name: (TrainConfig, f) for f in dataclasses.fields(TrainConfig) if f.name != "loss"}
+    for f in dataclasses.fields(LossConfig):
+        out["loss" if f.name == "name" else f.name] = (LossConfig, f)
+    return out
+
+
+def add_train_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per option; every default is left out (``argparse.SUPPRESS``) so that only the
+    flags given reach ``train_config``, where they override a ``--config`` file."""
+    for name, (cls, f) in _fields().items():
+        kind, doc = _kind(cls, f), f.metadata.get("doc", "")
+        if f.default not in (dataclasses.MISSING, None, (), False) and "default" not in doc:
+            doc += f" (default {f.default})"
+        flag = "--" + name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=doc,
+                                default=argparse.SUPPRESS)
+        elif kind is tuple:
+            parser.add_argument(flag, nargs="+", help=doc, default=argparse.SUPPRESS)
+        else:
+            parser.add_argument(flag, type=kind, choices=f.metadata.get("choices") or None,
+                                help=doc, default=argparse.SUPPRESS)
+    parser.add_argument("--gamma", type=float, default=argparse.SUPPRESS,
+                        help="absolute SimPO margin (sets --gamma-beta-ratio = gamma / beta)")
+    parser.add_argument("--config", default=argparse.SUPPRESS,
+                        help="YAML file of these options, or a run's config.yaml (flags win)")
+
+
+def _typed(path: str, key: str, value, kind: type):
+    """``value`` checked against ``kind``; ValueError naming the file and the option."""
+    wrong = None
+    if value is None:
+        return value
+    if kind is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                wrong = "a number"
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            wrong = "a number"
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            wrong = "an integer"
+    elif kind is bool:
+        if not isinstance(value, bool):
+            wrong = "true or false"
+    elif kind is str:
+        if not isinstance(value, str):
+            wrong = "a string"
+    elif kind is tuple:
+        if not (isinstance(value, str) or (isinstance(value, list)
+                                           and all(isinstance(v, str) for v in value))):
+            wrong = "a path or a list of paths"
+    if wrong:
+        raise ValueError(f"{path}: {key}: expected {wrong}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def read_config_file(path: str) -> dict:
+    """The options of YAML file ``path`` (a plain mapping, or a run's config.yaml), typed, with
+    the loss options flattened as flags name them; unknown names are left for ``train_config``."""
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f)
+    except OSError as e:
+        raise ValueError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"--config {path}: not valid YAML ({e})") from None
+    loaded = {} if loaded is None else loaded
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value")
+    if isinstance(loaded.get("run"), dict):  # RUN_DIR/config.yaml: the options are its run:
+        loaded = {k: v for k, v in loaded.items() if k not in RUN_SECTIONS}
+        loaded.update(loaded.pop("run"))
+    options = {}
+    loss = loaded.get("loss")
+    if isinstance(loss, dict):  # loss: {name: dpo, beta: 0.1, ...}, as config.yaml writes it
+        loaded = {k: v for k, v in loaded.items() if k != "loss"}
+        for key, value in loss.items():
+            key = str(key).replace("-", "_")
+            loaded.setdefault("loss" if key == "name" else key, value)
+    fields = _fields()
+    for key, value in loaded.items():
+        key = str(key).replace("-", "_")
+        if key in fields:
+            value = _typed(path, key, value, _kind(*fields[key]))
+        elif key == "gamma":
+            value = _typed(path, key, value, float)
+        options[key] = value
+    return options
+
+
+def train_config(args: dict) -> TrainConfig:
+    """TrainConfig from parsed flags (``vars(namespace)``) over an optional ``--config`` file."""
+    opts = read_config_file(args["config"]) if args.get("config") else {}
+    opts.update({k: v for k, v in args.items() if k not in ("config", "command")})
+    fields = _fields()
+    unknown = sorted(k for k in opts if k not in fields and k != "gamma")
+    if unknown:
+        raise ValueError(f"unknown option(s): {', '.join(unknown)}")
+    missing = [k for k in ("load", "data", "out") if opts.get(k) is None]
+    if missing:
+        raise ValueError("train needs " + ", ".join("--" + k for k in missing))
+    loss = {("name" if k == "loss" else k): opts.pop(k)
+            for k in list(opts) if fields.get(k, (None,))[0] is LossConfig}
+    gamma = opts.pop("gamma", None)  # absolute SimPO margin, given instead of the ratio
+    if gamma is not None:
+        beta = loss.get("beta") or LossConfig(name=loss.get("name", "simpo")).beta
+        loss["gamma_beta_ratio"] = gamma / beta
+    for key in ("data", "eval_data", "ref_logps"):
+        if key in opts and opts[key] is not None:
+            opts[key] = tuple([opts[key]] if isinstance(opts[key], str) else opts[key])
+    return TrainConfig(loss=LossConfig(**loss), **opts)
