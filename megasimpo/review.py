@@ -1,7 +1,7 @@
 """Review of a training run from RUN_DIR/metrics.jsonl: trends, flags, the report data.
 
 This module reads the run and computes what review.json holds; ``megasimpo.review_render``
-turns that into review.md and review.png, and ``write_review`` writes all three.
+turns that into review.md and review.png and writes all three (``write_review``).
 
 Training metrics are noisy (each step sees different pairs), so a training trend compares the mean
 of the first and the last ``TRAIN_WINDOW`` of the logged steps and counts only when the change is
@@ -20,7 +20,6 @@ Pure Python + numpy (matplotlib only for the PNG, in ``review_render``). No torc
 can be reviewed on any machine.
 """
 
-import json
 import math
 import os
 from typing import Optional
@@ -338,27 +337,3 @@ def review(run_dir: str) -> dict:
         "logps_note": _logps_note(loss_name, train), "length_note": length_note,
         "_series": (train_rows, eval_rows),
     }
-
-
-# ----- writing ------------------------------------------------------------------------------------
-
-def write_review(run_dir: str, out_dir: Optional[str] = None):
-    """Writes OUT/review.md, review.json and review.png (OUT defaults to RUN_DIR/review).
-
-    Returns ``(report dict, markdown str)``; ValueError for a missing, empty or malformed metrics file.
-    """
-    # Imported here: the renderer reads this module's table keys and rules.
-    from megasimpo.review_render import plot, render_markdown
-
-    rep = review(run_dir)
-    train_rows, eval_rows = rep.pop("_series")
-    out_dir = out_dir or os.path.join(run_dir, "review")
-    os.makedirs(out_dir, exist_ok=True)
-    rep["files"] = {n: os.path.join(out_dir, f"review.{n}") for n in ("md", "json", "png")}
-    plot(train_rows, eval_rows, rep["files"]["png"])
-    md = render_markdown(rep) + f"\nPlot: {rep['files']['png']}\n"
-    with open(rep["files"]["md"], "w") as f:
-        f.write(md)
-    with open(rep["files"]["json"], "w") as f:
-        json.dump(rep, f, indent=1)
-    return rep, md

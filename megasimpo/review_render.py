@@ -1,11 +1,17 @@
-"""Rendering of a run review (``megasimpo.review``): the markdown report and review.png.
+"""Rendering and writing of a run review (``megasimpo.review``): review.md, .json and .png.
 
-Takes the report dict ``review.review`` returns; matplotlib draws on an Agg canvas without touching
-pyplot's global state and is imported only when a plot is made.
+Takes the report dict ``review.review`` returns (this module depends on it, never the reverse);
+matplotlib draws on an Agg canvas without touching pyplot's global state and is imported only when
+a plot is made.
 """
 
+import json
+import os
+from typing import Optional
+
+from megasimpo import atomic
 from megasimpo.review import (ACC_TOL, NUM_SE, QUALITY_KEYS, REL_TOL, THROUGHPUT_KEYS,
-                              TRAIN_ONLY_KEYS, TRAIN_WINDOW, series)
+                              TRAIN_ONLY_KEYS, TRAIN_WINDOW, review, series)
 
 
 def _fmt(v) -> str:
@@ -110,3 +116,21 @@ def plot(train_rows: list, eval_rows: list, path: str) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return path
+
+
+def write_review(run_dir: str, out_dir: Optional[str] = None):
+    """Writes OUT/review.md, review.json and review.png (OUT defaults to RUN_DIR/review), each
+    through a temporary file and a rename.
+
+    Returns ``(report dict, markdown str)``; ValueError for a missing, empty or malformed metrics file.
+    """
+    rep = review(run_dir)
+    train_rows, eval_rows = rep.pop("_series")
+    out_dir = out_dir or os.path.join(run_dir, "review")
+    os.makedirs(out_dir, exist_ok=True)
+    rep["files"] = {n: os.path.join(out_dir, f"review.{n}") for n in ("md", "json", "png")}
+    plot(train_rows, eval_rows, rep["files"]["png"])
+    md = render_markdown(rep) + f"\nPlot: {rep['files']['png']}\n"
+    atomic.write_text(rep["files"]["md"], md)
+    atomic.write_text(rep["files"]["json"], json.dumps(rep, indent=1))
+    return rep, md

@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from megasimpo.review import ACC_TOL, review, write_review
+from megasimpo.review import ACC_TOL, review
+from megasimpo.review_render import write_review
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "review_run.py")

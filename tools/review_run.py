@@ -29,7 +29,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     args = parser().parse_args(argv)
-    from megasimpo.review import write_review
+    from megasimpo.review_render import write_review
 
     try:
         rep, md = write_review(args.run_dir, args.out)
