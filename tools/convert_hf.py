@@ -1,4 +1,4 @@
-"""HF <-> megasimpo checkpoint conversion (DESIGN.md section 3).
+"""HF <-> megasimpo checkpoint conversion (docs/architecture.md, "Contracts").
 
     python tools/convert_hf.py import --hf HF_DIR --out CKPT [--force]
     python tools/convert_hf.py export --load CKPT --out HF_DIR [--force] [--max-shard-size 5GB]

@@ -28,7 +28,7 @@ PROG = "preprocess_data"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Command-line flags (DESIGN.md section 3)."""
+    """Command-line flags (docs/architecture.md, "Contracts")."""
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--input", nargs="+", required=True,
                    help="JSONL/JSON/Parquet files or saved datasets directories, read in order")

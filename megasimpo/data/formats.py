@@ -1,4 +1,4 @@
-"""Preference record schemas (DESIGN.md section 3) and their validation.
+"""Preference record schemas (docs/architecture.md, "Contracts") and their validation.
 
 Three record formats are accepted; extra fields are ignored, and a field whose value is ``None`` counts
 as missing (``datasets`` fills the fields a row lacks with ``None``):
