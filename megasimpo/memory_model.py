@@ -42,14 +42,13 @@ with the highest total (first or last):
 GB are 1e9 bytes, like ``mem_peak_gb`` in the metrics.
 """
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Optional
 
 from megasimpo.config import LOGPROB_CHUNK, REFERENCE_LOSSES, ModelConfig
+from megasimpo.shapes import layer_shapes, padded_vocab_size
 
 GB = 1e9
-VOCAB_MULTIPLE = 128  # = megasimpo.model.VOCAB_MULTIPLE (not imported: that module pulls torch)
 OVERHEAD_GB = 4.0  # CUDA context + workspaces + NCCL buffers + fragmentation
 LOGIT_BYTES = 10  # per element of [2*mbs, s, v/tp], see the module docstring
 
@@ -80,18 +79,10 @@ class MemoryBreakdown:
         return d
 
 
-def padded_vocab_size(vocab_size: int) -> int:
-    """Embedding rows as stored (same rounding as ``megasimpo.model.padded_vocab_size``)."""
-    return math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-
-
 def layer_parameters(model: ModelConfig) -> tuple[int, int]:
     """(TP-sharded, replicated) parameter counts of one transformer layer."""
-    h, q = model.hidden_size, model.num_attention_heads * model.head_dim
-    kv = 2 * model.num_query_groups * model.head_dim
-    sharded = h * (q + kv) + q * h + 3 * h * model.ffn_hidden_size
-    sharded += q + kv if model.qkv_bias else 0
-    return sharded, 2 * h  # the two RMSNorm weights are replicated over TP
+    layer = layer_shapes(model)
+    return layer.sharded_parameters, layer.replicated_parameters
 
 
 def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> float:

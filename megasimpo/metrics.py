@@ -17,7 +17,7 @@ import torch
 
 from megasimpo.config import ModelConfig
 from megasimpo.jsonl import read_jsonl
-from megasimpo.model import padded_vocab_size
+from megasimpo.shapes import layer_shapes, padded_vocab_size
 
 # Dense BF16 peak TFLOP/s by device name fragment, most specific first (FP8 is twice these on
 # Hopper). SXM H100/H200 989; the PCIe and NVL H100 parts are clocked lower.
@@ -27,16 +27,13 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800"
 
 def _dense_flops_per_token(model: ModelConfig) -> float:
     """Weight-GEMM FLOPs per token: QKV, output projection, SwiGLU fc1 + fc2, logits."""
-    h, q = model.hidden_size, model.num_attention_heads * model.head_dim
-    kv = 2 * model.num_query_groups * model.head_dim
-    gemm = h * (q + kv) + q * h + 3 * h * model.ffn_hidden_size
-    return 2.0 * (model.num_layers * gemm + h * padded_vocab_size(model.vocab_size))
+    gemm = layer_shapes(model).gemm_weights
+    return 2.0 * (model.num_layers * gemm + model.hidden_size * padded_vocab_size(model.vocab_size))
 
 
 def _attention_flops(model: ModelConfig, length: float) -> float:
     """QK^T and AV FLOPs of one sequence of ``length`` tokens over all layers, causal half."""
-    q = model.num_attention_heads * model.head_dim
-    return 2.0 * model.num_layers * q * length * length
+    return 2.0 * model.num_layers * layer_shapes(model).q * length * length
 
 
 def forward_flops_per_token(model: ModelConfig, seq_length: int) -> float:

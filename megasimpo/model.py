@@ -7,7 +7,6 @@ else Megatron's local spec with PyTorch SDPA attention); all of them save the sa
 (the local spec maps its norms onto TE's fused names).
 """
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -17,13 +16,9 @@ import torch.nn.functional as F
 from megasimpo.config import Layout, ModelConfig
 from megasimpo.layer_spec import (block_causal_mask, block_spec, have_te,
                                   resolve_attention_backend)
-
-VOCAB_MULTIPLE = 128  # embedding rows are padded to this so checkpoints reshard to any TP <= 128
-
-
-def padded_vocab_size(vocab_size: int) -> int:
-    """Embedding/output rows as stored: vocab rounded up to VOCAB_MULTIPLE (padding never scores)."""
-    return math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+from megasimpo.parallel.compat import apply_rope_scaling
+from megasimpo.parallel.compat import emit_hidden_states as emit_hidden_states  # step's import
+from megasimpo.shapes import padded_vocab_size
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,24 +105,6 @@ def transformer_config(model: ModelConfig, layout: Layout, precision: Precision,
     )
 
 
-def _apply_rope_scaling(gpt, model: ModelConfig) -> None:
-    """Sets Llama-3 scaled RoPE frequencies from the checkpoint's own scaling parameters.
-
-    GPTModel only forwards the factor (with Llama-3.1's other constants hard-coded), so the
-    frequencies are recomputed from the full set the HF config gives.
-    """
-    rope = gpt.rotary_pos_emb
-    s = model.rope_scaling
-    dim = model.head_dim
-    base = 1.0 / (model.rope_theta ** (
-        torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim))
-    if s is not None:
-        base = rope._apply_scaling(base, factor=s.factor, low_freq_factor=s.low_freq_factor,
-                                   high_freq_factor=s.high_freq_factor,
-                                   original_max_position_embeddings=s.original_max_position_embeddings)
-    rope.inv_freq = base
-
-
 def build_chunks(model: ModelConfig, layout: Layout, precision: Precision, *,
                  recompute: bool = False, seed: Optional[int] = None,
                  attention_backend: Optional[str] = None) -> list:
@@ -165,42 +142,12 @@ def build_chunks(model: ModelConfig, layout: Layout, precision: Precision, *,
             else model.rope_theta,
             vp_stage=vp_stage,
         )
-        _apply_rope_scaling(gpt, model)
+        apply_rope_scaling(gpt, model)  # Megatron-version-bound: parallel/compat.py
         gpt.attention_backend = backend
         if torch.cuda.is_available():
             gpt.cuda(torch.cuda.current_device())
         chunks.append(gpt)
     return chunks
-
-
-def _output_passthrough(self, input_, weight=None, runtime_gather_output=None):
-    """ColumnParallelLinear.forward replacement: the layer's input, whole sequence, no logits.
-
-    With sequence parallelism the input is this rank's [s/tp, b, h] slice; it is all-gathered
-    like the real layer does, and the gradient is reduce-scattered in backward (the fused
-    log-prob kernel then leaves its per-rank partial gradient unreduced).
-    """
-    if self.sequence_parallel:
-        from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
-
-        input_ = gather_from_sequence_parallel_region(input_, tensor_parallel_output_grad=True,
-                                                      group=self.tp_group)
-    return input_, None
-
-
-def emit_hidden_states(gpt) -> None:
-    """Makes a last-stage GPTModel return its final-norm hidden states [b, s, h] instead of logits.
-
-    The loss then computes output layer and log-probs together, in chunks, without materialising
-    the [b, s, v/tp] logits (``parallel/fused_logprobs.py``); the output weight stays where it is,
-    so checkpoints, DDP buckets and the tied-embedding sync are unchanged. ``output_weight`` gives
-    that weight. Only the instance's output layer changes; other chunks are left alone.
-    """
-    import types
-
-    if gpt.post_process and not getattr(gpt, "emits_hidden", False):
-        gpt.output_layer.forward = types.MethodType(_output_passthrough, gpt.output_layer)
-        gpt.emits_hidden = True
 
 
 def output_weight(gpt) -> torch.Tensor:

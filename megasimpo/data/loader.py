@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from megasimpo.data.indexed import Pair, PairDataset
+from megasimpo.data.tokenize import kept_prompt_length
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,21 +81,22 @@ class PairSampler:
         return [mb.copy() for mb in np.split(mine, lay.num_microbatches)]
 
 
+def _max_tokens(seq_length: int) -> int:
+    """Tokens of a full sequence (prompt + response) that ``seq_length`` inputs hold: one more,
+    since the inputs are the sequence without its last token."""
+    return seq_length + 1
+
+
 def _kept_prompt_length(p: int, longest_response: int, seq_length: int) -> int:
-    """Prompt tokens kept so prompt + the longer response fits ``seq_length`` inputs (p >= 0)."""
-    if p == 0:
-        if longest_response - 1 > seq_length:
-            raise ValueError(
-                f"response of {longest_response} tokens does not fit seq_length={seq_length}"
-            )
-        return 0
-    # At least one prompt token must stay: it is the predecessor that scores the first response token.
-    if longest_response > seq_length:
+    """Prompt tokens kept so prompt + the longer response fits ``seq_length`` inputs (p >= 0):
+    ``tokenize.kept_prompt_length``, with a ValueError where the pair cannot fit."""
+    keep = int(kept_prompt_length(p, longest_response, _max_tokens(seq_length)))
+    if keep < 0:
         raise ValueError(
-            f"response of {longest_response} tokens does not fit seq_length={seq_length} with at "
-            f"least one prompt token; raise --seq-length or filter the data"
+            f"response of {longest_response} tokens does not fit seq_length={seq_length}"
+            + (" with at least one prompt token; raise --seq-length or filter the data" if p else "")
         )
-    return min(p, seq_length + 1 - longest_response)
+    return keep
 
 
 def collate_pairs(pairs: List[Pair], seq_length: int, pad_id: int) -> Dict[str, torch.Tensor]:
@@ -185,13 +187,13 @@ def count_truncated(dataset: PairDataset, seq_length: int) -> int:
     ValueError naming the first pair that cannot fit at all, so a run fails at start-up rather than
     mid-epoch."""
     lengths = dataset.lengths()
-    longest = np.maximum(lengths[:, 1], lengths[:, 2])
-    # Same rule as _kept_prompt_length: a non-empty prompt must keep 1 token.
-    unfit = np.where(lengths[:, 0] > 0, longest > seq_length, longest - 1 > seq_length)
+    prompt, longest = lengths[:, 0], np.maximum(lengths[:, 1], lengths[:, 2])
+    kept = kept_prompt_length(prompt, longest, _max_tokens(seq_length))
+    unfit = kept < 0
     if unfit.any():
         i = int(np.flatnonzero(unfit)[0])
         raise ValueError(
             f"{int(unfit.sum())} pairs cannot fit seq_length={seq_length}; first is pair {i} "
             f"with a response of {int(longest[i])} tokens"
         )
-    return int((_input_lengths(lengths) > seq_length).sum())
+    return int((kept < prompt).sum())

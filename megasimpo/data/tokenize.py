@@ -19,6 +19,8 @@ Pre-tokenized records are returned verbatim by both.
 import os
 from typing import Callable, List, Optional, Sequence, Tuple
 
+import numpy as np
+
 from megasimpo.data.formats import ASSISTANT, ChatPair, Record, TextPair, TokenPair
 
 Ids = List[int]
@@ -131,21 +133,33 @@ def load_encoder(path: str) -> PairEncoder:
                      "SentencePiece .model file")
 
 
+def kept_prompt_length(prompt_length, longest_response, max_length):
+    """The prompt-truncation rule (the one home: preprocessing, collation and the start-up count
+    all call it), elementwise over ints or numpy arrays: how many of a prompt's LAST tokens stay
+    so that prompt + the longer of its two responses has at most ``max_length`` tokens; -1 where
+    the pair cannot fit.
+
+    Lengths are tokens of the full sequence (prompt + response); ``data.loader``'s
+    ``seq_length`` counts model inputs, one fewer. Responses are never cut (the loss is over
+    them); the prompt loses tokens from the left (its end, next to the response, is what the
+    response depends on most), one cut for both responses since they share it, sized for the
+    longer. A non-empty prompt must keep at least one token (the predecessor that scores the
+    first response token); an empty prompt stays empty and needs the response alone to fit.
+    """
+    kept = np.minimum(prompt_length, max_length - longest_response)
+    return np.where(kept < np.minimum(prompt_length, 1), -1, kept)
+
+
 def truncate_prompt(prompt_ids: Ids, chosen_ids: Ids, rejected_ids: Ids,
                     max_length: Optional[int]) -> Optional[Ids]:
-    """The prompt cut so that prompt + each response has at most ``max_length`` tokens.
-
-    Responses are never cut (the loss is over them); the prompt loses tokens from the left, the same
-    cut for both responses since they share it. Returns None when the longer response leaves no room
-    for at least one prompt token (the pair must be dropped); ``prompt_ids`` unchanged when it fits
-    or ``max_length`` is None.
+    """The prompt cut by :func:`kept_prompt_length` so that prompt + each response has at most
+    ``max_length`` tokens. Returns None when the pair cannot fit (it must be dropped);
+    ``prompt_ids`` unchanged when it fits or ``max_length`` is None.
     """
     if max_length is None:
         return prompt_ids
-    longest = max(len(chosen_ids), len(rejected_ids))
-    if len(prompt_ids) + longest <= max_length:
-        return prompt_ids
-    budget = max_length - longest
-    if budget < 1:
+    p = len(prompt_ids)
+    keep = int(kept_prompt_length(p, max(len(chosen_ids), len(rejected_ids)), max_length))
+    if keep < 0:
         return None
-    return prompt_ids[-budget:]
+    return prompt_ids if keep == p else prompt_ids[p - keep:]

@@ -5,17 +5,19 @@ The state handed to ``dist_checkpointing.save`` holds ShardedTensors whose data 
 (DCP) lazy tensors instead; DCP's file writer (one thread) asks for each block when it reaches
 it, and ``produce(piece)`` reads, converts and returns it, after which it is dropped. torch's
 writer keeps a file's blocks alive until the file is closed, so files are cut at the size of the
-largest block: peak memory is a few of the largest tensors, not the model.
+largest block (``torch_compat.bounded_file_writer``, version-bound): peak memory is a few of the
+largest tensors, not the model.
 """
 
 import io
-import queue
 from typing import Callable
 
 import torch
 
 from megasimpo.config import ModelConfig
 from megasimpo.hf import mapping
+from megasimpo.torch_compat import bounded_file_writer
+
 
 def _chunk_shape(sh) -> torch.Size:
     """A ShardedTensor's block as stored: its local shape with the prepended (layer) axes as 1."""
@@ -70,42 +72,6 @@ def _planner():
     return LazyPlanner(flatten_state_dict=False)
 
 
-def _writer(path: str):
-    from torch.distributed.checkpoint import FileSystemWriter
-    from torch.distributed.checkpoint.planner import WriteItemType
-
-    def nbytes(item) -> int:
-        td = item.tensor_data
-        return td.chunk.sizes.numel() * torch.empty((), dtype=td.properties.dtype).element_size()
-
-    class BoundedFileWriter(FileSystemWriter):
-        """torch's writer with files cut at the largest block: it keeps the last block of every
-        tensor name written to a file alive until the file is closed (one block each of ~10
-        names, up to GBs for a 70B model), so cutting files bounds memory by the largest block."""
-
-        def write_data(self, plan, planner):
-            if not hasattr(self, "_write_data"):  # older torch: a file per block bounds it too
-                self.single_file_per_rank = False
-                return super().write_data(plan, planner)
-            tensors = [i for i in plan.items if i.type != WriteItemType.BYTE_IO]
-            buckets = [[i for i in plan.items if i.type == WriteItemType.BYTE_IO]]
-            cap = max((nbytes(i) for i in tensors), default=0)
-            size = cap + 1
-            for item in tensors:
-                if size + nbytes(item) > cap:
-                    buckets.append([])
-                    size = 0
-                buckets[-1].append(item)
-                size += nbytes(item)
-            files = queue.Queue()
-            for n, bucket in enumerate(b for b in buckets if b):
-                name = f"{plan.storage_data.prefix}{n}.distcp"
-                files.put((self.fs.concat_path(self.path, name), name, bucket))
-            return self._write_data(planner, files)
-
-    return BoundedFileWriter(path, thread_count=1)
-
-
 def streaming_strategy(produce: Callable):
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -129,7 +95,7 @@ def streaming_strategy(produce: Callable):
                     state[sh.unique_key] = buf
                 else:
                     state.setdefault(sh.key, _LazyTensor(produce)).shards.append(sh)
-            dcp_save(state, storage_writer=_writer(str(checkpoint_dir)), planner=_planner())
+            dcp_save(state, storage_writer=bounded_file_writer(str(checkpoint_dir)), planner=_planner())
 
     return StreamingSave("torch_dist", 1)
 

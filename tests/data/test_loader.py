@@ -180,3 +180,38 @@ def test_default_seq_length_and_count_truncated(tmp_path):
     assert count_truncated(ds, 4) == 2
     with pytest.raises(ValueError, match="first is pair 0 with a response of 3 tokens"):
         count_truncated(ds, 2)
+
+
+def test_one_truncation_rule(tmp_path):
+    """Preprocessing (``truncate_prompt``, full-sequence tokens), collation and the start-up
+    count (``seq_length`` inputs = tokens - 1) keep the same prompt tokens: one rule,
+    ``tokenize.kept_prompt_length``, elementwise the same as per pair."""
+    from megasimpo.data.tokenize import kept_prompt_length, truncate_prompt
+
+    seq_length = 6
+    cases = [(p, c, r) for p in range(0, 9) for c in range(1, 9) for r in (1, 2, 5)]
+    fits, kept_by = [], []
+    for p, c, r in cases:
+        prompt, chosen, rejected = list(range(1, p + 1)), [7] * c, [8] * r
+        kept = truncate_prompt(prompt, chosen, rejected, seq_length + 1)
+        scalar = int(kept_prompt_length(p, max(c, r), seq_length + 1))
+        assert scalar == (-1 if kept is None else len(kept))
+        if kept is None:
+            with pytest.raises(ValueError, match="does not fit seq_length=6"):
+                collate_pairs([_pair(prompt, chosen, rejected)], seq_length, pad_id=0)
+            continue
+        if p == 0 and min(c, r) < 2:
+            continue  # unscorable (preprocessing skips it), not a truncation case
+        out = collate_pairs([_pair(prompt, chosen, rejected)], seq_length, pad_id=0)
+        for row, response in ((0, chosen), (1, rejected)):  # each row: kept prompt + response
+            n = len(kept) + len(response) - 1
+            assert out["tokens"][row, :n].tolist() == (kept + response)[:-1]
+        fits.append((prompt, chosen, rejected))
+        kept_by.append(len(kept))
+    lengths = np.array([[len(a), len(b), len(c)] for a, b, c in fits])
+    longest = np.maximum(lengths[:, 1], lengths[:, 2])
+    assert kept_prompt_length(lengths[:, 0], longest, seq_length + 1).tolist() == kept_by
+    prefix = str(tmp_path / "d")
+    write_pairs(prefix, fits, vocab_size=10)
+    assert count_truncated(PairDataset(prefix), seq_length) == sum(
+        k < len(f[0]) for k, f in zip(kept_by, fits))

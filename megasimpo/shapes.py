@@ -1,0 +1,62 @@
+"""The model's stored shapes as plain arithmetic (no torch): padded vocabulary and one layer's GEMMs.
+
+One home for the numbers that the parameter count (``ModelConfig.num_parameters``), the memory
+model (``memory_model.stage_parameters``) and the FLOP count (``metrics``) all derive from, and
+that the built model (``model.build_chunks``) and the HF mapping store.
+"""
+
+import math
+from dataclasses import dataclass
+
+VOCAB_MULTIPLE = 128  # embedding rows are padded to this so checkpoints reshard to any TP <= 128
+
+
+def padded_vocab_size(vocab_size: int) -> int:
+    """Embedding/output rows as stored: vocab rounded up to VOCAB_MULTIPLE (padding never scores)."""
+    return math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+@dataclass(frozen=True)
+class LayerShapes:
+    """One transformer layer of a GQA SwiGLU decoder (RMSNorm, no linear biases but optional QKV
+    bias): the widths its weight GEMMs map between."""
+
+    hidden: int  # h
+    q: int  # query width: heads x head_dim (also the attention output width)
+    kv: int  # key + value width: 2 x query groups x head_dim
+    ffn: int  # f: SwiGLU width (fc1 produces 2f: gate and up)
+    qkv_bias: bool
+
+    @property
+    def gemms(self) -> dict:
+        """{name: (in, out)} of the weight GEMMs: QKV, output projection, fc1 (gate + up), fc2."""
+        h, f = self.hidden, self.ffn
+        return {"qkv": (h, self.q + self.kv), "proj": (self.q, h), "fc1": (h, 2 * f),
+                "fc2": (f, h)}
+
+    @property
+    def gemm_weights(self) -> int:
+        """Weight-matrix elements = multiply-adds per token of the layer's weight GEMMs."""
+        return sum(i * o for i, o in self.gemms.values())
+
+    @property
+    def sharded_parameters(self) -> int:
+        """Parameters split over tensor parallelism: the GEMM weights and the QKV bias."""
+        return self.gemm_weights + (self.q + self.kv if self.qkv_bias else 0)
+
+    @property
+    def replicated_parameters(self) -> int:
+        """Parameters every TP rank holds whole: the two RMSNorm weights."""
+        return 2 * self.hidden
+
+    @property
+    def parameters(self) -> int:
+        """All of the layer's parameters."""
+        return self.sharded_parameters + self.replicated_parameters
+
+
+def layer_shapes(model) -> LayerShapes:
+    """The layer shapes of a ``config.ModelConfig``."""
+    return LayerShapes(hidden=model.hidden_size, q=model.num_attention_heads * model.head_dim,
+                       kv=2 * model.num_query_groups * model.head_dim,
+                       ffn=model.ffn_hidden_size, qkv_bias=model.qkv_bias)
