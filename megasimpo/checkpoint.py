@@ -78,7 +78,7 @@ def _check(error: Optional[str], path: str, partial: str) -> None:
     error = pgroups.first_error(error)
     if error:
         if _rank0():
-            shutil.rmtree(partial, ignore_errors=True)
+            atomic.delete(partial)
         raise ValueError(f"saving {path} failed, so nothing was replaced (an earlier version "
                          f"of it, if any, is intact): {error}")
 
@@ -100,7 +100,7 @@ def atomic_save(path: str, sharded_state: dict, meta: dict,
     error = None
     if _rank0():
         try:
-            shutil.rmtree(partial, ignore_errors=True)
+            atomic.delete(partial)
             os.makedirs(partial)
         except OSError as e:
             error = _failure(e, partial)
@@ -223,7 +223,7 @@ def remove_stale_partials(run_dir: str) -> None:
     if _rank0() and os.path.isdir(ckdir):
         for name in os.listdir(ckdir):
             if name.endswith(".partial"):
-                shutil.rmtree(os.path.join(ckdir, name), ignore_errors=True)
+                atomic.delete(os.path.join(ckdir, name))
     _barrier()
 
 
@@ -307,7 +307,7 @@ def save_training_state(run_dir: str, step: int, chunks: list, optimizer, schedu
         done = sorted(d for d in os.listdir(os.path.join(run_dir, CHECKPOINTS))
                       if d.startswith("step_") and not d.endswith((atomic.PARTIAL_SUFFIX, atomic.OLD_SUFFIX)))
         for old in done[:-keep] if keep > 0 else []:
-            shutil.rmtree(os.path.join(run_dir, CHECKPOINTS, old), ignore_errors=True)
+            atomic.delete(os.path.join(run_dir, CHECKPOINTS, old))
     _barrier()
     return path
 

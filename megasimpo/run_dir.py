@@ -321,10 +321,7 @@ def prepare(cfg: TrainConfig, model: dict) -> tuple:
     try:
         final = os.path.join(cfg.out, FINAL_MODEL)
         atomic.recover(final)
-        if os.path.isdir(final + atomic.PARTIAL_SUFFIX):  # a final save that died; never complete
-            import shutil
-
-            shutil.rmtree(final + atomic.PARTIAL_SUFFIX, ignore_errors=True)
+        atomic.delete(final + atomic.PARTIAL_SUFFIX)  # a final save that died; never complete
         check_not_finished(cfg.out, cfg.force)
         notes = []
         latest = checkpoint.latest_checkpoint(cfg.out)
