@@ -215,20 +215,12 @@ def check_dist_config(path: str) -> None:
 
 
 def _check_versions() -> None:
-    import megatron.core
+    # Newer releases may add unpickling paths: refused until re-checked (megasimpo/versions.py).
+    # Older torch releases that setup.py allows (the GPU image's 2.11) have the same reader and
+    # planner; the structural checks below catch a difference.
+    from megasimpo import versions
 
-    def minor(version: str) -> tuple:
-        return tuple(int(x) for x in version.split("+")[0].split(".")[:2])
-
-    # Newer releases may add unpickling paths: refused until re-checked. Older torch releases
-    # that setup.py allows (the GPU image's 2.11) have the same reader and planner; the
-    # structural checks below catch a difference.
-    for name, version in (("torch", torch.__version__),
-                          ("megatron.core", megatron.core.__version__)):
-        too_new = minor(version) > minor(WRITTEN_FOR[name])
-        if too_new or (name == "megatron.core" and minor(version) != minor(WRITTEN_FOR[name])):
-            raise RuntimeError(f"megasimpo.safe_load was written for {name} {WRITTEN_FOR[name]}, "
-                               f"this is {version}: {UPGRADE_CHECKLIST}")
+    versions.check("megasimpo.safe_load", WRITTEN_FOR, UPGRADE_CHECKLIST)
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 

@@ -1,7 +1,7 @@
 """The versions of torch and Megatron-Core that version-bound code was written for.
 
 Code that relies on a dependency's private or version-specific internals (``safe_load``'s
-restricted readers, ``parallel/megatron_patches.py``, ``hf/torch_patches.py``) states the
+restricted readers, ``parallel/compat.py``, ``torch_compat.py``) states the
 versions it was written for and calls :func:`check` before relying on them. The rule is the same
 for all of them: Megatron-Core must be the same minor release (its internals change between
 minors); torch may be older (setup.py allows back to 2.6, and each user handles the older API it
