@@ -42,15 +42,13 @@ def forward_flops_per_token(model: ModelConfig, seq_length: int) -> float:
     return _dense_flops_per_token(model) + _attention_flops(model, seq_length) / seq_length
 
 
-def batch_forward_flops(model: ModelConfig, batch: dict) -> float:
-    """Forward FLOPs of the positions one micro-batch runs: every [rows, s] position of a padded
-    batch (each row attends over s), or each packed sequence over its own length (THD attention
-    computes only those blocks; the padding tail counts as one more sequence)."""
-    rows, s = batch["tokens"].shape
-    if "cu_seqlens" in batch:
-        lengths = batch["cu_seqlens"].diff().tolist()
-    else:
-        lengths = [s] * rows
+def batch_forward_flops(model: ModelConfig, batch) -> float:
+    """Forward FLOPs of the positions one micro-batch (``data.batches.MicroBatch``) runs: every
+    [rows, s] position of a padded batch (each row attends over s), or each packed sequence over
+    its own length (THD attention computes only those blocks; the padding tail counts as one more
+    sequence). Shapes and host-known segment lengths only: nothing is read from the device."""
+    rows, s = batch.tokens.shape
+    lengths = list(batch.packed.segments) if batch.packed is not None else [s] * rows
     return (_dense_flops_per_token(model) * rows * s
             + sum(_attention_flops(model, n) for n in lengths))
 

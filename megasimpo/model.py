@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from megasimpo.config import Layout, ModelConfig
-from megasimpo.layer_spec import (block_causal_mask, block_spec, have_te,
-                                  resolve_attention_backend)
+from megasimpo.layer_spec import block_spec, have_te, resolve_attention_backend
 from megasimpo.parallel.compat import apply_rope_scaling
 from megasimpo.parallel.compat import emit_hidden_states as emit_hidden_states  # step's import
 from megasimpo.shapes import padded_vocab_size
@@ -157,25 +156,29 @@ def output_weight(gpt) -> torch.Tensor:
     return gpt.output_layer.weight
 
 
-def packed_attention(batch: dict, attention_backend: str) -> tuple:
+def packed_attention(packed, attention_backend: str) -> tuple:
     """(attention_mask, packed_seq_params) that keep attention inside each sequence of a packed
-    row (``data/packing.py``), for the attention backend in use.
+    row (``packed``: a ``data.batches.PackedLayout``, already on the device), for the attention
+    backend in use. Whether to pack is the trainer's decision, carried by the batch; this only
+    says how the chosen backend reads a packed row.
 
     ``te`` and ``sdpa``: THD attention over ``cu_seqlens`` (no mask; RoPE restarts per sequence).
     ``unfused`` (Megatron's DotProductAttention): a block-diagonal causal mask [1, 1, T, T]
-    (True = masked) from ``cu_seqlens``; its RoPE runs over the packed positions, which changes
+    (True = masked) from the segment ids; its RoPE runs over the packed positions, which changes
     nothing inside a block because rotary attention scores depend only on the distance between
     two positions.
     """
     if attention_backend in ("te", "sdpa"):
         from megatron.core.packed_seq_params import PackedSeqParams
 
-        cu = batch["cu_seqlens"]
+        cu = packed.cu_seqlens
         return None, PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                     max_seqlen_q=batch["max_seqlen"],
-                                     max_seqlen_kv=batch["max_seqlen"])
-    allowed = block_causal_mask(batch["cu_seqlens"], batch["tokens"].device)
-    n = allowed.shape[0]
+                                     max_seqlen_q=packed.max_seqlen,
+                                     max_seqlen_kv=packed.max_seqlen)
+    seg = packed.segment_ids.reshape(-1)  # the segments of block_causal_mask, tail included
+    n = seg.numel()
+    allowed = torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
+    allowed &= seg[:, None] == seg[None, :]
     return ~allowed.view(1, 1, n, n), None
 
 

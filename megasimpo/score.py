@@ -15,7 +15,7 @@ import torch
 
 from megasimpo import atomic, checkpoint
 from megasimpo.config import LOGPROB_CHUNK, Layout, LossConfig
-from megasimpo.data.batches import ConcatPairs, full_pass, make_batch
+from megasimpo.data.batches import ConcatPairs, full_pass_windows
 from megasimpo.data.indexed import check_token_range
 from megasimpo.data.loader import count_truncated, default_seq_length
 from megasimpo.jsonl import read_jsonl
@@ -24,7 +24,6 @@ from megasimpo.parallel import groups as pgroups
 from megasimpo.step import PairStep, run_microbatches
 
 FIELDS = ("chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens")
-WINDOW = 64  # micro-batches per schedule call: bounds host memory on large datasets
 
 
 def default_scores_path(prefix: str) -> str:
@@ -89,21 +88,17 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
     chunks = build_chunks(model_cfg, layout, prec)
     checkpoint.load_model(chunks, load)
     model = wrap_frozen(step.prepare_model(chunks), prec)
-    idx, weights = full_pass(len(dataset), groups.dp_rank, layout.dp, micro_batch_size)
     table = torch.zeros(len(dataset), 4, dtype=torch.float64)
-    windows = range(0, len(idx), WINDOW * micro_batch_size)
-    for start in tqdm(windows, desc="score", disable=rank != 0):
-        stop = min(start + WINDOW * micro_batch_size, len(idx))
-        spans = [(k, k + micro_batch_size) for k in range(start, stop, micro_batch_size)]
-        batches = [make_batch(dataset, idx[a:b], seq_length, weights[a:b]) for a, b in spans]
+    windows = full_pass_windows(dataset, groups.dp_rank, layout.dp, micro_batch_size, seq_length)
+    for batches, chunks in tqdm(windows, desc="score", disable=rank != 0):
         with torch.no_grad():
-            outputs = run_microbatches(model, batches, step, forward_only=True,
-                                       loss_fn=step.score_func)
+            outputs = run_microbatches(model, [b.to() for b in batches], step,
+                                       forward_only=True, loss_fn=step.score_func)
         if groups.reports_metrics:
-            for (a, b), o in zip(spans, outputs):
-                real = [j for j in range(b - a) if weights[a + j] > 0]
+            for (indices, weights), o in zip(chunks, outputs):
+                real = [j for j, w in enumerate(weights) if w > 0]
                 rows = torch.cat([o["logps"].double().cpu(), o["counts"].double().cpu()], 1)
-                table[[idx[a + j] for j in real]] = rows[real]
+                table[[indices[j] for j in real]] = rows[real]
     table = pgroups.all_reduce_host(table)  # each pair was filled in by one reporting rank
     scores = table.numpy()
     summary = {"pairs": len(dataset), "ranking_accuracy": ranking_accuracy(scores),

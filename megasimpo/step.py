@@ -8,12 +8,14 @@ The loss function returns the SUM over pairs and the pair count; Megatron divide
 the global pair count (``calculate_per_token_loss``), so any DP/PP/micro-batch split averages alike.
 """
 
+from dataclasses import replace
 from functools import partial
 from typing import Optional
 
 import torch
 
 from megasimpo.config import LossConfig
+from megasimpo.data.batches import MicroBatch
 from megasimpo.losses import PairLogps, metric_names, preference_loss
 from megasimpo.model import emit_hidden_states, output_weight, packed_attention, unwrap
 from megasimpo.parallel.fused_logprobs import fused_vocab_parallel_logprobs
@@ -27,21 +29,24 @@ COUNT_KEYS = ("lengths/chosen", "lengths/rejected", "rank_accuracy", "num_pairs"
 TOTAL_KEYS = ("num_pairs", "num_tokens", "forward_flops")  # reported as totals, not per pair
 
 
-def cp_slice(batch: dict, cp_rank: int, cp_size: int) -> dict:
-    """This CP rank's share of every [rows, s] tensor: chunks r and 2cp-1-r of 2cp (load balance).
+def cp_split(t: torch.Tensor, cp_rank: int, cp_size: int) -> torch.Tensor:
+    """This CP rank's share of a [rows, s] tensor: chunks r and 2cp-1-r of 2cp (load balance).
 
     Megatron's context-parallel attention expects exactly this split of the causal sequence.
     """
     if cp_size == 1:
+        return t
+    chunks = t.view(t.shape[0], 2 * cp_size, t.shape[1] // (2 * cp_size))
+    return torch.cat([chunks[:, cp_rank], chunks[:, 2 * cp_size - 1 - cp_rank]], 1)
+
+
+def cp_slice(batch: MicroBatch, cp_rank: int, cp_size: int) -> MicroBatch:
+    """This CP rank's share of a padded micro-batch's per-position tensors (``cp_split``)."""
+    if cp_size == 1:
         return batch
-    out = {}
-    for key, t in batch.items():
-        if isinstance(t, torch.Tensor) and t.dim() == 2 and key != "ref_logps":
-            chunks = t.view(t.shape[0], 2 * cp_size, t.shape[1] // (2 * cp_size))
-            out[key] = torch.cat([chunks[:, cp_rank], chunks[:, 2 * cp_size - 1 - cp_rank]], 1)
-        else:
-            out[key] = t
-    return out
+    assert batch.packed is None, "packed micro-batches do not support context parallelism"
+    return replace(batch, **{k: cp_split(getattr(batch, k), cp_rank, cp_size)
+                             for k in MicroBatch.TENSORS})
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
@@ -83,60 +88,65 @@ class PairStep:
         """Names of the entries of the statistics vector each micro-batch reports."""
         return ("loss",) + self.metric_keys + COUNT_KEYS
 
-    def _sequence_logps(self, batch: dict, output: torch.Tensor):
+    def _sequence_logps(self, batch: MicroBatch, output: torch.Tensor,
+                        output_weight: Optional[torch.Tensor]):
         """Last-stage output -> per-sequence (sums [2b], counts [2b]).
 
-        output: [rows, s, v/tp] logits (plain path) or [rows, s, h] final hidden states (fused
-        path, the output weight in ``batch["output_weight"]``); rows, s = 2b, seq_length padded or
-        1, T packed.
+        output: [rows, s, v/tp] logits (plain path, ``output_weight`` None) or [rows, s, h] final
+        hidden states (fused path, with the output layer's weight); rows, s = 2b, seq_length
+        padded or 1, T packed.
         """
-        weight = batch.get("output_weight")
-        if weight is None:
+        if output_weight is None:
             logits = mask_padded_vocab(output, self.vocab_size, self.groups.tp_rank)
-            token_logps = vocab_parallel_logprobs(logits, batch["labels"], self.groups.tp)
+            token_logps = vocab_parallel_logprobs(logits, batch.labels, self.groups.tp)
         else:
-            token_logps = self._fused_logps(batch, output, weight)
-        if "segment_ids" in batch:  # packed: one [1, T] row, one segment per sequence
-            return packed_sequence_logps(token_logps, batch["loss_mask"], batch["segment_ids"],
-                                         batch["lengths"].numel())
-        return sequence_logps(token_logps, batch["loss_mask"], self.groups.cp)
+            token_logps = self._fused_logps(batch, output, output_weight)
+        if batch.packed is not None:  # one [1, T] row, one segment per sequence
+            return packed_sequence_logps(token_logps, batch.loss_mask, batch.packed.segment_ids,
+                                         len(batch.lengths))
+        return sequence_logps(token_logps, batch.loss_mask, self.groups.cp)
 
-    def _fused_logps(self, batch: dict, hidden: torch.Tensor, weight: torch.Tensor):
+    def _fused_logps(self, batch: MicroBatch, hidden: torch.Tensor, weight: torch.Tensor):
         """[rows, s, h] final hidden states -> [rows, s] log p(label), chunked (no full logits)."""
         # Float16Module hands the last stage's output over in fp32; back to the weight's dtype
         # (exact: it was that dtype) so the chunk GEMMs run in BF16.
         return fused_vocab_parallel_logprobs(
-            hidden.to(weight.dtype), weight, batch["labels"], tp_group=self.groups.tp,
+            hidden.to(weight.dtype), weight, batch.labels, tp_group=self.groups.tp,
             vocab_size=self.vocab_size, chunk_size=self.logprob_chunk,
             reduce_hidden_grad=not self.groups.layout.sequence_parallel)
 
     def forward_step(self, data_iterator, model, *, loss_fn=None):
-        """Megatron forward_step: runs this stage's chunk, returns (output, loss closure)."""
+        """Megatron forward_step: runs this stage's chunk on the next ``MicroBatch`` (already on
+        the device), returns (output, loss closure); the closure gets the batch and, on the fused
+        path, the output layer's weight as arguments."""
         batch = cp_slice(next(data_iterator), self.groups.cp_rank, self.groups.layout.cp)
         gpt = unwrap(model)
-        mask, packed = (packed_attention(batch, gpt.attention_backend) if "segment_ids" in batch
-                        else (None, None))
-        output = model(batch["tokens"], batch["position_ids"], mask, packed_seq_params=packed)
+        mask, packed = (None, None) if batch.packed is None else \
+            packed_attention(batch.packed, gpt.attention_backend)
+        output = model(batch.tokens, batch.position_ids, mask, packed_seq_params=packed)
+        weight = None
         if getattr(gpt, "emits_hidden", False):
             assert self.logprob_chunk > 0, "model emits hidden states but the fused path is off"
-            batch = dict(batch, output_weight=output_weight(gpt))
-        return output, partial(loss_fn or self.loss_func, batch)
+            weight = output_weight(gpt)
+        return output, partial(loss_fn or self.loss_func, batch, output_weight=weight)
 
-    def loss_func(self, batch: dict, output: torch.Tensor):
+    def loss_func(self, batch: MicroBatch, output: torch.Tensor, *,
+                  output_weight: Optional[torch.Tensor] = None):
         """(loss sum x CP size, pair count, {"stats": vector in ``stat_keys`` order})."""
-        sums, counts = self._sequence_logps(batch, output)
+        sums, counts = self._sequence_logps(batch, output, output_weight)
         b = sums.shape[0] // 2
-        ref = batch.get("ref_logps")
+        ref = batch.ref_logps
         x = PairLogps(sums[:b], sums[b:], counts[:b], counts[b:],
                       None if ref is None else ref[:, 0], None if ref is None else ref[:, 1])
-        weights = batch.get("weights")
+        weights = batch.weights
         loss_sum, metrics = preference_loss(self.loss, x, weights)
-        w = torch.ones(b, device=sums.device) if weights is None else weights.float()
+        w = weights.float()
         avg = sums.detach() / counts
         stats = [loss_sum.detach()] + [metrics[k] for k in self.metric_keys] + [
             (counts[:b] * w).sum(), (counts[b:] * w).sum(),
-            ((avg[:b] > avg[b:]).float() * w).sum(), w.sum(), batch["num_tokens"].float().sum(),
-            loss_sum.new_tensor(batch.get("forward_flops", 0.0)),
+            ((avg[:b] > avg[b:]).float() * w).sum(), w.sum(),
+            loss_sum.new_tensor(batch.num_tokens, dtype=torch.float32),
+            loss_sum.new_tensor(batch.forward_flops),
         ]
         num_pairs = w.sum().to(torch.int)
         # Each CP rank computes the same loss from all-reduced sums but back-propagates only
@@ -145,9 +155,10 @@ class PairStep:
         return loss_sum * self.groups.layout.cp, num_pairs, {
             "stats": torch.stack([s.float().reshape(()) for s in stats])}
 
-    def score_func(self, batch: dict, output: torch.Tensor):
+    def score_func(self, batch: MicroBatch, output: torch.Tensor, *,
+                   output_weight: Optional[torch.Tensor] = None):
         """Forward-only loss closure returning per-pair summed log-probs and token counts."""
-        sums, counts = self._sequence_logps(batch, output)
+        sums, counts = self._sequence_logps(batch, output, output_weight)
         b = sums.shape[0] // 2
         return (sums.sum() * 0.0, torch.tensor(0, dtype=torch.int),
                 {"logps": torch.stack([sums[:b], sums[b:]], 1).detach(),
@@ -164,7 +175,7 @@ def run_microbatches(model: list, batches: list, step: PairStep, *,
     iters = [iter(batches) for _ in model]  # one per model chunk (virtual stage)
     # The pipeline's point-to-point buffers are [seq_length, rows, h]: [s, 2b] padded, [T, 1]
     # packed (every micro-batch of a step has the same shape).
-    rows, seq_length = batches[0]["tokens"].shape
+    rows, seq_length = batches[0].tokens.shape
     return get_forward_backward_func()(
         forward_step_func=fn, data_iterator=iters if len(iters) > 1 else iters[0], model=model,
         num_microbatches=len(batches), seq_length=seq_length,

@@ -11,16 +11,17 @@ import dataclasses
 import math
 import os
 import time
+from functools import partial
 from typing import Optional
 
 import torch
 
 from megasimpo import checkpoint, run_dir
 from megasimpo.config import ModelConfig, TrainConfig
-from megasimpo.data.batches import ConcatPairs, full_pass_batches, make_batch
+from megasimpo.data.batches import WINDOW, ConcatPairs, full_pass_windows, make_batch
 from megasimpo.data.indexed import check_token_range
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
-from megasimpo.data.packing import pack_step
+from megasimpo.data.packing import prepare
 from megasimpo.metrics import batch_forward_flops, peak_memory_gb, peak_tflops
 from megasimpo.model import (Precision, build_chunks, finish_param_gather,
                              resolve_attention_backend, set_sync_funcs, unwrap, wrap_for_training,
@@ -282,22 +283,24 @@ class Trainer:
                                 loss_fn=loss_fn)
 
     def _prepare(self, batches: list) -> list:
-        """Packs the step's micro-batches when packing is on; notes each one's forward FLOPs."""
-        if self.pack:
-            batches = pack_step(batches, math.lcm(PACK_MULTIPLE, self.layout.tp))
-        for batch in batches:
-            batch["forward_flops"] = batch_forward_flops(self.model_cfg, batch)
-        return batches
+        """One schedule call's CPU micro-batches on the device: packed to one length when packing
+        is on (decided once, ``_packing``), each with its forward FLOPs (host lengths)."""
+        multiple = math.lcm(PACK_MULTIPLE, self.layout.tp) if self.pack else None
+        return prepare(batches, pack_multiple=multiple,
+                       flops=partial(batch_forward_flops, self.model_cfg))
 
-    def _attach_reference(self, batches) -> None:
-        """Live reference: forward-only pass; last-stage ranks get [b, 2] reference log-probs."""
+    def _attach_reference(self, batches: list) -> list:
+        """Live reference: a forward-only pass; on last-stage ranks the micro-batches come back
+        with their [b, 2] reference log-probs (elsewhere unchanged: the loss is not there)."""
         outputs = self._run(self.reference, batches, forward_only=True,
                             loss_fn=self.step_fn.score_func)
-        for batch, out in zip(batches, outputs or []):
-            batch["ref_logps"] = out["logps"]
+        if not outputs:
+            return batches
+        return [dataclasses.replace(b, ref_logps=o["logps"]) for b, o in zip(batches, outputs)]
 
     def step_batches(self, step: int) -> list:
-        """The micro-batches of optimizer step ``step`` (collated from the dataset, unpacked)."""
+        """The CPU micro-batches of optimizer step ``step`` (collated from the dataset, not yet
+        packed nor on the device: ``_prepare``)."""
         return [make_batch(self.train_data, idx, self.seq_length, ref_logps=self.train_ref)
                 for idx in self.sampler.step_indices(step)]
 
@@ -306,7 +309,7 @@ class Trainer:
         t0 = time.perf_counter()
         batches = self._prepare(self.step_batches(step))
         if self.reference is not None:
-            self._attach_reference(batches)
+            batches = self._attach_reference(batches)
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -335,14 +338,18 @@ class Trainer:
         return row
 
     def evaluate(self, dataset) -> dict:
-        """Held-out metrics over every pair of ``dataset`` (filler pairs weigh 0)."""
-        batches, _ = full_pass_batches(dataset, self.groups.dp_rank, self.layout.dp,
-                                       self.micro_batch_size, self.seq_length, self.eval_ref)
-        batches = self._prepare(batches)
-        if self.reference is not None:
-            self._attach_reference(batches)
-        with torch.no_grad():
-            outputs = self._run(self.model, batches, forward_only=True)
+        """Held-out metrics over every pair of ``dataset`` (filler pairs weigh 0), one window of
+        micro-batches per schedule call (each packed to its own length; ``full_pass_windows``).
+        Windows are a multiple of pp micro-batches, as the interleaved schedule wants."""
+        outputs, pp = [], self.layout.pp
+        for batches, _ in full_pass_windows(dataset, self.groups.dp_rank, self.layout.dp,
+                                            self.micro_batch_size, self.seq_length, self.eval_ref,
+                                            window=-(-WINDOW // pp) * pp):
+            batches = self._prepare(batches)
+            if self.reference is not None:
+                batches = self._attach_reference(batches)
+            with torch.no_grad():
+                outputs += self._run(self.model, batches, forward_only=True)
         stats = reduce_stats(self.step_fn, outputs, self.groups)
         return {f"eval_{k}": v for k, v in stats.items() if k not in TOTAL_KEYS}
 

@@ -58,3 +58,41 @@ def test_packed_matches_padded(loss, layouts, inputs, tmp_path):
             # The tiny pairs are mostly padding at the longest pair's length: a packed step runs
             # (and counts) far fewer positions.
             assert all(f < 0.8 * p for f, p in zip(flops, padded_flops)), (flops, padded_flops)
+
+
+def _evaluate_in_windows(rank, world, ckpt, data, eval_data, out, pack):
+    import megasimpo.trainer as trainer_mod
+    from megasimpo.config import TrainConfig
+
+    cfg = TrainConfig(load=ckpt, data=(data,), eval_data=(eval_data,), out=out, steps=1,
+                      global_batch_size=8, micro_batch_size=2, precision="fp32", seed=7, pack=pack)
+    trainer = trainer_mod.Trainer(cfg)
+    shapes, prepare = [], trainer._prepare
+
+    def spy(batches):
+        ready = prepare(batches)
+        shapes.append([tuple(b.tokens.shape) for b in ready])
+        return ready
+
+    trainer._prepare = spy
+    whole = trainer.evaluate(trainer.eval_data)
+    trainer_mod.WINDOW = 3  # the 8 eval micro-batches in windows of 3, 3 and 2
+    windowed = trainer.evaluate(trainer.eval_data)
+    trainer.close()
+    return whole, windowed, shapes
+
+
+@pytest.mark.parametrize("pack", [False, True], ids=["padded", "packed"])
+def test_evaluate_builds_one_window_at_a_time(pack, inputs, tmp_path):
+    ckpt, data, eval_data = inputs
+    whole, windowed, shapes = run_ranks(_evaluate_in_windows, 1, ckpt, data, eval_data,
+                                        str(tmp_path / "run"), pack)[0]
+    assert [len(s) for s in shapes] == [8, 3, 3, 2]
+    assert all(len(set(s)) == 1 for s in shapes)  # one shape per schedule call
+    if pack:  # each window packed to its own longest micro-batch, never the whole set's
+        assert max(s[0][1] for s in shapes[1:]) == shapes[0][0][1]
+        assert all(s[0][0] == 1 for s in shapes)
+        assert whole.keys() == windowed.keys()
+        assert all(windowed[k] == pytest.approx(v, rel=1e-5, abs=1e-6) for k, v in whole.items())
+    else:  # the same micro-batches in the same order: the same sums
+        assert windowed == whole

@@ -166,8 +166,8 @@ def _nonfinite(rank, world, ckpt, data, out, bad_steps, max_skipped):
     calls = {"n": 0}
     real = step_mod.PairStep.loss_func
 
-    def poisoned(self, batch, output):  # micro-batches of bad steps get a NaN loss
-        loss, n, stats = real(self, batch, output)
+    def poisoned(self, batch, output, **kw):  # micro-batches of bad steps get a NaN loss
+        loss, n, stats = real(self, batch, output, **kw)
         step = calls["n"] // 4 + 1  # 4 micro-batches per step here
         calls["n"] += 1
         if step in bad_steps:

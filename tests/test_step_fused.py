@@ -4,7 +4,7 @@
 sequence parallelism) and the step runs ``fused_vocab_parallel_logprobs`` on it. Here that pair is
 compared with Megatron's ColumnParallelLinear followed by the plain log-probs, with and without
 sequence parallelism (which the local layer spec cannot run end to end on CPU: its norms refuse
-it), and the per-token fused path under a context-parallel split with ``step.cp_slice``.
+it), and the per-token fused path under a context-parallel split with ``step.cp_split``.
 """
 
 import types
@@ -73,7 +73,7 @@ def _cp_fused(rank, world_size):
     """Per-sequence sums and gradients of the fused path under a CP=2 split of the sequence."""
     from megasimpo.parallel.fused_logprobs import fused_vocab_parallel_logprobs
     from megasimpo.parallel.logprobs import sequence_logps
-    from megasimpo.step import cp_slice
+    from megasimpo.step import cp_split
 
     g = torch.Generator().manual_seed(2)
     rows = 2 * B
@@ -93,11 +93,11 @@ def _cp_fused(rank, world_size):
     full_h, full_w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
     full_sums = run(full_h, full_w, labels, mask, None)
     position = torch.arange(S).expand(rows, S)
-    local = cp_slice({"labels": labels, "loss_mask": mask, "position": position}, rank, world_size)
-    idx = local["position"][0]
+    idx = cp_split(position, rank, world_size)[0]
     cp_h = hidden[:, idx].clone().requires_grad_(True)
     cp_w = weight.clone().requires_grad_(True)
-    cp_sums = run(cp_h, cp_w, local["labels"], local["loss_mask"], dist.group.WORLD)
+    cp_sums = run(cp_h, cp_w, cp_split(labels, rank, world_size),
+                  cp_split(mask, rank, world_size), dist.group.WORLD)
     return idx, full_sums, full_h.grad, full_w.grad, cp_sums, cp_h.grad, cp_w.grad
 
 
