@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megasimpo import atomic
-from megasimpo.config import ModelConfig
+from megasimpo import atomic, lora_checkpoint
+from megasimpo.config import LoraConfig, ModelConfig
 from megasimpo.model import unwrap
 from megasimpo.parallel import groups as pgroups
 from megasimpo.parallel.compat import finish_optimizer_load, prepare_optimizer_for_load
@@ -44,8 +44,21 @@ def model_config(path: str) -> ModelConfig:
 
 
 def sharded_model_state(chunks: list) -> dict:
-    """Layout-independent sharded state of this rank's model chunks."""
-    return {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    """``{"model{i}": chunk i's sharded state}``: with LoRA adapters, theirs only (the frozen base
+    is referenced by the checkpoint, not saved: megasimpo/lora_checkpoint.py)."""
+    states = {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    return lora_checkpoint.adapter_states(states) if lora_checkpoint.config_of(chunks) else states
+
+
+def _restore(chunks: list, state: dict, path: str) -> None:
+    """Puts a loaded model state into the chunks (adapters only for a LoRA model)."""
+    lora = lora_checkpoint.config_of(chunks) is not None
+    for i, chunk in enumerate(chunks):
+        if lora:
+            lora_checkpoint.restore(unwrap(chunk), state[f"model{i}"], path)
+        else:
+            unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+
 
 
 def _rank0() -> bool:
@@ -129,10 +142,11 @@ def atomic_save(path: str, sharded_state: dict, meta: dict,
 
 
 def save_model(chunks: list, model: ModelConfig, path: str, *, source: str = "",
-               tokenizer_dir: Optional[str] = None) -> None:
-    """Saves model weights only (what ``--load`` and HF export read)."""
-    atomic_save(path, sharded_model_state(chunks), {"model": model.to_dict(), "source": source},
-                tokenizer_dir=tokenizer_dir)
+               tokenizer_dir: Optional[str] = None, base: Optional[dict] = None) -> None:
+    """Saves model weights only (what ``--load`` and HF export read); a LoRA model's adapters
+    only, with ``base`` (``lora_checkpoint.base_record`` of the frozen base) in its metadata."""
+    meta = {"model": model.to_dict(), "source": source, **lora_checkpoint.meta_for(chunks, base)}
+    atomic_save(path, sharded_model_state(chunks), meta, tokenizer_dir=tokenizer_dir)
 
 
 def read_dcp_metadata(path: str):
@@ -187,12 +201,25 @@ def _load(sharded_state: dict, path: str) -> dict:
                              "checkpoint or convert the model again") from None
 
 
-def load_model(chunks: list, path: str) -> None:
-    """Loads a checkpoint's weights into this rank's chunks, whatever layout it was saved at."""
-    read_meta(path)
-    state = _load(sharded_model_state(chunks), path)
-    for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+def load_model(chunks: list, path: str) -> Optional[dict]:
+    """Loads a checkpoint's weights into this rank's chunks, whatever layout it was saved at.
+
+    A LoRA checkpoint loads its base first, then gets the adapters it holds; returns its base
+    record then (None for a full model)."""
+    meta = read_meta(path)
+    base = meta.get(lora_checkpoint.BASE_KEY)
+    if lora_checkpoint.META_KEY in meta:
+        base_path = lora_checkpoint.check_base(base or {}, path)
+        if lora_checkpoint.META_KEY in read_meta(base_path):
+            raise ValueError(f"{path}: its base {base_path} is itself a LoRA checkpoint; "
+                             "export that one merged and import it as the base")
+        load_model(chunks, base_path)
+        from megasimpo import lora
+
+        lora.apply([unwrap(c) for c in chunks], LoraConfig(**meta[lora_checkpoint.META_KEY]),
+                   seed=0)
+    _restore(chunks, _load(sharded_model_state(chunks), path), path)
+    return base
 
 
 # ----- training state: resumable checkpoints in RUN_DIR/checkpoints -----------------------------
@@ -287,10 +314,11 @@ def _set_rng_state(state: dict, source: str = "RNG state") -> None:
 
 def save_training_state(run_dir: str, step: int, chunks: list, optimizer, scheduler,
                         model: ModelConfig, layout: dict, keep: int,
-                        run: Optional[dict] = None) -> str:
+                        run: Optional[dict] = None, base: Optional[dict] = None) -> str:
     """Checkpoint after ``step`` optimizer steps: model, optimizer, LR schedule, data position
     (the step: the data order is a function of it) and RNG; then ``latest`` and rotation.
-    ``run``: the run configuration it is written under (a resume compares against it)."""
+    ``run``: the run configuration it is written under (a resume compares against it); ``base``:
+    a LoRA model's base record (the checkpoint then holds the adapters and their state only)."""
     name = f"step_{step:07d}"
     path = os.path.join(run_dir, CHECKPOINTS, name)
     model_state = sharded_model_state(chunks)
@@ -299,7 +327,8 @@ def save_training_state(run_dir: str, step: int, chunks: list, optimizer, schedu
                                                       metadata=OPTIMIZER_SHARDING)
     rank = dist.get_rank() if dist.is_initialized() else 0
     atomic_save(path, state, {"model": model.to_dict(), "step": step, "layout": layout,
-                              **({"run": run} if run is not None else {})},
+                              **({"run": run} if run is not None else {}),
+                              **lora_checkpoint.meta_for(chunks, base)},
                 common={"scheduler": scheduler.state_dict(), "train": {"step": step}},
                 per_rank={f"rng_{rank:05d}.pt": _rng_state()})
     if _rank0():
@@ -322,9 +351,10 @@ def load_training_state(path: str, chunks: list, optimizer, scheduler, layout: d
     sharded = dict(model_state)
     sharded["optimizer"] = optimizer.sharded_state_dict(model_state, is_loading=True,
                                                         metadata=OPTIMIZER_SHARDING)
+    if lora_checkpoint.BASE_KEY in meta:  # the frozen base it was trained on must be unchanged
+        lora_checkpoint.check_base(meta[lora_checkpoint.BASE_KEY], path)
     state = _load(sharded, path)
-    for i, chunk in enumerate(chunks):
-        unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+    _restore(chunks, state, path)
     optimizer.load_state_dict(state["optimizer"])
     finish_optimizer_load(optimizer)
     scheduler.load_state_dict(state["scheduler"])

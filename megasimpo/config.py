@@ -27,6 +27,8 @@ ATTENTION_BACKENDS = ("auto", "te", "sdpa", "unfused")
 LOSS_TYPES = ("sigmoid", "hinge")
 REFERENCE_SOURCES = ("live", "precomputed")
 PRECISIONS = ("bf16", "fp8", "fp32")
+# Projections LoRA can adapt (Megatron names): attention QKV and output, MLP fc1 (gate+up) and fc2.
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
 def option(default=dataclasses.MISSING, doc: str = "", *, choices: tuple = (),
@@ -93,6 +95,42 @@ class LossConfig:
     def needs_reference(self) -> bool:
         """Whether this loss compares against a reference model."""
         return self.name in REFERENCE_LOSSES
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Low-rank adapters on the attention and MLP projections (megasimpo/lora.py); rank 0: off."""
+
+    rank: int = option(0, "LoRA rank r of every adapter; 0: off (full fine-tuning)")
+    alpha: Optional[float] = option(None, "LoRA scale numerator: the delta is alpha / r x B A "
+                                          "(default 2r)")
+    dropout: float = option(0.0, "dropout on each adapter's input")
+    targets: tuple = option(LORA_TARGETS, "projections that get adapters (Megatron names)")
+
+    def __post_init__(self):
+        if self.rank < 0:
+            raise ValueError(f"--lora-rank {self.rank} must be >= 0 (0: no LoRA)")
+        if self.alpha is None:
+            object.__setattr__(self, "alpha", float(2 * self.rank))
+        if self.rank and self.alpha <= 0:
+            raise ValueError(f"--lora-alpha {self.alpha} must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--lora-dropout {self.dropout} must be in [0, 1)")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"--lora-targets {' '.join(self.targets) or '(none)'}: each must be "
+                             "one of " + ", ".join(LORA_TARGETS) + ", once")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether adapters are trained (rank > 0) instead of the whole model."""
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        """alpha / r, the factor of B A."""
+        return self.alpha / self.rank
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,6 +207,7 @@ class TrainConfig:
     data: tuple = option(doc="training dataset prefix(es) (.bin/.idx), concatenated")
     out: str = option(doc="run directory: metrics, config.yaml, checkpoints, final_model/")
     loss: LossConfig = option(factory=LossConfig, doc="the loss and its options (flattened flags)")
+    lora: LoraConfig = option(factory=LoraConfig, doc="LoRA adapters (--lora-* flags)")
     ref: str = option("live", "reference log-probs of dpo/ipo/rdpo: a live frozen copy, or "
                               "precomputed by `megasimpo score`", choices=REFERENCE_SOURCES)
     ref_logps: tuple = option((), "--ref precomputed: `megasimpo score` JSONL per --data then "
@@ -251,4 +290,5 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["data"], d["eval_data"] = list(self.data), list(self.eval_data)
         d["ref_logps"] = list(self.ref_logps)
+        d["lora"]["targets"] = list(self.lora.targets)
         return d

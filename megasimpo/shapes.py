@@ -54,6 +54,10 @@ class LayerShapes:
         """All of the layer's parameters."""
         return self.sharded_parameters + self.replicated_parameters
 
+    def lora_parameters(self, rank: int, targets) -> int:
+        """Adapter parameters of the layer: r x (in + out) per adapted GEMM (``linear_qkv`` ...)."""
+        return sum(rank * sum(self.gemms[t.removeprefix("linear_")]) for t in targets)
+
 
 def layer_shapes(model) -> LayerShapes:
     """The layer shapes of a ``config.ModelConfig``."""

@@ -1,13 +1,15 @@
 """`megasimpo train`'s flags and `--config` files, both built from the config dataclasses.
 
 Every ``TrainConfig`` field is a flag (``--micro-batch-size`` for ``micro_batch_size``), and so is
-every ``LossConfig`` field (``--loss`` for its ``name``); the help text and the allowed values are
+every ``LossConfig`` field (``--loss`` for its ``name``) and every ``LoraConfig`` field
+(``--lora-rank`` for its ``rank``); the help text and the allowed values are
 the fields' own (``config.option``). Two flags are not fields: ``--gamma`` (SimPO's absolute
 margin, converted to ``gamma_beta_ratio``) and ``--config``.
 
 A ``--config`` file is a YAML mapping of the same options, in either spelling (``min-lr`` or
 ``min_lr``); the loss options may sit at the top level or under ``loss:`` (which is then a
-mapping of ``LossConfig`` fields, or just the loss's name). ``RUN_DIR/config.yaml`` is such a file:
+mapping of ``LossConfig`` fields, or just the loss's name), and the LoRA options as ``lora_rank``
+... or under ``lora:`` as a mapping of ``LoraConfig`` fields. ``RUN_DIR/config.yaml`` is such a file:
 its ``run:`` section holds the options and the other sections (``model``, ``layout``, ``plan``,
 ``derived``) record what the run derived from them, so they are read back as nothing. Flags
 given on the command line win over the file. A value of the wrong type is an error naming the file
@@ -21,9 +23,12 @@ import typing
 
 import yaml
 
-from megasimpo.config import LossConfig, TrainConfig
+from megasimpo.config import LoraConfig, LossConfig, TrainConfig
 
 EXTRA_FLAGS = ("gamma", "config")
+# TrainConfig fields holding a dataclass, flattened into options: (class, option-name prefix,
+# renamed fields). LossConfig's name is --loss; LoraConfig's rank is --lora-rank.
+NESTED = {"loss": (LossConfig, "", {"name": "loss"}), "lora": (LoraConfig, "lora_", {})}
 RUN_SECTIONS = ("model", "layout", "plan", "derived")  # outputs in RUN_DIR/config.yaml
 
 
@@ -35,12 +40,18 @@ def _kind(cls, f) -> type:
     return hint
 
 
+def _option(nested: str, field_name: str) -> str:
+    """The option name of field ``field_name`` of the nested config ``nested``."""
+    _, prefix, renamed = NESTED[nested]
+    return renamed.get(field_name, prefix + field_name)
+
+
 def _fields() -> dict:
-    """option name -> (dataclass, field): TrainConfig's fields, then LossConfig's (``loss`` is
-    LossConfig's ``name``)."""
-    out = {f.name: (TrainConfig, f) for f in dataclasses.fields(TrainConfig) if f.name != "loss"}
-    for f in dataclasses.fields(LossConfig):
-        out["loss" if f.name == "name" else f.name] = (LossConfig, f)
+    """option name -> (dataclass, field): TrainConfig's own fields, then the nested ones."""
+    out = {f.name: (TrainConfig, f) for f in dataclasses.fields(TrainConfig) if f.name not in NESTED}
+    for nested, (cls, _, _) in NESTED.items():
+        for f in dataclasses.fields(cls):
+            out[_option(nested, f.name)] = (cls, f)
     return out
 
 
@@ -50,7 +61,8 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     for name, (cls, f) in _fields().items():
         kind, doc = _kind(cls, f), f.metadata.get("doc", "")
         if f.default not in (dataclasses.MISSING, None, (), False) and "default" not in doc:
-            doc += f" (default {f.default})"
+            shown = " ".join(f.default) if isinstance(f.default, tuple) else f.default
+            doc += f" (default {shown})"
         flag = "--" + name.replace("_", "-")
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=doc,
@@ -114,12 +126,11 @@ def read_config_file(path: str) -> dict:
         loaded = {k: v for k, v in loaded.items() if k not in RUN_SECTIONS}
         loaded.update(loaded.pop("run"))
     options = {}
-    loss = loaded.get("loss")
-    if isinstance(loss, dict):  # loss: {name: dpo, beta: 0.1, ...}, as config.yaml writes it
-        loaded = {k: v for k, v in loaded.items() if k != "loss"}
-        for key, value in loss.items():
-            key = str(key).replace("-", "_")
-            loaded.setdefault("loss" if key == "name" else key, value)
+    for nested in NESTED:  # loss: {name: dpo, beta: 0.1, ...}, as config.yaml writes them
+        if isinstance(loaded.get(nested), dict):
+            mapping = loaded.pop(nested)
+            for key, value in mapping.items():
+                loaded.setdefault(_option(nested, str(key).replace("-", "_")), value)
     fields = _fields()
     for key, value in loaded.items():
         key = str(key).replace("-", "_")
@@ -142,8 +153,11 @@ def train_config(args: dict) -> TrainConfig:
     missing = [k for k in ("load", "data", "out") if opts.get(k) is None]
     if missing:
         raise ValueError("train needs " + ", ".join("--" + k for k in missing))
-    loss = {("name" if k == "loss" else k): opts.pop(k)
-            for k in list(opts) if fields.get(k, (None,))[0] is LossConfig}
+    nested = {}
+    for name, (cls, _, _) in NESTED.items():
+        names = {_option(name, f.name): f.name for f in dataclasses.fields(cls)}
+        nested[name] = {names[k]: opts.pop(k) for k in list(opts) if k in names}
+    loss = nested["loss"]
     gamma = opts.pop("gamma", None)  # absolute SimPO margin, given instead of the ratio
     if gamma is not None:
         beta = loss.get("beta") or LossConfig(name=loss.get("name", "simpo")).beta
@@ -151,4 +165,4 @@ def train_config(args: dict) -> TrainConfig:
     for key in ("data", "eval_data", "ref_logps"):
         if key in opts and opts[key] is not None:
             opts[key] = tuple([opts[key]] if isinstance(opts[key], str) else opts[key])
-    return TrainConfig(loss=LossConfig(**loss), **opts)
+    return TrainConfig(loss=LossConfig(**loss), lora=LoraConfig(**nested["lora"]), **opts)

@@ -92,19 +92,24 @@ def test_every_config_field_is_a_flag():
     import argparse
     import dataclasses
 
-    from megasimpo.config import LossConfig, TrainConfig
+    from megasimpo.config import LoraConfig, LossConfig, TrainConfig
     from megasimpo.train_flags import add_train_flags
 
     parser = argparse.ArgumentParser()
     add_train_flags(parser)
     flags = {a.dest for a in parser._actions}
-    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"loss"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"loss", "lora"}
     fields |= {"loss" if f.name == "name" else f.name for f in dataclasses.fields(LossConfig)}
+    fields |= {"lora_" + f.name for f in dataclasses.fields(LoraConfig)}
     assert fields <= flags
     args = vars(parser.parse_args(["--load", "m", "--data", "a", "b", "--out", "o", "--loss", "ipo",
-                                   "--adam-beta2", "0.95", "--no-pack", "--force"]))
+                                   "--adam-beta2", "0.95", "--no-pack", "--force", "--lora-rank",
+                                   "8", "--lora-targets", "linear_qkv", "linear_fc2"]))
     cfg = train_config(args)
     assert (cfg.loss.name, cfg.adam_beta2, cfg.pack, cfg.force) == ("ipo", 0.95, False, True)
+    assert (cfg.lora.rank, cfg.lora.alpha, cfg.lora.targets) == (8, 16.0, ("linear_qkv", "linear_fc2"))
+    with pytest.raises(ValueError, match="--lora-targets linear_q: each must be one of linear_qkv"):
+        train_config({**args, "lora_targets": ["linear_q"]})
     assert cfg.lr == TrainConfig.__dataclass_fields__["lr"].default  # no flag, no value
     with pytest.raises(SystemExit):
         parser.parse_args(["--precision", "fp16"])  # choices come from the field

@@ -87,9 +87,17 @@ def compute_fingerprint(index: IndexContent, bin_path: str) -> str:
     h.update(_FRAME.pack(len(index.sequence_lengths)))
     _update(h, index.sequence_lengths.astype("<i4", copy=False))
     _update(h, index.document_indices.astype("<i8", copy=False))
-    size = os.path.getsize(bin_path)
+    update_with_file(h, bin_path)
+    return h.hexdigest()
+
+
+def update_with_file(h, path: str) -> None:
+    """Adds ``path``'s size and content to hash ``h``: the whole file up to FULL_HASH_LIMIT, else
+    NUM_SAMPLES evenly spaced SAMPLE_SIZE blocks and the last one (so a 100 GB file costs ~1 MiB of
+    reads). Also the LoRA base-checkpoint fingerprint's file rule (megasimpo/lora_checkpoint.py)."""
+    size = os.path.getsize(path)
     h.update(_FRAME.pack(size))
-    with open(bin_path, "rb") as f:
+    with open(path, "rb") as f:
         if size <= FULL_HASH_LIMIT:
             h.update(f.read())
         else:
@@ -97,7 +105,6 @@ def compute_fingerprint(index: IndexContent, bin_path: str) -> str:
             for offset in [k * stride for k in range(NUM_SAMPLES)] + [size - SAMPLE_SIZE]:
                 f.seek(offset)
                 h.update(f.read(SAMPLE_SIZE))
-    return h.hexdigest()
 
 
 def encode_trailer(fingerprint: str, max_token_id: int, vocab_size: Optional[int],

@@ -1,0 +1,91 @@
+"""LoRA checkpoints: the adapters (and, to resume, their optimizer state) without the frozen base.
+
+A checkpoint of a LoRA model holds only the adapter tensors (``*_lora.lora_a`` / ``lora_b``,
+sharded as ``lora.LoraAdapter.sharded_state_dict`` says, so they reshard to any layout). Its
+``megasimpo.json`` carries ``"lora"`` (the LoraConfig) and ``"base"``: the base checkpoint's real
+path and a fingerprint of its files. Loading one (``checkpoint.load_model``) loads that base,
+refusing it when its fingerprint changed, adds the adapters and loads them.
+
+The fingerprint is a blake2b over the base directory's file names and contents, each file by
+``data.fingerprint.update_with_file`` (whole up to 4 MiB, else 256 sampled blocks), so checking a
+140 GB base reads a few MiB.
+"""
+
+import hashlib
+import os
+from typing import Optional
+
+from megasimpo.config import LoraConfig
+from megasimpo.data.fingerprint import update_with_file
+from megasimpo.lora import SUFFIX, adapters
+
+META_KEY, BASE_KEY = "lora", "base"
+
+
+def is_adapter_key(key: str) -> bool:
+    """Whether a model state key names an adapter tensor."""
+    return SUFFIX + "." in key
+
+
+def base_fingerprint(path: str) -> str:
+    """Hex digest of every file under checkpoint directory ``path`` (names and contents)."""
+    h = hashlib.blake2b(digest_size=16)
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            h.update(os.path.relpath(full, path).encode() + b"\0")
+            update_with_file(h, full)
+    return h.hexdigest()
+
+
+def base_record(path: str) -> dict:
+    """What a LoRA checkpoint records of its base: real path and fingerprint."""
+    return {"path": os.path.realpath(path), "fingerprint": base_fingerprint(path)}
+
+
+def check_base(record: dict, source: str) -> str:
+    """The base path of a LoRA checkpoint ``source``; ValueError when it is gone or changed."""
+    path = record.get("path")
+    if not path or not os.path.isdir(path):
+        raise ValueError(f"{source} is a LoRA checkpoint of the base model {path}, which no "
+                         "longer exists: put the base back there, or export this checkpoint "
+                         "merged from where the base is")
+    if base_fingerprint(path) != record.get("fingerprint"):
+        raise ValueError(f"{source} is a LoRA checkpoint of the base model {path}, whose files "
+                         "changed since (fingerprint mismatch): the adapters would be applied "
+                         "to other weights; restore that base")
+    return path
+
+
+def config_of(chunks: list) -> Optional[LoraConfig]:
+    """The LoraConfig the chunks' adapters were built with, or None without adapters."""
+    found = adapters(chunks)
+    return found[0].config if found else None
+
+
+def meta_for(chunks: list, base: Optional[dict]) -> dict:
+    """The ``megasimpo.json`` entries of a checkpoint of ``chunks``: {} without adapters."""
+    cfg = config_of(chunks)
+    if cfg is None:
+        return {}
+    if base is None:
+        raise ValueError("a LoRA checkpoint needs its base record (lora_checkpoint.base_record)")
+    return {META_KEY: {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
+                       "targets": list(cfg.targets)}, BASE_KEY: base}
+
+
+def adapter_states(states: dict) -> dict:
+    """``{"model{i}": {key: sharded}}`` restricted to the adapter tensors."""
+    return {name: {k: v for k, v in state.items() if is_adapter_key(k)}
+            for name, state in states.items()}
+
+
+def restore(module, state: dict, source: str) -> None:
+    """Loads adapter-only ``state`` into ``module``; every key it lacks must be a base tensor."""
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if is_adapter_key(k)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{source}: its adapters do not match this model's (missing "
+                         f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}): was it "
+                         "trained with other --lora-targets?")
