@@ -39,27 +39,43 @@ with the highest total (first or last):
   input gradient); both plus the final-norm and output-layer inputs;
 * ``OVERHEAD_GB`` fixed: CUDA context, cuBLAS/TE workspaces, NCCL buffers, allocator slack.
 
+LoRA (``lora``, ``megasimpo/lora.py``): every base parameter is frozen, so it is bf16 weights only
+(2 B, no gradient buffer, no main copy, no Adam moments) and the adapters are the trainable
+parameters at 2 + 4 + 12/(DP*CP) B, sharded as lora.py shards them: column targets (QKV, fc1)
+A [r, in] whole and B [out/TP, r]; row targets (proj, fc2) A [r, in/TP] and B [out, r] whole. A
+live reference is the base with its adapters off: no copy. Activations: a frozen linear (Megatron's
+and TE's alike) saves no input, so a projection's input is kept only when an adapter uses it (QKV
+and fc1 inputs, fc2 input; the attention output is kept by attention anyway), plus per adapter its
+[s, b, r] product in bf16 (whole sequence for column targets: it is all-gathered before B); TE's
+fused norm + linear hands the adapter the norm's input, so the adapter re-normalises it and keeps
+the fp32 copy and the bf16 result (6 B per element of [s, b, h]); adapter dropout keeps its output
+and its mask (3 B per input element) instead of the input. The frozen output layer needs no
+weight-gradient product buffer (fused path) and keeps no input (plain path).
+
 GB are 1e9 bytes, like ``mem_peak_gb`` in the metrics.
 """
 
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from megasimpo.config import LOGPROB_CHUNK, REFERENCE_LOSSES, ModelConfig
+from megasimpo.config import LOGPROB_CHUNK, REFERENCE_LOSSES, LoraConfig, ModelConfig
 from megasimpo.shapes import layer_shapes, padded_vocab_size
 
 GB = 1e9
 OVERHEAD_GB = 4.0  # CUDA context + workspaces + NCCL buffers + fragmentation
 LOGIT_BYTES = 10  # per element of [2*mbs, s, v/tp], see the module docstring
+# lora.py's column-parallel targets (output split over TP: A whole, B split); the rest are row
+# targets (input split over TP: A split, B whole). lora.py imports torch, this module must not.
+LORA_COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
 
 
 @dataclass(frozen=True)
 class MemoryBreakdown:
     """Predicted peak memory of one GPU in GB (1e9 bytes), on pipeline stage ``stage``."""
 
-    weights: float  # bf16 policy weights
-    grads: float  # fp32 main gradients
-    optimizer: float  # fp32 master weights + Adam m, v, sharded over DP x CP
+    weights: float  # bf16 policy weights (with LoRA: the frozen base and the adapters)
+    grads: float  # fp32 main gradients (of the trainable parameters)
+    optimizer: float  # fp32 master weights + Adam m, v of the trainable ones, / DP x CP
     reference: float  # frozen bf16 reference model (live DPO-style reference), else 0
     activations: float  # saved activations of the in-flight micro-batches + one layer's working set
     logits: float  # output-layer / log-prob buffers (last stage only)
@@ -85,6 +101,30 @@ def layer_parameters(model: ModelConfig) -> tuple[int, int]:
     return layer.sharded_parameters, layer.replicated_parameters
 
 
+def lora_on(lora: Optional[LoraConfig]) -> bool:
+    """Whether ``lora`` (a LoraConfig or None) trains adapters instead of the whole model."""
+    return lora is not None and lora.enabled
+
+
+def lora_layer_parameters(model: ModelConfig, lora: Optional[LoraConfig], tp: int = 1) -> float:
+    """Adapter parameters of one layer on one GPU of a TP group (see the module docstring); at
+    TP 1 the sum over targets of r x (in + out), ``LayerShapes.lora_parameters``."""
+    if not lora_on(lora):
+        return 0.0
+    gemms, r = layer_shapes(model).gemms, lora.rank
+    return sum(r * (n_in + n_out / tp) if t in LORA_COLUMN_TARGETS else r * (n_in / tp + n_out)
+               for t in lora.targets for n_in, n_out in [gemms[t.removeprefix("linear_")]])
+
+
+def model_parameters(model: ModelConfig, lora: Optional[LoraConfig] = None) -> tuple[int, int]:
+    """(trainable, total) parameters of the whole model: with LoRA the adapters, of the base plus
+    the adapters; without it all of them, twice."""
+    if not lora_on(lora):
+        return model.num_parameters, model.num_parameters
+    adapters = model.num_layers * layer_shapes(model).lora_parameters(lora.rank, lora.targets)
+    return adapters, model.num_parameters + adapters
+
+
 def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> float:
     """Parameters held by one GPU of pipeline stage ``stage``."""
     sharded, replicated = layer_parameters(model)
@@ -100,22 +140,52 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> float:
 
 
 def layer_activation_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence_parallel: bool,
-                           recompute: bool, seq: int = 0, attention_backend: str = "te") -> float:
+                           recompute: bool, seq: int = 0, attention_backend: str = "te",
+                           lora: Optional[LoraConfig] = None) -> float:
     """Saved activations of one layer for ``tokens`` = ``seq`` (s/cp) x sequences, bytes on one
     GPU. ``attention_backend`` "unfused" adds Megatron's saved score matrices (see
-    :func:`attention_score_bytes`)."""
+    :func:`attention_score_bytes`), ``lora`` the adapters' (see :func:`lora_saved_per_token`)."""
     h, f = model.hidden_size, model.ffn_hidden_size
     split = tp if sequence_parallel else 1
     if recompute:
         return 2 * tokens * h / split  # the layer input only
     g = model.num_query_groups / model.num_attention_heads
-    replicated = 8 * h  # norm inputs (2), QKV input, fc1 input: sharded only by SP
-    # QKV output (Q, K, V), rotary Q and K, attention output, SwiGLU input and output
-    sharded = (6 + 6 * g) * h + 6 * f
-    saved = tokens * (replicated / split + sharded / tp)  # bf16: the factor 2 is in the counts
+    # QKV output (Q, K, V), rotary Q and K, attention output, SwiGLU input
+    sharded = (6 + 6 * g) * h + 4 * f
+    if lora_on(lora):
+        replicated, adapted, whole = lora_saved_per_token(model, lora, attention_backend, split)
+        sharded += adapted
+    else:
+        replicated, whole = 8 * h, 0.0  # norm inputs (2), QKV input, fc1 input: split by SP only
+        sharded += 2 * f  # fc2 input (the SwiGLU output)
+    # bf16: the factor 2 is in the counts
+    saved = tokens * (replicated / split + sharded / tp + whole)
     if attention_backend == "unfused":
         saved += attention_score_bytes(model, tokens=tokens, seq=seq, tp=tp)
     return saved
+
+
+def lora_saved_per_token(model: ModelConfig, lora: LoraConfig, attention_backend: str,
+                         split: int) -> tuple:
+    """Bytes per token a layer with frozen projections and ``lora``'s adapters saves, beyond what
+    attention and SwiGLU keep: (split by SP only, split by TP, the rest). Frozen projections save
+    no inputs; each adapter keeps the input its A needs (2 B, shared with the norm output of the
+    local spec; TE's fused norm + linear: the adapter's own fp32 re-normalisation and its bf16
+    result, 6 B; dropout: its output and mask, 3 B, instead) and the bf16 [s, b, r] product its B
+    needs, gathered over the whole sequence for column targets (the third part, already divided
+    by SP where SP splits it)."""
+    gemms, r = layer_shapes(model).gemms, lora.rank
+    keep = 3 if lora.dropout else 2
+    replicated, sharded, whole = 4.0 * model.hidden_size, 0.0, 0.0  # the two norm inputs
+    for t in lora.targets:
+        n_in = gemms[t.removeprefix("linear_")][0]
+        if t in LORA_COLUMN_TARGETS:
+            replicated += ((4 if attention_backend == "te" else 0) + keep) * n_in
+            whole += 2 * r
+        else:  # proj's input (the attention output) is saved by attention anyway
+            sharded += (keep if t == "linear_fc2" or lora.dropout else 0) * n_in
+            whole += 2 * r / split
+    return replicated, sharded, whole
 
 
 def attention_score_bytes(model: ModelConfig, *, tokens: int, seq: int, tp: int) -> float:
@@ -143,12 +213,15 @@ def stage_memory(model: ModelConfig, *, tp: int, pp: int, vpp: Optional[int], cp
                  sequence_parallel: bool, seq_length: int, micro_batch_size: int,
                  num_microbatches: int, loss: str, recompute: bool, stage: int,
                  ref: str = "live", logprob_chunk: int = LOGPROB_CHUNK,
-                 attention_backend: str = "te") -> MemoryBreakdown:
+                 attention_backend: str = "te",
+                 lora: Optional[LoraConfig] = None) -> MemoryBreakdown:
     """Predicted memory of one GPU on pipeline stage ``stage`` (see the module docstring)."""
     params = stage_parameters(model, tp, pp, stage)
+    adapters = model.num_layers // pp * lora_layer_parameters(model, lora, tp)
+    trainable = adapters if lora_on(lora) else params
     tokens = seq_length // cp * 2 * micro_batch_size
     per_layer = dict(tokens=tokens, tp=tp, sequence_parallel=sequence_parallel,
-                     seq=seq_length // cp, attention_backend=attention_backend)
+                     seq=seq_length // cp, attention_backend=attention_backend, lora=lora)
     stored = layer_activation_bytes(model, recompute=recompute, **per_layer)
     working = layer_activation_bytes(model, recompute=False, **per_layer)
     layers_per_chunk = model.num_layers // (pp * (vpp or 1))
@@ -159,16 +232,20 @@ def stage_memory(model: ModelConfig, *, tp: int, pp: int, vpp: Optional[int], cp
         vocab = padded_vocab_size(model.vocab_size) / tp
         split = tp if sequence_parallel else 1
         h = model.hidden_size
-        inputs = 2 * (2 * tokens * h / split)  # final-norm and output-layer inputs, bf16
+        frozen = lora_on(lora)  # a frozen output layer: no wgrad buffer (fused), no input saved
+        inputs = (1 if frozen and not logprob_chunk else 2) * (2 * tokens * h / split)
         if logprob_chunk:  # fused: one chunk's logits; hidden handed over in fp32, cast, dgrad
             chunk = min(logprob_chunk, tokens)
-            logits = chunk * vocab * LOGIT_BYTES + 2 * vocab * h + (4 + 2 + 2) * tokens * h
+            logits = (chunk * vocab * LOGIT_BYTES + (0 if frozen else 2 * vocab * h)
+                      + (4 + 2 + 2) * tokens * h)
         else:
             logits = tokens * vocab * LOGIT_BYTES
         logits += inputs
-    reference = 2 * params if loss in REFERENCE_LOSSES and ref == "live" else 0.0
-    return MemoryBreakdown(weights=2 * params / GB, grads=4 * params / GB,
-                           optimizer=12 * params / (dp * cp) / GB, reference=reference / GB,
+    # a live reference with LoRA is the same weights with the adapters off: no copy
+    live_copy = loss in REFERENCE_LOSSES and ref == "live" and not lora_on(lora)
+    reference = 2 * params if live_copy else 0.0
+    return MemoryBreakdown(weights=2 * (params + adapters) / GB, grads=4 * trainable / GB,
+                           optimizer=12 * trainable / (dp * cp) / GB, reference=reference / GB,
                            activations=activations / GB, logits=logits / GB,
                            overhead=OVERHEAD_GB, stage=stage)
 
@@ -178,18 +255,21 @@ def stage_breakdowns(model: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optio
                      seq_length: int = 4096, micro_batch_size: int = 1,
                      num_microbatches: Optional[int] = None, loss: str = "simpo",
                      recompute: bool = False, ref: str = "live",
-                     logprob_chunk: int = LOGPROB_CHUNK, attention_backend: str = "te") -> tuple:
+                     logprob_chunk: int = LOGPROB_CHUNK, attention_backend: str = "te",
+                     lora: Optional[LoraConfig] = None) -> tuple:
     """Memory of the first and (when pp > 1) the last pipeline stage; middle stages hold less.
 
     ``sequence_parallel`` None means on when tp > 1; ``num_microbatches`` None means plenty
-    (at least pp x vpp, the pipeline is full).
+    (at least pp x vpp, the pipeline is full); ``lora`` a LoraConfig (None or rank 0: full
+    fine-tuning).
     """
     sp = tp > 1 if sequence_parallel is None else sequence_parallel
     nm = num_microbatches or pp * (vpp or 1)
     return tuple(stage_memory(model, tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sequence_parallel=sp,
                               seq_length=seq_length, micro_batch_size=micro_batch_size,
                               num_microbatches=nm, loss=loss, recompute=recompute, stage=s, ref=ref,
-                              logprob_chunk=logprob_chunk, attention_backend=attention_backend)
+                              logprob_chunk=logprob_chunk, attention_backend=attention_backend,
+                              lora=lora)
                  for s in sorted({0, pp - 1}))
 
 

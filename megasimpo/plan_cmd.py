@@ -1,7 +1,8 @@
 """``megasimpo plan``: the layout and per-GPU memory the planner picks, as a table or JSON.
 
     python -m megasimpo plan (--hf-config FILE | --load CKPT) --gpus N [--gpus-per-node 8]
-        [--gpu-mem-gb 80] [--seq-length N] [--loss simpo|dpo] [--json] [--simulate [--rank R]]
+        [--gpu-mem-gb 80] [--seq-length N] [--loss simpo|dpo] [--lora-rank R [--lora-alpha A]
+        [--lora-targets T ...]] [--json] [--simulate [--rank R]]
 
 Nothing is started: no GPU, no process group. Impossible requests print
 ``megasimpo plan: error: ...`` (with the minimum GPU count that would work) and return 2.
@@ -12,10 +13,11 @@ import json
 import sys
 
 from megasimpo import planner
-from megasimpo.config import LOGPROB_CHUNK, LOSSES, REFERENCE_SOURCES, ModelConfig
-from megasimpo.memory_model import OVERHEAD_GB
+from megasimpo.config import (LOGPROB_CHUNK, LORA_TARGETS, LOSSES, REFERENCE_SOURCES, LoraConfig,
+                              ModelConfig)
+from megasimpo.memory_model import OVERHEAD_GB, lora_on
 
-PARTS = (("weights", "weights (bf16)"), ("grads", "gradients (fp32)"),
+PARTS = (("weights", "weights (bf16)"), ("grads", "gradients (fp32, trainable)"),
          ("optimizer", "optimizer (fp32 master + Adam, / DP*CP)"),
          ("reference", "reference model (bf16, live DPO)"),
          ("activations", "activations (in-flight micro-batches)"),
@@ -47,6 +49,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--attention-backend", choices=("te", "sdpa", "unfused"), default="te",
                    help="core attention the cluster will run (train's auto: te where Transformer "
                         "Engine imports on a GPU, else sdpa); unfused keeps s x s scores")
+    p.add_argument("--lora-rank", type=int, default=0,
+                   help="plan for LoRA adapters of this rank on a frozen base (0: full fine-tuning)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default 2 x rank)")
+    p.add_argument("--lora-targets", nargs="+", default=list(LORA_TARGETS),
+                   help="projections that get adapters (default: " + " ".join(LORA_TARGETS) + ")")
     p.add_argument("--simulate", action="store_true",
                    help="also run one real training step of the heaviest ranks on fake tensors "
                         "in a fake world of --gpus ranks and report their measured memory")
@@ -66,6 +73,13 @@ def load_model_config(args) -> ModelConfig:
     return model_config(args.load)
 
 
+def lora_config(args) -> LoraConfig:
+    """The LoraConfig of the ``--lora-*`` flags (rank 0: off); ValueError naming a bad value."""
+    return LoraConfig(rank=getattr(args, "lora_rank", 0) or 0,
+                      alpha=getattr(args, "lora_alpha", None),
+                      targets=tuple(getattr(args, "lora_targets", None) or LORA_TARGETS))
+
+
 def make_plan(args, model: ModelConfig, exclude: tuple = ()) -> planner.Plan:
     """Runs the planner with the flags of ``args`` (never one of the ``exclude`` layouts)."""
     overrides = {k: getattr(args, k) for k in planner.OVERRIDABLE}
@@ -73,7 +87,7 @@ def make_plan(args, model: ModelConfig, exclude: tuple = ()) -> planner.Plan:
                         gpu_mem_gb=args.gpu_mem_gb, seq_length=args.seq_length, loss=args.loss,
                         ref=args.ref, global_batch_size=args.global_batch_size,
                         logprob_chunk=args.logprob_chunk, attention_backend=args.attention_backend,
-                        overrides=overrides, exclude=exclude)
+                        overrides=overrides, exclude=exclude, lora=lora_config(args))
 
 
 def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> str:
@@ -83,6 +97,7 @@ def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> s
         f"model   {m.architecture}: {m.num_layers} layers, hidden {m.hidden_size}, "
         f"ffn {m.ffn_hidden_size}, {m.num_attention_heads} heads / {m.num_query_groups} KV heads, "
         f"vocab {m.vocab_size}, {m.num_parameters / 1e9:.2f} B parameters",
+        f"train   {_trainable(plan)}",
         f"world   {plan.world_size} GPUs ({gpus_per_node} per node, {plan.gpu_mem_gb:g} GB each), "
         f"seq {plan.seq_length}, loss {plan.loss}, attention {plan.attention_backend}",
         f"layout  TP={lay.tp}  PP={lay.pp}  VPP={lay.vpp or '-'}  CP={lay.cp}  DP={lay.dp}  "
@@ -107,6 +122,14 @@ def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> s
     lines.append("why")
     lines.extend(f"  - {r}" for r in plan.reasons)
     return "\n".join(lines)
+
+
+def _trainable(plan: planner.Plan) -> str:
+    """Trainable against total parameters, and what is trained."""
+    n, total = plan.trainable_parameters, plan.total_parameters
+    what = (f"LoRA r={plan.lora.rank} alpha {plan.lora.alpha:g} on {' '.join(plan.lora.targets)}, "
+            "base frozen" if lora_on(plan.lora) else "full fine-tuning")
+    return f"{n:,} trainable of {total:,} parameters ({n / max(total, 1):.2%}): {what}"
 
 
 def run(args) -> int:

@@ -15,16 +15,20 @@ fastest one that fits in ``MEMORY_FRACTION`` of the GPU, by this preference orde
    ``VPP_STEP_COST`` per extra virtual stage (each adds a point-to-point hop per micro-batch);
 6. then more CP for long sequences (less TP otherwise), larger TP, less memory.
 
-Memory per layout comes from ``megasimpo.memory_model`` (its docstring has the model).
+Memory per layout comes from ``megasimpo.memory_model`` (its docstring has the model), the reasons
+text from ``megasimpo.planner_reasons``. With LoRA (``lora``) the base is frozen: bf16 weights
+only, gradients and optimizer state of the adapters, so a model plans on far fewer GPUs.
 """
 
 import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from megasimpo.config import (LOGPROB_CHUNK, LOSSES, REFERENCE_LOSSES, REFERENCE_SOURCES, Layout,
+from megasimpo.config import (LOGPROB_CHUNK, LOSSES, REFERENCE_SOURCES, Layout, LoraConfig,
                               ModelConfig)
-from megasimpo.memory_model import OVERHEAD_GB, MemoryBreakdown, memory_breakdown, stage_breakdowns
+from megasimpo.memory_model import (OVERHEAD_GB, MemoryBreakdown, lora_on, memory_breakdown,
+                                    model_parameters, stage_breakdowns)
+from megasimpo.planner_reasons import describe, reasons
 
 MEMORY_FRACTION = 0.9  # plan to this share of the GPU: the rest is the model's error margin
 LONG_SEQUENCE = 16384  # from here on context parallelism is preferred over PP/TP
@@ -54,6 +58,9 @@ class Plan:
     ref: str = "live"  # reference log-probs of dpo/ipo/rdpo: live frozen copy or precomputed
     logprob_chunk: int = LOGPROB_CHUNK  # fused output-layer chunk the memory model assumed
     attention_backend: str = "te"  # core attention the memory model assumed (te, sdpa, unfused)
+    lora: Optional[LoraConfig] = None  # LoRA adapters planned for; None: full fine-tuning
+    trainable_parameters: int = 0  # of the whole model: the adapters with LoRA, else all
+    total_parameters: int = 0  # of the whole model, adapters included
 
     @property
     def world_size(self) -> int:
@@ -67,7 +74,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         """JSON/YAML form: the layout's fields at the top level (the ``plan --json`` contract),
-        every other field, ``memory_gb`` with its total, budget and bubble."""
+        every other field, ``memory_gb`` with its total, budget and bubble; ``lora_rank`` 0 and
+        ``lora_alpha``/``lora_targets`` None without LoRA."""
         d = dataclasses.asdict(self.layout)
         d.update({k: getattr(self, k) for k in ("micro_batch_size", "num_microbatches",
                                                 "global_batch_size", "recompute", "seq_length",
@@ -78,6 +86,11 @@ class Plan:
         d["memory_peak_stage"] = self.memory.stage
         d["memory_gb_by_stage"] = {str(m.stage): m.to_dict() for m in self.stages}
         d["pipeline_bubble"] = round(self.bubble, 4)
+        on = lora_on(self.lora)
+        d.update(lora_rank=self.lora.rank if on else 0, lora_alpha=self.lora.alpha if on else None,
+                 lora_targets=list(self.lora.targets) if on else None,
+                 trainable_parameters=self.trainable_parameters,
+                 total_parameters=self.total_parameters)
         d["reasons"] = list(self.reasons)
         return d
 
@@ -165,12 +178,6 @@ def _rank(c: dict, seq_length: int) -> tuple:
             -c["cp"] if long_seq else c["cp"], -c["tp"], c["memory"].total)
 
 
-def _describe(c: dict) -> str:
-    vpp = f" vpp={c['vpp']}" if c["vpp"] else ""
-    return (f"tp={c['tp']} pp={c['pp']}{vpp} cp={c['cp']} dp={c['dp']}, micro-batch "
-            f"{c['micro_batch_size']}{', full recompute' if c['recompute'] else ''}")
-
-
 def _check_overrides(model: ModelConfig, gpus: int, overrides: dict) -> dict:
     """The overrides that are set, normalized (vpp 1 -> None); ValueError naming bad values."""
     unknown = sorted(set(overrides) - set(OVERRIDABLE))
@@ -212,10 +219,11 @@ def _no_layout_message(what: str, gpus: int, fixed: dict, global_batch_size: int
 
 def _no_fit_message(model, gpus, budget, gpu_mem_gb, work, fixed, search) -> str:
     """Why nothing fits, with the minimum (or nearest) GPU count that would work."""
-    loss, seq_length = work["loss"], work["seq_length"]
+    loss, seq_length, lora = work["loss"], work["seq_length"], work["lora"]
     n = model.num_parameters
     size = f"{n / 1e9:.1f} B" if n >= 1e8 else f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n:,}"
     what = (f"the model ({size} parameters, {loss}, seq {seq_length}"
+            + (f", LoRA r={lora.rank}" if lora_on(lora) else "")
             + "".join(f", {k}={v}" for k, v in fixed.items()) + ")")
     mem = f"GPUs of {gpu_mem_gb:g} GB (budget {budget:.1f} GB = {MEMORY_FRACTION:.0%})"
     works, leanest = set(), None
@@ -229,7 +237,7 @@ def _no_fit_message(model, gpus, budget, gpu_mem_gb, work, fixed, search) -> str
         if leanest is None:
             return _no_layout_message(what, gpus, fixed, search["global_batch_size"])
         return (f"{what} does not fit on {mem} at any GPU count: the leanest layout "
-                f"({_describe(leanest)}) needs {leanest['memory'].total:.1f} GB per GPU; "
+                f"({describe(leanest)}) needs {leanest['memory'].total:.1f} GB per GPU; "
                 "use GPUs with more memory or a shorter --seq-length")
     minimum = min(works)
     if gpus < minimum:
@@ -252,13 +260,14 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
          seq_length: int = 4096, loss: str = "simpo", ref: str = "live",
          logprob_chunk: int = LOGPROB_CHUNK, attention_backend: str = "te",
          global_batch_size: int = 128, overrides: Optional[dict] = None,
-         exclude: tuple = ()) -> Plan:
+         exclude: tuple = (), lora: Optional[LoraConfig] = None) -> Plan:
     """The fastest layout that fits (see the module docstring for the order of preference).
 
     ``overrides`` fixes any of tp, pp, vpp, cp, micro_batch_size, recompute, sequence_parallel
     (None values are ignored) and the rest is planned around them; layouts in ``exclude``
     (Plans, e.g. ones a simulation refused) are not considered. ``attention_backend`` (te,
-    sdpa or unfused: the one the run will use) decides whether attention scores take memory.
+    sdpa or unfused: the one the run will use) decides whether attention scores take memory;
+    ``lora`` (a LoraConfig, None or rank 0: full fine-tuning) freezes the base for adapters.
     Raises ValueError when nothing fits, naming the
     minimum (or nearest) GPU count that would work.
     """
@@ -277,11 +286,12 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
         raise ValueError(f"attention backend {attention_backend!r} must be te, sdpa or unfused "
                          "(resolve auto first)")
     fixed = _check_overrides(model, gpus, dict(overrides or {}))
+    lora = lora if lora_on(lora) else None
     budget = MEMORY_FRACTION * gpu_mem_gb
     search = dict(gpus_per_node=gpus_per_node, seq_length=seq_length,
                   global_batch_size=global_batch_size)
     work = dict(seq_length=seq_length, loss=loss, ref=ref, logprob_chunk=logprob_chunk,
-                attention_backend=attention_backend)
+                attention_backend=attention_backend, lora=lora)
     candidates = [c for c in _layouts(model, gpus, fixed=fixed, **search)
                   if layout_key(c) not in {layout_key(x) for x in exclude}]
     for c in candidates:
@@ -290,98 +300,14 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
     if not feasible:
         raise ValueError(_no_fit_message(model, gpus, budget, gpu_mem_gb, work, fixed, search))
     best = min(feasible, key=lambda c: _rank(c, seq_length))
-    reasons = _reasons(model, best, candidates, fixed, gpus=gpus, gpus_per_node=gpus_per_node,
-                       budget=budget, gpu_mem_gb=gpu_mem_gb, seq_length=seq_length, loss=loss,
-                       ref=ref, global_batch_size=global_batch_size)
+    why = reasons(model, best, candidates, fixed, gpus=gpus, gpus_per_node=gpus_per_node,
+                  budget=budget, gpu_mem_gb=gpu_mem_gb, seq_length=seq_length, loss=loss, ref=ref,
+                  global_batch_size=global_batch_size, long_sequence=LONG_SEQUENCE, lora=lora)
+    trainable, total = model_parameters(model, lora)
     layout = {k: v for k, v in best.items() if k != "memory"}
     split = {k: layout.pop(k) for k in ("tp", "pp", "vpp", "cp", "dp", "sequence_parallel")}
     return Plan(layout=Layout(**split), **layout, global_batch_size=global_batch_size,
                 seq_length=seq_length, loss=loss, gpu_mem_gb=gpu_mem_gb, memory=best["memory"],
-                stages=stage_breakdowns(model, **work, **split, **layout), reasons=tuple(reasons),
-                ref=ref, logprob_chunk=logprob_chunk, attention_backend=attention_backend)
-
-
-def _leanest(candidates: list, keep) -> Optional[dict]:
-    kept = [c for c in candidates if keep(c)]
-    return min(kept, key=lambda c: c["memory"].total) if kept else None
-
-
-def _reasons(model: ModelConfig, best: dict, candidates: list, fixed: dict, *, gpus: int,
-             gpus_per_node: int, budget: float, gpu_mem_gb: float, seq_length: int, loss: str,
-             ref: str, global_batch_size: int) -> list:
-    """One line per choice of ``best``, saying why."""
-    tp, pp, vpp, cp, dp = (best[k] for k in ("tp", "pp", "vpp", "cp", "dp"))
-    mbs, nm = best["micro_batch_size"], best["num_microbatches"]
-    rc, mem = best["recompute"], best["memory"]
-    L, mp = model.num_layers, tp * pp * cp
-
-    def tag(key):
-        return " (fixed by override)" if key in fixed else ""
-
-    def fits(c):
-        return c["memory"].total <= budget
-
-    out = []
-    smaller = _leanest(candidates,
-                       lambda c: c["tp"] * c["pp"] * c["cp"] < mp and c["recompute"] == rc)
-    if smaller:
-        out.append(f"TP x PP x CP = {mp} GPUs per model replica is the smallest split that fits: "
-                   f"the leanest smaller one ({_describe(smaller)}) needs "
-                   f"{smaller['memory'].total:.1f} GB > {budget:.1f} GB")
-    else:
-        out.append(f"TP x PP x CP = {mp} GPUs per model replica: the smallest valid split"
-                   + (" under the overrides" if fixed else ""))
-    out.append(f"TP={tp}{tag('tp')}: inside one node of {gpus_per_node} GPUs, divides the "
-               f"{model.num_attention_heads} attention heads and {model.num_query_groups} KV heads")
-    out.append(f"PP={pp}{tag('pp')}: " + (f"{L // pp} of the {L} layers per stage" if pp > 1
-                                          else "no pipeline, every GPU holds all layers"))
-    if pp > 1:
-        plain = (pp - 1) / nm
-        if vpp:
-            out.append(f"VPP={vpp}{tag('vpp')}: {L // (pp * vpp)} layers per model chunk; "
-                       f"interleaving cuts the pipeline bubble from {plain:.1%} to "
-                       f"{plain / vpp:.1%}")
-        else:
-            alt = [c for c in candidates if c["vpp"] and fits(c) and all(
-                c[k] == best[k] for k in ("tp", "pp", "cp", "micro_batch_size", "recompute"))]
-            why = ("interleaving would save too little for its extra point-to-point hops"
-                   if alt else "no interleaved schedule fits (memory or micro-batch count)")
-            out.append(f"VPP off{tag('vpp')}: pipeline bubble {plain:.1%}; {why}")
-    if cp > 1:
-        out.append(f"CP={cp}{tag('cp')}: each rank holds {seq_length // cp} of the {seq_length} "
-                   "tokens of a sequence" + (" (long sequence)" if seq_length >= LONG_SEQUENCE
-                                             else "; without it the activations do not fit"))
-    else:
-        out.append(f"CP=1{tag('cp')}: " + ("the activations fit without splitting sequences"
-                                           if seq_length < LONG_SEQUENCE else
-                                           "no context-parallel split fits or helps here"))
-    out.append(f"DP={dp} = {gpus} GPUs / {mp}; the distributed optimizer shards fp32 master "
-               f"weights and Adam moments over DP x CP = {dp * cp} ranks")
-    if best["sequence_parallel"]:
-        out.append("sequence parallel on: TP > 1, so norm inputs and the other activations "
-                   "TP alone replicates are split over TP as well")
-    else:
-        out.append("sequence parallel off" + (tag("sequence_parallel") or ": TP = 1"))
-    out.append(f"micro-batch {mbs} pair(s) = {2 * mbs} sequences{tag('micro_batch_size')}; "
-               f"{nm} micro-batches x DP {dp} x {mbs} = {global_batch_size} pairs per step")
-    if rc and "recompute" not in fixed:
-        lean = _leanest(candidates, lambda c: not c["recompute"])
-        out.append("full activation recompute of every layer: nothing fits without it"
-                   + (f" (the leanest layout without it needs {lean['memory'].total:.1f} GB)"
-                      if lean else ""))
-    else:
-        out.append(("full activation recompute" if rc else "activation recompute off")
-                   + (tag("recompute") or ": everything fits without it"))
-    if loss in REFERENCE_LOSSES:
-        out.append(f"{loss} with a live reference model: its frozen bf16 copy takes "
-                   f"{mem.reference:.1f} GB per GPU" if ref == "live" else
-                   f"{loss} with reference log-probs precomputed by `megasimpo score`: "
-                   "no reference weights on the GPUs")
-    where = "first" if mem.stage == 0 else "last"
-    out.append(f"predicted peak {mem.total:.1f} GB per GPU" + (
-        f" on the {where} pipeline stage" if pp > 1 else "")
-        + f", within the {budget:.1f} GB budget ({MEMORY_FRACTION:.0%} of {gpu_mem_gb:g} GB)")
-    if seq_length > model.max_position_embeddings:
-        out.append(f"note: --seq-length {seq_length} exceeds the model's "
-                   f"max_position_embeddings {model.max_position_embeddings}")
-    return out
+                stages=stage_breakdowns(model, **work, **split, **layout), reasons=tuple(why),
+                ref=ref, logprob_chunk=logprob_chunk, attention_backend=attention_backend,
+                lora=lora, trainable_parameters=trainable, total_parameters=total)

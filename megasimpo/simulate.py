@@ -22,7 +22,7 @@ import os
 import tempfile
 from typing import Optional
 
-from megasimpo.config import LossConfig, ModelConfig, TrainConfig
+from megasimpo.config import LoraConfig, LossConfig, ModelConfig, TrainConfig
 from megasimpo.memory_tracker import CATEGORIES, MemoryTracker
 
 GB = 1e9
@@ -58,7 +58,8 @@ def train_config(plan, model: ModelConfig, workdir: str, *, loss: LossConfig, re
         micro_batch_size=plan.micro_batch_size, recompute=plan.recompute,
         gpu_mem_gb=plan.gpu_mem_gb, global_batch_size=plan.global_batch_size,
         seq_length=plan.seq_length, steps=SIM_STEPS, precision=precision, pack=False,
-        logprob_chunk=logprob_chunk, attention_backend=attention_backend)
+        logprob_chunk=logprob_chunk, attention_backend=attention_backend,
+        lora=plan.lora or LoraConfig())  # a LoRA plan simulates LoRA
 
 
 def _label(trainer, tracker: MemoryTracker) -> None:

@@ -16,7 +16,7 @@ from fixtures import TINY, write_tiny_hf_config
 from multirank import run_ranks
 
 from megasimpo import planner
-from megasimpo.config import LossConfig
+from megasimpo.config import LoraConfig, LossConfig
 
 MODEL = dataclasses.replace(TINY, dtype="bfloat16")
 
@@ -124,3 +124,29 @@ def test_a_simulated_peak_over_budget_is_refused_with_the_next_layout():
     nxt = plan_cmd.make_plan(args, LLAMA3_70B, exclude=(plan,))
     assert planner.layout_key(nxt) != planner.layout_key(plan)
     assert f"--tp {nxt.layout.tp} --pp {nxt.layout.pp}" in message
+
+
+def test_a_lora_plan_simulates_lora(tmp_path):
+    from megasimpo import simulate
+
+    lora = LoraConfig(rank=4, targets=("linear_qkv", "linear_fc2"))
+    plan = _plan(lora=lora)
+    assert plan.lora == lora and plan.memory.grads < 0.1 * _plan().memory.grads
+    cfg = simulate.train_config(plan, MODEL, str(tmp_path), loss=LossConfig(name="simpo"),
+                                ref="live", logprob_chunk=plan.logprob_chunk)
+    assert cfg.lora == lora
+    full = simulate.train_config(_plan(), MODEL, str(tmp_path / "full"),
+                                 loss=LossConfig(name="simpo"), ref="live", logprob_chunk=0)
+    assert not full.lora.enabled
+
+
+@pytest.mark.xfail(reason="the trainer does not apply LoRA yet (trainer.py integration pending)",
+                   strict=False)
+def test_simulated_lora_holds_adapter_gradients_and_optimizer_state_only():
+    lora = LoraConfig(rank=4)
+    plan, full = _plan(lora=lora), _plan()
+    sim, base = _simulated(plan, ranks=[0])[0], _simulated(full, ranks=[0])[0]
+    assert sim["static"]["weights"] == pytest.approx(base["static"]["weights"], rel=0.2)
+    assert sim["static"]["grads"] == pytest.approx(plan.memory.grads, rel=0.2)
+    assert sim["static"]["optimizer"] == pytest.approx(plan.memory.optimizer, rel=0.2)
+    assert sim["static"]["grads"] < 0.5 * base["static"]["grads"]
