@@ -23,10 +23,12 @@ from megasimpo.parallel.groups import ProcessGroups, all_reduce_host
 from megasimpo.parallel.logprobs import (packed_sequence_logps, sequence_logps,
                                          vocab_parallel_logprobs)
 
-# Statistics every reporting rank sends, in this order, after the loss's own metrics.
-COUNT_KEYS = ("lengths/chosen", "lengths/rejected", "rank_accuracy", "num_pairs", "num_tokens",
-              "forward_flops")
-TOTAL_KEYS = ("num_pairs", "num_tokens", "forward_flops")  # reported as totals, not per pair
+# Statistics every reporting rank's loss sends, in this order, after the loss's own metrics.
+COUNT_KEYS = ("lengths/chosen", "lengths/rejected", "rank_accuracy", "num_pairs")
+# Totals the host knows before the micro-batches run (``host_totals``): reduce_stats adds them,
+# they never go through the loss.
+HOST_KEYS = ("num_tokens", "forward_flops")
+TOTAL_KEYS = ("num_pairs",) + HOST_KEYS  # reported as totals, not per pair
 
 
 def cp_split(t: torch.Tensor, cp_rank: int, cp_size: int) -> torch.Tensor:
@@ -145,8 +147,6 @@ class PairStep:
         stats = [loss_sum.detach()] + [metrics[k] for k in self.metric_keys] + [
             (counts[:b] * w).sum(), (counts[b:] * w).sum(),
             ((avg[:b] > avg[b:]).float() * w).sum(), w.sum(),
-            loss_sum.new_tensor(batch.num_tokens, dtype=torch.float32),
-            loss_sum.new_tensor(batch.forward_flops),
         ]
         num_pairs = w.sum().to(torch.int)
         # Each CP rank computes the same loss from all-reduced sums but back-propagates only
@@ -182,17 +182,30 @@ def run_microbatches(model: list, batches: list, step: PairStep, *,
         micro_batch_size=rows, forward_only=forward_only) or []
 
 
-def reduce_stats(step: PairStep, outputs: list, groups: ProcessGroups) -> Optional[dict]:
-    """Sums micro-batch statistics, then over the world (one reporting rank per DP replica).
+def host_totals(batches: list, flops) -> dict:
+    """This rank's ``HOST_KEYS`` over ``batches`` (``MicroBatch``): real tokens and forward FLOPs
+    (``flops(batch)``), from shapes and host lengths only."""
+    return {"num_tokens": float(sum(b.num_tokens for b in batches)),
+            "forward_flops": float(sum(flops(b) for b in batches))}
 
-    Returns per-pair means (and token totals) on every rank; every rank must call it.
+
+def reduce_stats(step: PairStep, outputs: list, groups: ProcessGroups,
+                 totals: Optional[dict] = None) -> Optional[dict]:
+    """Sums micro-batch statistics and this rank's ``host_totals``, then over the world (one
+    reporting rank per DP replica).
+
+    Returns per-pair means (and the totals) on every rank; every rank must call it.
     """
-    vec = torch.zeros(len(step.stat_keys), dtype=torch.float64)
+    keys = step.stat_keys + HOST_KEYS
+    vec = torch.zeros(len(keys), dtype=torch.float64)
     if groups.reports_metrics:
+        n = len(step.stat_keys)
         for out in outputs:
-            vec += out["stats"].double().cpu()
+            vec[:n] += out["stats"].double().cpu()
+        vec[n:] = torch.tensor([(totals or {}).get(k, 0.0) for k in HOST_KEYS],
+                               dtype=torch.float64)
     vec = all_reduce_host(vec)
-    total = dict(zip(step.stat_keys, vec.tolist()))
+    total = dict(zip(keys, vec.tolist()))
     n = max(total["num_pairs"], 1.0)
     out = {k: v / n for k, v in total.items() if k not in TOTAL_KEYS}
     out.update({k: total[k] for k in TOTAL_KEYS})

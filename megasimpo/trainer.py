@@ -28,7 +28,7 @@ from megasimpo.model import (Precision, build_chunks, finish_param_gather,
                              wrap_frozen)
 from megasimpo.parallel import groups as pgroups
 from megasimpo.parallel import processes
-from megasimpo.step import TOTAL_KEYS, PairStep, reduce_stats, run_microbatches
+from megasimpo.step import TOTAL_KEYS, PairStep, host_totals, reduce_stats, run_microbatches
 
 SEQ_MULTIPLE = 16  # default sequence lengths are rounded to this (2 x TP x CP <= 16 divides it)
 PACK_MULTIPLE = 16  # packed rows are rounded to this (x TP): aligned FP8 GEMMs, SP splits evenly
@@ -282,12 +282,11 @@ class Trainer:
         return run_microbatches(model, batches, self.step_fn, forward_only=forward_only,
                                 loss_fn=loss_fn)
 
-    def _prepare(self, batches: list) -> list:
-        """One schedule call's CPU micro-batches on the device: packed to one length when packing
-        is on (decided once, ``_packing``), each with its forward FLOPs (host lengths)."""
-        multiple = math.lcm(PACK_MULTIPLE, self.layout.tp) if self.pack else None
-        return prepare(batches, pack_multiple=multiple,
-                       flops=partial(batch_forward_flops, self.model_cfg))
+    def _prepare(self, batches: list) -> tuple:
+        """One schedule call's CPU micro-batches on the device, packed to one length when packing
+        is on (decided once, ``_packing``), and their token and FLOP totals (host lengths)."""
+        batches = prepare(batches, math.lcm(PACK_MULTIPLE, self.layout.tp) if self.pack else None)
+        return batches, host_totals(batches, partial(batch_forward_flops, self.model_cfg))
 
     def _attach_reference(self, batches: list) -> list:
         """Live reference: a forward-only pass; on last-stage ranks the micro-batches come back
@@ -307,14 +306,14 @@ class Trainer:
     def train_step(self, step: int) -> dict:
         """One optimizer step; returns the reduced metrics row."""
         t0 = time.perf_counter()
-        batches = self._prepare(self.step_batches(step))
+        batches, totals = self._prepare(self.step_batches(step))
         if self.reference is not None:
             batches = self._attach_reference(batches)
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = self._run(self.model, batches, forward_only=False)
-        stats = reduce_stats(self.step_fn, outputs, self.groups)
+        stats = reduce_stats(self.step_fn, outputs, self.groups, totals)
         ok, grad_norm = False, None
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses (TRL logs this one)
         if math.isfinite(stats["loss"]):  # else skip: the gradients cannot be trusted either
@@ -341,16 +340,18 @@ class Trainer:
         """Held-out metrics over every pair of ``dataset`` (filler pairs weigh 0), one window of
         micro-batches per schedule call (each packed to its own length; ``full_pass_windows``).
         Windows are a multiple of pp micro-batches, as the interleaved schedule wants."""
-        outputs, pp = [], self.layout.pp
+        outputs, totals, pp = [], {}, self.layout.pp
         for batches, _ in full_pass_windows(dataset, self.groups.dp_rank, self.layout.dp,
                                             self.micro_batch_size, self.seq_length, self.eval_ref,
                                             window=-(-WINDOW // pp) * pp):
-            batches = self._prepare(batches)
+            batches, window_totals = self._prepare(batches)
+            for k, v in window_totals.items():
+                totals[k] = totals.get(k, 0.0) + v
             if self.reference is not None:
                 batches = self._attach_reference(batches)
             with torch.no_grad():
                 outputs += self._run(self.model, batches, forward_only=True)
-        stats = reduce_stats(self.step_fn, outputs, self.groups)
+        stats = reduce_stats(self.step_fn, outputs, self.groups, totals)
         return {f"eval_{k}": v for k, v in stats.items() if k not in TOTAL_KEYS}
 
     # ----- the run --------------------------------------------------------------------------

@@ -70,9 +70,9 @@ def _evaluate_in_windows(rank, world, ckpt, data, eval_data, out, pack):
     shapes, prepare = [], trainer._prepare
 
     def spy(batches):
-        ready = prepare(batches)
+        ready, totals = prepare(batches)
         shapes.append([tuple(b.tokens.shape) for b in ready])
-        return ready
+        return ready, totals
 
     trainer._prepare = spy
     whole = trainer.evaluate(trainer.eval_data)

@@ -72,8 +72,8 @@ class MicroBatch:
 
     Padded: tokens/labels/loss_mask/position_ids [2b, s] (chosen rows, then rejected rows).
     Packed (``packed`` set; ``data/packing.py``): the same four as one row [1, T]. Built (and
-    packed) on the CPU, then moved to the device once (``to``); ``lengths``, ``num_tokens`` and
-    ``forward_flops`` are host numbers and never need the device.
+    packed) on the CPU, then moved to the device once (``to``); ``lengths`` and ``num_tokens`` are
+    host numbers (so are the FLOPs, ``metrics.batch_forward_flops``) and never need the device.
     """
 
     tokens: torch.Tensor
@@ -84,7 +84,6 @@ class MicroBatch:
     weights: torch.Tensor  # [b] float32: pair weights (0 for a full pass's filler pairs)
     ref_logps: Optional[torch.Tensor] = None  # [b, 2] reference log-probs (chosen, rejected)
     packed: Optional[PackedLayout] = None
-    forward_flops: float = 0.0  # forward FLOPs of the positions it runs (``metrics``)
 
     TENSORS = ("tokens", "labels", "loss_mask", "position_ids")  # [rows, s] per position
 

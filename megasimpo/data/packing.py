@@ -75,10 +75,10 @@ def pack_step(batches: list, multiple: int) -> list:
     return [pack_batch(b, length) for b in batches]
 
 
-def prepare(batches: list, *, pack_multiple, flops) -> list:
+def prepare(batches: list, pack_multiple=None) -> list:
     """One schedule call's CPU micro-batches, ready to run: packed to one common length when
-    ``pack_multiple`` is set (packing is decided once, by the caller), each one's
-    ``forward_flops`` from ``flops(batch)`` (host lengths), then moved to the device once."""
+    ``pack_multiple`` is set (packing is decided once, by the caller), then moved to the device
+    once."""
     if pack_multiple:
         batches = pack_step(batches, pack_multiple)
-    return [replace(b, forward_flops=flops(b)).to() for b in batches]
+    return [b.to() for b in batches]

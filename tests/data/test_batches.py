@@ -18,7 +18,6 @@ def test_make_batch_is_a_cpu_microbatch_with_host_lengths():
     assert batch.lengths == (3, 3, 2, 2) and batch.num_tokens == 10 and batch.num_pairs == 2
     assert batch.weights.tolist() == [1.0, 0.0]
     assert batch.ref_logps.dtype == torch.float32 and batch.ref_logps.tolist() == [[4, 5], [10, 11]]
-    assert batch.forward_flops == 0.0
     assert make_batch(PAIRS, [0], 6).weights.tolist() == [1.0] and make_batch(PAIRS, [0], 6).ref_logps is None
 
 

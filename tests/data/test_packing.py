@@ -9,6 +9,7 @@ from megasimpo.data.batches import MicroBatch, make_batch
 from megasimpo.data.indexed import Pair
 from megasimpo.data.packing import pack_batch, pack_step, prepare
 from megasimpo.metrics import batch_forward_flops
+from megasimpo.step import host_totals
 from fixtures import TINY
 
 PAIRS = [Pair(prompt_ids=[5, 6, 7], chosen_ids=[8, 9], rejected_ids=[10, 11, 12, 13]),
@@ -58,12 +59,14 @@ def test_a_step_shares_one_rounded_length():
     assert packed[1].packed.cu_seqlens.tolist() == [0, 3, 4, 16]
 
 
-def test_prepare_packs_notes_flops_and_stays_put_without_a_device():
+def test_prepare_packs_and_stays_put_without_a_device():
     batches = [_batch(), _batch(PAIRS[1:])]
-    ready = prepare(batches, pack_multiple=16, flops=lambda b: float(b.tokens.numel()))
+    ready = prepare(batches, 16)
     assert all(isinstance(b, MicroBatch) and b.packed is not None for b in ready)
-    assert [b.forward_flops for b in ready] == [16.0, 16.0]
-    plain = prepare(batches, pack_multiple=None, flops=lambda b: 1.0)
+    assert [b.tokens.shape for b in ready] == [(1, 16), (1, 16)]
+    totals = host_totals(ready, lambda b: float(b.tokens.numel()))
+    assert totals == {"num_tokens": 18.0, "forward_flops": 32.0}  # host lengths, real tokens
+    plain = prepare(batches)
     assert [b.packed for b in plain] == [None, None] and plain[0].tokens.shape == (4, 8)
     if not torch.cuda.is_available():  # to(): the current CUDA device, else no copy at all
         assert plain[0].tokens is batches[0].tokens
