@@ -84,6 +84,7 @@ class Trainer:
         # each dataset's index, so this reads no token.
         check_token_range([self.train_data] + ([self.eval_data] if self.eval_data else []),
                           self.model_cfg.vocab_size, cfg.load)
+        self.seq_length = self._seq_length()
         self.plan = self._plan(world)
         self.layout = self.plan.layout
         self.precision = Precision(name=cfg.precision) if cfg.precision else Precision.default()
@@ -98,16 +99,19 @@ class Trainer:
         self._setup_data()
         self._setup_model()
 
+    def _seq_length(self) -> int:
+        """--seq-length, else the longest pair of the data, rounded so TP x CP up to 8 divides it
+        (capped by the model)."""
+        datasets = [self.train_data] + ([self.eval_data] if self.eval_data else [])
+        return self.cfg.seq_length or max(
+            default_seq_length(d, SEQ_MULTIPLE, self.model_cfg.max_position_embeddings)
+            for d in datasets)
+
     def _plan(self, world: int):
         """The layout and batch split: the planner's choice around the flags the user fixed."""
         from megasimpo import planner
 
         cfg = self.cfg
-        datasets = [self.train_data] + ([self.eval_data] if self.eval_data else [])
-        # Without --seq-length: the longest pair, rounded so TP x CP up to 8 divides it.
-        self.seq_length = cfg.seq_length or max(
-            default_seq_length(d, SEQ_MULTIPLE, self.model_cfg.max_position_embeddings)
-            for d in datasets)
         if cfg.gpu_mem_gb:
             mem = cfg.gpu_mem_gb
         elif torch.cuda.is_available():
@@ -255,7 +259,7 @@ class Trainer:
         """Every derived choice of this run (printed and saved as config.yaml)."""
         lay = self.layout
         return {
-            "run": self.cfg.to_dict(),
+            "run": run_dir.replay_record(self.cfg),  # a valid --config
             "model": self.model_cfg.to_dict(),
             "layout": dataclasses.asdict(lay),
             "plan": self.plan.to_dict(),
