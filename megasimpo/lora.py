@@ -77,6 +77,12 @@ class LoraAdapter(torch.nn.Module):
             b_shape = (out_local, r)
         self.lora_a = torch.nn.Parameter(full_a.to(device=device, dtype=dtype).contiguous())
         self.lora_b = torch.nn.Parameter(torch.zeros(b_shape, device=device, dtype=dtype))
+        # Which tensor is split over TP, for Megatron's grad-norm (a split tensor counts on every
+        # rank, a replicated one once) and its optimizer: column B on dim 0, row A on dim 1.
+        from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+        set_tensor_model_parallel_attributes(self.lora_b, self.column and self.tp > 1, 0, 1)
+        set_tensor_model_parallel_attributes(self.lora_a, not self.column and self.tp > 1, 1, 1)
         if self.sequence_parallel:  # its gradient covers this rank's part of the sequence:
             (self.lora_b if not self.column else self.lora_a).sequence_parallel = True
             # finalize_model_grads sums it over TP, as it does for the norm weights
@@ -87,9 +93,7 @@ class LoraAdapter(torch.nn.Module):
         w = self.norm.layer_norm_weight
         if getattr(self.norm, "zero_centered_gamma", False):
             w = w + 1
-        x32 = x.float()
-        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.norm.eps)
-        return (y * w.float()).to(x.dtype)
+        return F.rms_norm(x, (x.shape[-1],), w, self.norm.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: the projection's input ([s(/tp), b, in(/tp)]); returns the delta of its output."""

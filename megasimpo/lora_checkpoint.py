@@ -15,6 +15,8 @@ import hashlib
 import os
 from typing import Optional
 
+import torch
+
 from megasimpo.config import LoraConfig
 from megasimpo.data.fingerprint import update_with_file
 from megasimpo.lora import SUFFIX, adapters
@@ -89,3 +91,36 @@ def restore(module, state: dict, source: str) -> None:
         raise ValueError(f"{source}: its adapters do not match this model's (missing "
                          f"{missing[:3]}, unexpected {result.unexpected_keys[:3]}): was it "
                          "trained with other --lora-targets?")
+
+
+def with_lora(chunks: list, cfg, model, base: Optional[dict], *,
+              random_init: bool = False) -> Optional[dict]:
+    """Gives a LoRA run's freshly loaded ``chunks`` their adapters; returns the base record the
+    run's checkpoints will reference (None for a random-init benchmark model).
+
+    ``cfg``: the TrainConfig; ``base``: what ``checkpoint.load_model`` returned, the base record
+    when ``--load`` is itself a LoRA checkpoint (its adapters are then on the chunks already and
+    training goes on with them, under the same rank, alpha and targets)."""
+    from megasimpo import lora
+
+    if base is not None:
+        have = config_of(chunks)
+        same = f"--lora-rank {have.rank} --lora-alpha {have.alpha:g} --lora-targets " \
+               + " ".join(have.targets)
+        if not cfg.lora.enabled:
+            raise ValueError(f"--load {cfg.load} is a LoRA checkpoint: pass {same} to go on "
+                             "training its adapters, or export it merged (tools/convert_hf.py "
+                             "export) and import that to fine-tune the whole model")
+        if (have.rank, have.alpha, tuple(have.targets)) != \
+                (cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets)):
+            raise ValueError(f"--load {cfg.load} holds adapters of {same}; this run asks for "
+                             f"--lora-rank {cfg.lora.rank} --lora-alpha {cfg.lora.alpha:g} "
+                             f"--lora-targets {' '.join(cfg.lora.targets)}")
+        for adapter in lora.adapters(chunks):  # dropout is a training choice: this run's
+            adapter.config = cfg.lora
+            adapter.dropout = (torch.nn.Dropout(cfg.lora.dropout) if cfg.lora.dropout
+                               else torch.nn.Identity())
+        return base
+    lora.check_fits(cfg.lora, model)
+    lora.apply(chunks, cfg.lora, seed=cfg.seed)
+    return None if random_init else base_record(cfg.load)

@@ -119,7 +119,8 @@ class RunLoop:
             finish_param_gather(t.model)
             final = os.path.join(cfg.out, run_dir.FINAL_MODEL)
             checkpoint.save_model([unwrap(m) for m in t.model], t.model_cfg, final,
-                                  source=cfg.load, tokenizer_dir=checkpoint.tokenizer_dir(cfg.load))
+                                  source=cfg.load, tokenizer_dir=checkpoint.tokenizer_dir(cfg.load),
+                                  base=t.lora_base)
             self._status("finished", t.num_steps, final)
             finished = True
         finally:

@@ -16,12 +16,13 @@ from typing import Optional
 
 import torch
 
-from megasimpo import checkpoint, run_dir
+from megasimpo import checkpoint, lora, run_dir
 from megasimpo.config import ModelConfig, TrainConfig
 from megasimpo.data.batches import WINDOW, ConcatPairs, full_pass_windows, make_batch
 from megasimpo.data.indexed import check_token_range
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
 from megasimpo.data.packing import prepare
+from megasimpo.lora_checkpoint import with_lora
 from megasimpo.metrics import batch_forward_flops, peak_memory_gb, peak_tflops
 from megasimpo.model import (Precision, build_chunks, finish_param_gather,
                              resolve_attention_backend, set_sync_funcs, unwrap, wrap_for_training,
@@ -87,6 +88,9 @@ class Trainer:
         self.seq_length = self._seq_length()
         self.plan = self._plan(world)
         self.layout = self.plan.layout
+        if cfg.lora.enabled and self.layout.dp > 1:  # a known hang (#16): refused, not hung
+            raise ValueError(f"LoRA with data parallelism (dp={self.layout.dp}) is not supported "
+                             "yet: use dp=1 (--tp/--pp to fill the GPUs)")
         self.precision = Precision(name=cfg.precision) if cfg.precision else Precision.default()
         if self.precision.name == "fp8" and self.attention_backend != "te":
             raise ValueError(f"--precision fp8 needs --attention-backend te (got "
@@ -124,7 +128,7 @@ class Trainer:
             self.model_cfg, world, gpus_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
             gpu_mem_gb=mem, seq_length=self.seq_length, loss=cfg.loss.name, ref=cfg.ref,
             global_batch_size=cfg.global_batch_size, attention_backend=self.attention_backend,
-            logprob_chunk=cfg.logprob_chunk,
+            logprob_chunk=cfg.logprob_chunk, lora=cfg.lora if cfg.lora.enabled else None,
             overrides=dict(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, cp=cfg.cp,
                            micro_batch_size=cfg.micro_batch_size, recompute=cfg.recompute,
                            sequence_parallel=cfg.sequence_parallel))
@@ -213,15 +217,19 @@ class Trainer:
             chunks = build_chunks(self.model_cfg, self.layout, self.precision,
                                   recompute=recompute, seed=seed,
                                   attention_backend=self.attention_backend)
-            if not self.random_init:
-                checkpoint.load_model(chunks, cfg.load)
+            base = None if self.random_init else checkpoint.load_model(chunks, cfg.load)
+            if cfg.lora.enabled or base is not None:
+                self.lora_base = with_lora(chunks, cfg, self.model_cfg, base,
+                                           random_init=bool(self.random_init))
             return self.step_fn.prepare_model(chunks)
 
+        self.lora_base = None  # a LoRA run's base record (its checkpoints reference it)
         self.model = wrap_for_training(weights(self.plan.recompute), self.precision,
                                        overlap_grad_reduce=self.overlap_grad_reduce,
                                        overlap_param_gather=self.overlap_param_gather)
+        self.live_reference = cfg.loss.needs_reference and cfg.ref == "live"  # LoRA: adapters off
         self.reference = None
-        if cfg.loss.needs_reference and cfg.ref == "live":
+        if self.live_reference and not cfg.lora.enabled:
             self.reference = wrap_frozen(weights(False), self.precision)
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr,
@@ -277,6 +285,9 @@ class Trainer:
                 "pairs_prompt_truncated": self.num_truncated,
                 "attention_backend": self.attention_backend,
                 "transformer_engine": self.attention_backend == "te",
+                "lora_rank": self.cfg.lora.rank,
+                "trainable_parameters": self.plan.trainable_parameters,
+                "total_parameters": self.plan.total_parameters,
             },
         }
 
@@ -295,8 +306,13 @@ class Trainer:
     def _attach_reference(self, batches: list) -> list:
         """Live reference: a forward-only pass; on last-stage ranks the micro-batches come back
         with their [b, 2] reference log-probs (elsewhere unchanged: the loss is not there)."""
-        outputs = self._run(self.reference, batches, forward_only=True,
-                            loss_fn=self.step_fn.score_func)
+        if self.reference is not None:
+            outputs = self._run(self.reference, batches, forward_only=True,
+                                loss_fn=self.step_fn.score_func)
+        else:  # LoRA: the base is this model with its adapters switched off
+            with lora.disabled(self.model), torch.no_grad():
+                outputs = self._run(self.model, batches, forward_only=True,
+                                    loss_fn=self.step_fn.score_func)
         if not outputs:
             return batches
         return [dataclasses.replace(b, ref_logps=o["logps"]) for b, o in zip(batches, outputs)]
@@ -311,7 +327,7 @@ class Trainer:
         """One optimizer step; returns the reduced metrics row."""
         t0 = time.perf_counter()
         batches, totals = self._prepare(self.step_batches(step))
-        if self.reference is not None:
+        if self.live_reference:
             batches = self._attach_reference(batches)
         for m in self.model:
             m.zero_grad_buffer()
@@ -330,7 +346,7 @@ class Trainer:
         row = {"step": step + 1, **{k: v for k, v in stats.items() if k not in TOTAL_KEYS}}
         # Forward FLOPs of the positions that ran (all micro-batches of all DP replicas), x3 for
         # forward + backward, plus one forward per live reference.
-        flops = stats["forward_flops"] * (3 + (1 if self.reference is not None else 0))
+        flops = stats["forward_flops"] * (3 + (1 if self.live_reference else 0))
         tflops = flops / dt / self.layout.world_size / 1e12
         peak = peak_tflops(self.precision.name)
         row.update(skipped=0 if ok else 1, lr=lr,
@@ -351,7 +367,7 @@ class Trainer:
             batches, window_totals = self._prepare(batches)
             for k, v in window_totals.items():
                 totals[k] = totals.get(k, 0.0) + v
-            if self.reference is not None:
+            if self.live_reference:
                 batches = self._attach_reference(batches)
             with torch.no_grad():
                 outputs += self._run(self.model, batches, forward_only=True)
@@ -366,7 +382,7 @@ class Trainer:
         return checkpoint.save_training_state(
             self.cfg.out, done, self.model, self.optimizer, self.scheduler, self.model_cfg,
             dataclasses.asdict(self.layout), keep=self.cfg.keep_checkpoints,
-            run=run_dir.run_record(self.cfg))
+            run=run_dir.run_record(self.cfg), base=self.lora_base)
 
     def run(self) -> list:
         """Trains to the configured step count (megasimpo/run_loop.py); returns the rows."""

@@ -140,8 +140,6 @@ def test_a_lora_plan_simulates_lora(tmp_path):
     assert not full.lora.enabled
 
 
-@pytest.mark.xfail(reason="the trainer does not apply LoRA yet (trainer.py integration pending)",
-                   strict=False)
 def test_simulated_lora_holds_adapter_gradients_and_optimizer_state_only():
     lora = LoraConfig(rank=4)
     plan, full = _plan(lora=lora), _plan()

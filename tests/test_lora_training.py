@@ -1,0 +1,168 @@
+"""LoRA training through the real engine (fp32, gloo): parallel layouts against the single-rank run,
+step 0 against the base model, DPO's live reference (adapters off) against a precomputed one,
+and stop/resume."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fixtures import tiny_run_inputs
+from multirank import run_ranks
+
+STEPS = 3
+LORA = dict(rank=4, alpha=8.0)
+
+
+def _cfg(ckpt, data, out, *, loss="simpo", lora=True, eval_data=None, **kw):
+    from megasimpo.config import LoraConfig, LossConfig, TrainConfig
+
+    return TrainConfig(load=ckpt, data=(data,), out=out, loss=LossConfig(name=loss),
+                       lora=LoraConfig(**LORA) if lora else LoraConfig(),
+                       eval_data=(eval_data,) if eval_data else (), steps=STEPS,
+                       global_batch_size=8, micro_batch_size=2, lr=5e-2, warmup_ratio=0.0,
+                       precision="fp32", seed=7, **kw)
+
+
+def _train(rank, world, args, kw):
+    from megasimpo import lora
+    from megasimpo.model import unwrap
+    from megasimpo.trainer import Trainer
+
+    trainer = Trainer(_cfg(*args, **kw))  # args: (ckpt, data, out); kw: _cfg's options
+    chunks = [unwrap(m) for m in trainer.model] + [unwrap(m) for m in trainer.reference or []]
+    weights = sum(p.numel() for c in chunks for p in c.parameters() if not p.requires_grad)
+    rows = trainer.run()
+    return rows, weights, lora.parameter_counts(trainer.model)
+
+
+def _adapters(rank, world, path):
+    """Every adapter tensor of a saved LoRA model, loaded single-rank (base + adapters)."""
+    from megasimpo import checkpoint
+    from megasimpo.config import Layout
+    from megasimpo.model import Precision, build_chunks
+    from megasimpo.parallel import groups
+
+    model = checkpoint.model_config(path)
+    layout = Layout.resolve(model, 1)
+    groups.initialize(layout, 0)
+    chunks = build_chunks(model, layout, Precision(name="fp32"))
+    checkpoint.load_model(chunks, path)
+    return {k: v.detach().clone() for k, v in chunks[0].state_dict().items() if "_lora." in k}
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return tiny_run_inputs(str(tmp_path_factory.mktemp("lora")))
+
+
+@pytest.fixture(scope="module")
+def single(inputs, tmp_path_factory):
+    ckpt, data, held_out = inputs
+    out = str(tmp_path_factory.mktemp("single"))
+    rows, _, _ = run_ranks(_train, 1, (ckpt, data, out),
+                           dict(eval_data=held_out, logprob_chunk=0))[0]
+    return rows, run_ranks(_adapters, 1, os.path.join(out, "final_model"))[0]
+
+
+def _losses(rows):
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_adapters_train_and_step_zero_is_the_base(inputs, single, tmp_path):
+    ckpt, data, held_out = inputs
+    rows, adapters = single
+    base_rows = run_ranks(_train, 1, (ckpt, data, str(tmp_path / "base")),
+                          dict(lora=False, eval_data=held_out, logprob_chunk=0))[0][0]
+    # B = 0: the held-out row before training and step 1's forward are the base model's.
+    for key in ("eval_loss", "eval_rewards/margins", "eval_logps/chosen"):
+        assert rows[0][key] == base_rows[0][key], key
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+        assert rows[1][key] == base_rows[1][key], key
+    assert _losses(rows)[-1] < _losses(rows)[0]  # the adapters learn
+    assert any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
+def test_parallel_lora_equals_single_rank(inputs, single, tmp_path, layout):
+    ckpt, data, held_out = inputs
+    ref_rows, ref_adapters = single
+    out = str(tmp_path / "run")
+    ranks = run_ranks(_train, 2, (ckpt, data, out), dict(eval_data=held_out, **layout))
+    rows = ranks[0][0]
+    for a, b in zip(_losses(ref_rows), _losses(rows)):
+        assert b == pytest.approx(a, rel=1e-5)
+    adapters = run_ranks(_adapters, 1, os.path.join(out, "final_model"))[0]
+    assert set(adapters) == set(ref_adapters)
+    # As tensors (||a - b|| / ||b||): Adam turns the rounding noise of a near-zero gradient
+    # coordinate into a whole +-lr step, so a single element may differ more.
+    for k, v in adapters.items():
+        ref = ref_adapters[k].double()
+        rel = ((v.double() - ref).norm() / ref.norm()).item()
+        assert rel <= 1e-5, (k, rel)
+
+
+def test_lora_with_data_parallelism_is_refused_clearly(inputs, tmp_path):
+    # A known defect (a DP=2 LoRA step hangs): refused with a message until it is fixed.
+    ckpt, data, _ = inputs
+    with pytest.raises(AssertionError, match=r"LoRA with data parallelism \(dp=2\)"):
+        run_ranks(_train, 2, (ckpt, data, str(tmp_path / "dp2")), {}, timeout=120)
+
+
+def _score(rank, world, ckpt, prefix, out):
+    from megasimpo.score import score
+
+    score(ckpt, prefix, out)
+
+
+def test_dpo_live_reference_is_the_base_with_adapters_off(inputs, tmp_path):
+    ckpt, data, held_out = inputs
+    files = [str(tmp_path / "train.ref.jsonl"), str(tmp_path / "eval.ref.jsonl")]
+    run_ranks(_score, 1, ckpt, data, files[0])
+    run_ranks(_score, 1, ckpt, held_out, files[1])
+    live, live_weights, (trainable, total) = run_ranks(
+        _train, 1, (ckpt, data, str(tmp_path / "live")), dict(loss="dpo", eval_data=held_out))[0]
+    pre, pre_weights, _ = run_ranks(
+        _train, 1, (ckpt, data, str(tmp_path / "pre")),
+        dict(loss="dpo", eval_data=held_out, ref="precomputed", ref_logps=tuple(files)))[0]
+    assert live[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for a, b in zip(live, pre):
+        for key in ("loss", "eval_loss", "rewards/margins"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
+    assert live_weights == pre_weights == total - trainable  # one frozen model, not two
+
+
+def _run_cli(ckpt, data, out, *flags):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "megasimpo", "train", "--load", ckpt, "--data", data, "--out", str(out),
+           "--steps", "6", "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-2",
+           "--seed", "3", "--lora-rank", "4", "--tp", "2", *flags]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _stored(rank, world, path):
+    from megatron.core import dist_checkpointing
+
+    return sorted(k for k in dist_checkpointing.load_tensors_metadata(path)
+                  if not k.startswith("optimizer"))
+
+
+def test_stop_and_resume_is_bit_exact(inputs, tmp_path):
+    ckpt, data, _ = inputs
+    straight = _run_cli(ckpt, data, tmp_path / "straight")
+    first = _run_cli(ckpt, data, tmp_path / "resumed", "--exit-interval", "3",
+                     "--save-interval", "3")
+    assert sorted(first) == [1, 2, 3]
+    saved = os.path.join(tmp_path, "resumed", "checkpoints", "step_0000003")
+    keys = run_ranks(_stored, 1, saved)[0]
+    assert keys and all("_lora." in k for k in keys)  # adapters (and their state) only
+    resumed = _run_cli(ckpt, data, tmp_path / "resumed")
+    assert resumed == straight  # bit-identical losses
