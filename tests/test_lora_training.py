@@ -41,17 +41,9 @@ def _train(rank, world, args, kw):
 
 def _adapters(rank, world, path):
     """Every adapter tensor of a saved LoRA model, loaded single-rank (base + adapters)."""
-    from megasimpo import checkpoint
-    from megasimpo.config import Layout
-    from megasimpo.model import Precision, build_chunks
-    from megasimpo.parallel import groups
+    from test_parallel_training import _load_full
 
-    model = checkpoint.model_config(path)
-    layout = Layout.resolve(model, 1)
-    groups.initialize(layout, 0)
-    chunks = build_chunks(model, layout, Precision(name="fp32"))
-    checkpoint.load_model(chunks, path)
-    return {k: v.detach().clone() for k, v in chunks[0].state_dict().items() if "_lora." in k}
+    return {k: v for k, v in _load_full(rank, world, path).items() if "_lora." in k}
 
 
 @pytest.fixture(scope="module")
