@@ -1,7 +1,13 @@
 """HF <-> megasimpo checkpoint conversion (docs/architecture.md, "Contracts").
 
     python tools/convert_hf.py import --hf HF_DIR --out CKPT [--force]
+    python tools/convert_hf.py import --hf BASE --adapter PEFT_DIR --out CKPT [--ignore-base-name]
     python tools/convert_hf.py export --load CKPT --out HF_DIR [--force] [--max-shard-size 5GB]
+    python tools/convert_hf.py export --load LORA_CKPT --out PEFT_DIR --adapter-only
+
+A LoRA checkpoint exports merged (W + alpha/r B A, in the model's dtype), or with --adapter-only
+as a PEFT adapter directory (``peft.PeftModel.from_pretrained(base, PEFT_DIR)``). import
+--adapter writes the base to CKPT/base and, in CKPT, a LoRA checkpoint of the adapter over it.
 
 Both stream tensor by tensor (memory stays near the largest tensor, not the model), write to
 OUT.partial and rename at the end. User errors print ``convert_hf: error: ...`` and exit 2.
@@ -21,11 +27,17 @@ def parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="HF directory (config.json + safetensors) -> checkpoint")
     imp.add_argument("--hf", required=True, help="HF model directory")
     imp.add_argument("--out", required=True, help="checkpoint directory to write")
+    imp.add_argument("--adapter", metavar="PEFT_DIR",
+                     help="a PEFT LoRA adapter over --hf: write a LoRA checkpoint (base in OUT/base)")
+    imp.add_argument("--ignore-base-name", action="store_true",
+                     help="accept an --adapter whose base_model_name_or_path names another model")
     exp = sub.add_parser("export", help="checkpoint (any layout) -> HF directory")
     exp.add_argument("--load", required=True, help="checkpoint directory")
     exp.add_argument("--out", required=True, help="HF directory to write")
     exp.add_argument("--max-shard-size", default="5GB",
                      help="largest safetensors file (bytes or 5GB, 500MB, ...; default 5GB)")
+    exp.add_argument("--adapter-only", action="store_true",
+                     help="a LoRA checkpoint's adapters as a PEFT directory, not merged weights")
     for sp in (imp, exp):
         sp.add_argument("--force", action="store_true", help="replace --out if it exists")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -42,11 +54,12 @@ def main(argv=None) -> int:
         from megasimpo.hf import export_hf, import_hf, parse_size
 
         if args.command == "import":
-            model = import_hf(args.hf, args.out, force=args.force, progress=not args.no_progress)
+            model = import_hf(args.hf, args.out, force=args.force, progress=not args.no_progress,
+                              adapter=args.adapter, ignore_base_name=args.ignore_base_name)
         else:
             model = export_hf(args.load, args.out, force=args.force,
                               max_shard_size=parse_size(args.max_shard_size),
-                              progress=not args.no_progress)
+                              progress=not args.no_progress, adapter_only=args.adapter_only)
     except (ValueError, OSError) as e:  # user errors: bad input, existing output, disk
         print(f"convert_hf: error: {e}", file=sys.stderr)
         return 2

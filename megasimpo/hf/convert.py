@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import shutil
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -165,13 +166,21 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, dynamic_ncols=True)
 
 
-def import_hf(hf_dir: str, out: str, *, force: bool = False, progress: bool = True) -> ModelConfig:
+def import_hf(hf_dir: str, out: str, *, force: bool = False, progress: bool = True,
+              adapter: Optional[str] = None, ignore_base_name: bool = False) -> ModelConfig:
     """Converts an HF Llama/Mistral/Qwen2 directory (config.json + safetensors) to a checkpoint.
 
     Validates the config and every tensor's presence and shape before writing anything; raises
     ValueError naming the tensor and file on a mismatch. Tensors are stored in config.json's dtype
-    (the weights' own when the config names none). Returns the model's ModelConfig.
+    (the weights' own when the config names none). Returns the model's ModelConfig. With
+    ``adapter`` (a PEFT LoRA directory over ``hf_dir``): a LoRA checkpoint, the base in
+    ``out/base`` (megasimpo/hf/lora_export.py).
     """
+    if adapter is not None:
+        from megasimpo.hf import lora_export
+
+        return lora_export.import_adapter(hf_dir, adapter, out, force=force, progress=progress,
+                                          ignore_base_name=ignore_base_name)
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ValueError(f"--hf {hf_dir}: not an HF model directory (no config.json)")
     model = ModelConfig.from_hf(hf_dir)
@@ -299,16 +308,25 @@ def _read_target(p: mapping.Piece, model: ModelConfig, dtype: torch.dtype):
 
 
 def export_hf(ckpt: str, out: str, *, force: bool = False,
-              max_shard_size: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> ModelConfig:
+              max_shard_size: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+              adapter_only: bool = False) -> ModelConfig:
     """Converts a checkpoint saved at any layout to an HF directory loadable by transformers.
 
     Weights are cast to the model's own dtype (a bf16 model trained in fp32 exports as bf16),
     vocabulary padding rows are dropped; config.json is regenerated from the ModelConfig over the
     original config.json (kept in CKPT/tokenizer/ by import) and the tokenizer files copied back.
+    A LoRA checkpoint exports merged (its base's weights + alpha/r B A), or with ``adapter_only``
+    as a PEFT adapter directory (megasimpo/hf/lora_export.py).
     """
+    from megasimpo.hf import lora_export
+
+    if adapter_only:
+        return lora_export.export_adapter(ckpt, out, force=force)
     if max_shard_size <= 0:
         raise ValueError(f"--max-shard-size {max_shard_size} must be positive")
     model = checkpoint.model_config(ckpt)
+    lora = lora_export.source(ckpt)
+    weights = lora.base if lora else ckpt  # where the (base) weights are
     from megatron.core import dist_checkpointing
 
     dtype = checkpoint.torch_dtype(model.dtype)
@@ -316,16 +334,23 @@ def export_hf(ckpt: str, out: str, *, force: bool = False,
     partial = _begin(out, force, ckpt)
     try:
         writer, total = _ShardWriter(partial, max_shard_size), 0
-        with _single_process_group(), safe_load.guard(ckpt):
-            stored = _stored_tensors(ckpt, model)
+        with _single_process_group(), safe_load.guard(ckpt), \
+                (safe_load.guard(weights) if lora else contextlib.nullcontext()):
+            stored = _stored_tensors(weights, model)
+            adapters_stored = lora_export.stored_adapters(lora) if lora else None
             bar = _progress(sum(len(g) for g in groups), "export", progress)
             for group in groups:
                 state = {f"piece{n}": _read_target(p, model, stored[p.key])
                          for n, p in enumerate(group)}
                 # Only this group's blocks: the access-integrity check wants the whole model.
-                loaded = dist_checkpointing.load(state, ckpt, validate_access_integrity=False)
+                loaded = dist_checkpointing.load(state, weights, validate_access_integrity=False)
+                layer = group[0].layer
+                adapters = lora_export.read_layer(lora, layer, adapters_stored) \
+                    if lora and layer is not None else {}
                 for n, p in enumerate(group):
-                    block = loaded[f"piece{n}"].view(p.shape).to(dtype)
+                    block = loaded[f"piece{n}"].view(p.shape)
+                    add = lora_export.delta(p, adapters, lora.cfg) if adapters else None
+                    block = (block.float() + add if add is not None else block).to(dtype)
                     for name, t in mapping.to_hf(p, block, model).items():
                         writer.add(name, t)
                         total += t.nbytes
@@ -333,7 +358,7 @@ def export_hf(ckpt: str, out: str, *, force: bool = False,
                 del loaded, state
             bar.close()
         writer.close(total)
-        tok = checkpoint.tokenizer_dir(ckpt)
+        tok = checkpoint.tokenizer_dir(ckpt) or checkpoint.tokenizer_dir(weights)
         base = None
         if tok and os.path.isfile(os.path.join(tok, "config.json")):
             with open(os.path.join(tok, "config.json")) as f:

@@ -1,0 +1,250 @@
+"""PEFT LoRA adapter directories <-> megasimpo's adapters (the format only; no checkpoint I/O).
+
+A PEFT directory is ``adapter_config.json`` + ``adapter_model.safetensors`` holding, per adapted
+HF module, ``base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_A.weight`` [r, in]
+and ``lora_B.weight`` [out, r]; PEFT adds ``lora_alpha / r * B A`` to the module's output.
+megasimpo adapts Megatron's fused projections, so one of its adapters covers several HF modules:
+
+  linear_qkv  -> q_proj, k_proj, v_proj  one A shared by the three; their B are the q/k/v row
+                                         blocks of the fused B (Megatron's per-KV-group rows,
+                                         ``mapping.qkv_from_mcore``)
+  linear_proj -> o_proj
+  linear_fc1  -> gate_proj, up_proj      one A shared; B's gate rows, then its up rows
+  linear_fc2  -> down_proj
+
+Writing splits exactly. Reading fuses exactly only when the modules of one fused projection share
+A (what megasimpo writes); adapters made elsewhere draw a separate A per module, which would need
+rank 3r on QKV while the others keep r (one rank per checkpoint here), so they are refused with
+the two ways out. A fused projection's member that is not adapted (PEFT's common q_proj + v_proj)
+gets a zero B, which is exact.
+"""
+
+import json
+import os
+import re
+from typing import Optional
+
+import torch
+
+from megasimpo.config import LORA_TARGETS, LoraConfig, ModelConfig
+from megasimpo.hf import mapping
+
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# megasimpo target -> (HF parent module, HF modules in the order of the fused B's row blocks)
+MODULES = {"linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
+           "linear_proj": ("self_attn", ("o_proj",)),
+           "linear_fc1": ("mlp", ("gate_proj", "up_proj")),
+           "linear_fc2": ("mlp", ("down_proj",))}
+TARGET_OF = {mod: target for target, (_, mods) in MODULES.items() for mod in mods}
+HF_ORDER = tuple(mod for target in LORA_TARGETS for mod in MODULES[target][1])
+_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight")
+_FIX = ("either train the adapter with megasimpo (its `export --adapter-only` writes adapters "
+        "this import takes back), or merge it into its base with peft (`PeftModel.from_pretrained"
+        "(...).merge_and_unload().save_pretrained(DIR)`) and import the merged model")
+# adapter_config.json options that change what the adapter computes or trains (each is off when
+# absent, false, null or empty), and those written (known to PEFT since 0.9) with their off values
+_UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "fan_in_fan_out", "use_qalora",
+                "use_bdlora", "modules_to_save", "rank_pattern", "alpha_pattern",
+                "layer_replication", "target_parameters", "trainable_token_indices",
+                "alora_invocation_tokens", "arrow_config")
+_WRITTEN_OFF = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False,
+                "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+def key(layer: int, module: str, which: str) -> str:
+    """The safetensors key of ``module``'s lora_A / lora_B (``which``: "A" | "B") at ``layer``."""
+    return f"base_model.model.model.layers.{layer}.{MODULES[TARGET_OF[module]][0]}.{module}" \
+        f".lora_{which}.weight"
+
+
+def module_shapes(m: ModelConfig) -> dict:
+    """HF module -> (in, out) features."""
+    h, f, q, kv = (m.hidden_size, m.ffn_hidden_size, m.num_attention_heads * m.head_dim,
+                   m.num_query_groups * m.head_dim)
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, f), "up_proj": (h, f), "down_proj": (f, h)}
+
+
+def split(target: str, a: torch.Tensor, b: torch.Tensor, m: ModelConfig) -> dict:
+    """One megasimpo adapter (A [r, in], B [out, r] in Megatron's row layout) -> {HF module:
+    (A, B)}; the members of a fused projection share A."""
+    mods = MODULES[target][1]
+    if target == "linear_qkv":
+        bs = mapping.qkv_from_mcore(b, m.num_attention_heads, m.num_query_groups, m.head_dim)
+    elif target == "linear_fc1":
+        bs = tuple(t.clone() for t in b.split(m.ffn_hidden_size))
+    else:
+        bs = (b,)
+    return {mod: (a, part) for mod, part in zip(mods, bs)}
+
+
+def fuse(target: str, layer: int, parts: dict, m: ModelConfig, source: str) -> tuple:
+    """Inverse of :func:`split`: {HF module: (A, B)} (a fused projection's members that are
+    present) -> (A, B); ValueError when the members' A differ."""
+    mods = MODULES[target][1]
+    present = [mod for mod in mods if mod in parts]
+    a = parts[present[0]][0]
+    for mod in present[1:]:
+        if not torch.equal(parts[mod][0], a):
+            raise ValueError(
+                f"{source}: layer {layer}'s {present[0]} and {mod} adapters have different "
+                f"lora_A, but megasimpo's {target} adapter is one A [r, in] shared by "
+                f"{', '.join(mods)} (the fused projection), and fusing separate A exactly needs "
+                f"rank {len(mods)}r there while the other projections keep r (a checkpoint has "
+                f"one rank): {_FIX}")
+    shapes, r = module_shapes(m), a.shape[0]
+    bs = [parts[mod][1] if mod in parts else a.new_zeros(shapes[mod][1], r) for mod in mods]
+    if target == "linear_qkv":
+        return a, mapping.qkv_to_mcore(*bs, m.num_query_groups)
+    return a, torch.cat(bs) if len(bs) > 1 else bs[0]
+
+
+def adapter_config(cfg: LoraConfig, base_name: Optional[str]) -> dict:
+    """adapter_config.json of ``cfg``'s adapters (HF module names)."""
+    alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+    modules = [mod for mod in HF_ORDER if TARGET_OF[mod] in cfg.targets]
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
+            "r": cfg.rank, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
+            "target_modules": modules, "bias": "none", "inference_mode": True,
+            "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
+            "revision": None, **_WRITTEN_OFF}
+
+
+def write(out_dir: str, cfg: LoraConfig, base_name: Optional[str], tensors: dict) -> None:
+    """Writes the PEFT directory: config and safetensors (``tensors``: key -> tensor)."""
+    from safetensors.torch import save_file
+
+    save_file({k: t.contiguous() for k, t in tensors.items()},
+              os.path.join(out_dir, WEIGHTS_FILE), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, CONFIG_FILE), "w") as f:
+        json.dump(adapter_config(cfg, base_name), f, indent=2)
+
+
+def to_peft(layer: int, adapters: dict, m: ModelConfig, dtype: torch.dtype) -> dict:
+    """{target: (A, B)} of one layer -> {safetensors key: tensor in ``dtype``}."""
+    out = {}
+    for target, (a, b) in adapters.items():
+        for mod, (ma, mb) in split(target, a, b, m).items():
+            out[key(layer, mod, "A")] = ma.to(dtype).clone()  # no storage shared between keys
+            out[key(layer, mod, "B")] = mb.to(dtype).clone()
+    return out
+
+
+def read_config(adapter_dir: str) -> dict:
+    """adapter_config.json, its options checked: ValueError naming any megasimpo cannot express."""
+    path = os.path.join(adapter_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"--adapter {adapter_dir}: not a PEFT adapter directory (no {CONFIG_FILE})")
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters import")
+    if cfg.get("task_type") not in (None, "CAUSAL_LM"):
+        raise ValueError(f"{path}: task_type {cfg['task_type']!r}; only CAUSAL_LM adapters import")
+    if cfg.get("bias", "none") != "none":
+        raise ValueError(f"{path}: bias {cfg['bias']!r} trains the base biases, which megasimpo's "
+                         "adapters do not hold; only bias \"none\" imports")
+    for name in _UNSUPPORTED:
+        value = cfg.get(name)
+        if value:
+            raise ValueError(f"{path}: {name} = {json.dumps(value)} is not supported (megasimpo's "
+                             f"adapters are plain LoRA: alpha / r * B A, one rank and alpha for "
+                             f"every module, nothing else trained): {_FIX}")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)) or alpha <= 0:
+        raise ValueError(f"{path}: r {r!r} and lora_alpha {alpha!r} must be positive numbers")
+    listed = cfg.get("target_modules")
+    if isinstance(listed, (list, tuple)):
+        unknown = [t for t in listed if t not in TARGET_OF]
+        if unknown:
+            raise ValueError(f"{path}: target module(s) {', '.join(unknown)} unknown to megasimpo, "
+                             f"which adapts only {', '.join(HF_ORDER)}: {_FIX}")
+    return cfg
+
+
+def check_base_name(cfg: dict, hf_dir: str, adapter_dir: str) -> None:
+    """ValueError when the adapter's ``base_model_name_or_path`` names another model than
+    ``hf_dir`` (compared as paths here, else by their last component)."""
+    hint = cfg.get("base_model_name_or_path")
+    if not hint:
+        return
+    names = {os.path.realpath(hf_dir)}
+    try:
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            names.add(json.load(f).get("_name_or_path") or hf_dir)
+    except (OSError, json.JSONDecodeError):
+        pass
+
+    def tail(s: str) -> str:
+        return os.path.basename(os.path.normpath(s)).lower()
+
+    if os.path.realpath(hint) in names or tail(hint) in {tail(n) for n in names}:
+        return
+    raise ValueError(f"--adapter {adapter_dir} was made for the base model {hint!r} (its "
+                     f"{CONFIG_FILE}'s base_model_name_or_path), not --hf {hf_dir}: adapters on "
+                     "other weights compute something else. Import it over the base it was "
+                     f"trained on; if {hf_dir} is that model under another name, pass "
+                     "--ignore-base-name")
+
+
+def read(adapter_dir: str, m: ModelConfig) -> tuple:
+    """(LoraConfig with Megatron targets, {(layer, target): (A, B)} fused, stored dtype) of a PEFT
+    directory over a base of config ``m``; ValueError on anything that does not fit that base."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    cfg = read_config(adapter_dir)
+    path = os.path.join(adapter_dir, WEIGHTS_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"--adapter {adapter_dir}: no {WEIGHTS_FILE} (only safetensors adapters "
+                         "import; a pickled adapter_model.bin is not read)")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path}: truncated or not a safetensors file ({e})") from None
+    r, shapes, found = cfg["r"], module_shapes(m), {}
+    for name, t in tensors.items():
+        match = _KEY.fullmatch(name)
+        module = match and match.group(3)
+        if not match or module not in TARGET_OF or match.group(2) != MODULES[TARGET_OF[module]][0]:
+            raise ValueError(f"{name} in {path}: not a LoRA tensor of a module megasimpo adapts "
+                             f"({', '.join(HF_ORDER)} of the decoder layers): {_FIX}")
+        layer, which = int(match.group(1)), match.group(4)
+        if layer >= m.num_layers:
+            raise ValueError(f"{name} in {path}: layer {layer}, but the base model has "
+                             f"{m.num_layers} layers: the adapter was made for another base")
+        n_in, n_out = shapes[module]
+        want = (r, n_in) if which == "A" else (n_out, r)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} in {path}: shape {list(t.shape)}, but over this base (r={r}) "
+                             f"it must be {list(want)}: the adapter was made for another base "
+                             f"model ({cfg.get('base_model_name_or_path') or 'not named'})")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} in {path}: dtype {t.dtype} is not floating point")
+        found.setdefault((layer, module), {})[which] = t
+    if not found:
+        raise ValueError(f"{path}: holds no LoRA tensors")
+    for (layer, module), ab in found.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{path}: layer {layer}'s {module} has lora_{''.join(ab)} only")
+    targets = [t for t in LORA_TARGETS
+               if any(TARGET_OF[mod] == t for _, mod in found)]
+    for target in targets:
+        mods = MODULES[target][1]
+        layers = {i for i, mod in found if mod in mods}
+        if len(layers) != m.num_layers:
+            raise ValueError(f"{path}: {'/'.join(mods)} adapted in layers {sorted(layers)} only, "
+                             f"but megasimpo adapts every layer (all {m.num_layers}): {_FIX}")
+    adapters = {}
+    for layer in range(m.num_layers):
+        for target in targets:
+            parts = {mod: (found[(layer, mod)]["A"], found[(layer, mod)]["B"])
+                     for mod in MODULES[target][1] if (layer, mod) in found}
+            adapters[(layer, target)] = fuse(target, layer, parts, m, path)
+    dtype = next(iter(tensors.values())).dtype
+    lora = LoraConfig(rank=r, alpha=float(cfg["lora_alpha"]),
+                      dropout=float(cfg.get("lora_dropout") or 0.0), targets=tuple(targets))
+    return lora, adapters, dtype, cfg
