@@ -96,6 +96,20 @@ def _check(error: Optional[str], path: str, partial: str) -> None:
                          f"of it, if any, is intact): {error}")
 
 
+def _sharding_error(state: dict) -> Optional[str]:
+    """Megatron's check that the ranks' shards tile every tensor exactly once, with its error
+    shared by every rank. Inside ``dist_checkpointing.save`` only rank 0 raises it, while the
+    others go on to the next collective and wait there for ever."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from megatron.core.dist_checkpointing.state_dict_utils import save_preprocess
+
+    try:
+        save_preprocess(state, validate_access_integrity=True)  # builds factories in place
+    except CheckpointingException as e:
+        return f"the ranks' shards do not fit together (a sharding bug, please report it): {e}"
+    return None
+
+
 def atomic_save(path: str, sharded_state: dict, meta: dict,
                 tokenizer_dir: Optional[str] = None, common: Optional[dict] = None,
                 per_rank: Optional[dict] = None) -> None:
@@ -121,9 +135,11 @@ def atomic_save(path: str, sharded_state: dict, meta: dict,
     state = dict(sharded_state)
     if common:
         state.update(common)
+    _check(_sharding_error(state), path, partial)
     try:
         from megasimpo.parallel.processes import sync_save_strategy  # leaves no process behind
-        dist_checkpointing.save(state, partial, sharded_strategy=sync_save_strategy())
+        dist_checkpointing.save(state, partial, sharded_strategy=sync_save_strategy(),
+                                validate_access_integrity=False)  # done by _sharding_error
         for name, obj in (per_rank or {}).items():
             torch.save(obj, os.path.join(partial, name))
     except Exception as e:  # noqa: BLE001 - every cause gets the same clean-up and one line

@@ -119,12 +119,17 @@ class LoraAdapter(torch.nn.Module):
         """``A``/``B`` as ShardedTensors: TP axis 0 of column ``B``, axis 1 of row ``A``, the rest
         replicated; the gated fc1's ``B`` through Megatron's swiglu factory (gate rows, up rows)."""
         from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
-        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+        from megatron.core.transformer.utils import (ensure_metadata_has_dp_cp_group,
+                                                     make_sharded_tensors_for_checkpoint)
 
+        # The DP (x CP) group sets each replica's id: without it every DP rank would claim to
+        # be the main replica of the same shard, which dist_checkpointing rejects.
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
         axis = {"lora_b": 0} if self.column else {"lora_a": 1}
         state = {"lora_a": self.lora_a, "lora_b": self.lora_b}
         out = make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets,
-                                                  tp_group=self.tp_group)
+                                                  tp_group=self.tp_group,
+                                                  dp_cp_group=metadata["dp_cp_group"])
         if self.gated:
             key = f"{prefix}lora_b"
             out[key] = apply_swiglu_sharded_factory(out[key], sharded_offsets)

@@ -88,9 +88,6 @@ class Trainer:
         self.seq_length = self._seq_length()
         self.plan = self._plan(world)
         self.layout = self.plan.layout
-        if cfg.lora.enabled and self.layout.dp > 1:  # a known hang (#16): refused, not hung
-            raise ValueError(f"LoRA with data parallelism (dp={self.layout.dp}) is not supported "
-                             "yet: use dp=1 (--tp/--pp to fill the GPUs)")
         self.precision = Precision(name=cfg.precision) if cfg.precision else Precision.default()
         if self.precision.name == "fp8" and self.attention_backend != "te":
             raise ValueError(f"--precision fp8 needs --attention-backend te (got "

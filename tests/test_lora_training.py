@@ -78,11 +78,12 @@ def test_adapters_train_and_step_zero_is_the_base(inputs, single, tmp_path):
     assert any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2)], ids=["tp2", "pp2"])
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2), {}], ids=["tp2", "pp2", "dp2"])
 def test_parallel_lora_equals_single_rank(inputs, single, tmp_path, layout):
     ckpt, data, held_out = inputs
     ref_rows, ref_adapters = single
     out = str(tmp_path / "run")
+    # Two ranks: DP takes what TP x PP leaves (dp2: no model parallelism at all).
     ranks = run_ranks(_train, 2, (ckpt, data, out), dict(eval_data=held_out, **layout))
     rows = ranks[0][0]
     for a, b in zip(_losses(ref_rows), _losses(rows)):
@@ -95,13 +96,6 @@ def test_parallel_lora_equals_single_rank(inputs, single, tmp_path, layout):
         ref = ref_adapters[k].double()
         rel = ((v.double() - ref).norm() / ref.norm()).item()
         assert rel <= 1e-5, (k, rel)
-
-
-def test_lora_with_data_parallelism_is_refused_clearly(inputs, tmp_path):
-    # A known defect (a DP=2 LoRA step hangs): refused with a message until it is fixed.
-    ckpt, data, _ = inputs
-    with pytest.raises(AssertionError, match=r"LoRA with data parallelism \(dp=2\)"):
-        run_ranks(_train, 2, (ckpt, data, str(tmp_path / "dp2")), {}, timeout=120)
 
 
 def _score(rank, world, ckpt, prefix, out):
@@ -128,11 +122,11 @@ def test_dpo_live_reference_is_the_base_with_adapters_off(inputs, tmp_path):
     assert live_weights == pre_weights == total - trainable  # one frozen model, not two
 
 
-def _run_cli(ckpt, data, out, *flags):
+def _run_cli(ckpt, data, out, layout, *flags):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "megasimpo", "train", "--load", ckpt, "--data", data, "--out", str(out),
            "--steps", "6", "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-2",
-           "--seed", "3", "--lora-rank", "4", "--tp", "2", *flags]
+           "--seed", "3", "--lora-rank", "4", *layout, *flags]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stderr[-3000:]
@@ -147,14 +141,16 @@ def _stored(rank, world, path):
                   if not k.startswith("optimizer"))
 
 
-def test_stop_and_resume_is_bit_exact(inputs, tmp_path):
+# TP=2, and DP=2, where the distributed optimizer shards the adapters' Adam state over ranks.
+@pytest.mark.parametrize("layout", [("--tp", "2"), ()], ids=["tp2", "dp2"])
+def test_stop_and_resume_is_bit_exact(inputs, tmp_path, layout):
     ckpt, data, _ = inputs
-    straight = _run_cli(ckpt, data, tmp_path / "straight")
-    first = _run_cli(ckpt, data, tmp_path / "resumed", "--exit-interval", "3",
+    straight = _run_cli(ckpt, data, tmp_path / "straight", layout)
+    first = _run_cli(ckpt, data, tmp_path / "resumed", layout, "--exit-interval", "3",
                      "--save-interval", "3")
     assert sorted(first) == [1, 2, 3]
     saved = os.path.join(tmp_path, "resumed", "checkpoints", "step_0000003")
     keys = run_ranks(_stored, 1, saved)[0]
     assert keys and all("_lora." in k for k in keys)  # adapters (and their state) only
-    resumed = _run_cli(ckpt, data, tmp_path / "resumed")
+    resumed = _run_cli(ckpt, data, tmp_path / "resumed", layout)
     assert resumed == straight  # bit-identical losses

@@ -186,3 +186,27 @@ def test_token_ids_outside_the_vocabulary_are_refused(inputs, tmp_path):
                         prefix, "--out", str(tmp_path / "s.jsonl")], capture_output=True,
                        text=True, timeout=300)
     assert s.returncode == 2 and "token id 70 >= the model's vocabulary size 64" in s.stderr
+
+
+def _overlapping_shards(rank, world, path):
+    import torch
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    from megasimpo import checkpoint
+
+    # Both ranks claim to be the main replica of the same whole tensor: a sharding bug.
+    state = {"w": ShardedTensor.from_rank_offsets("w", torch.ones(2, 3), replica_id=(0, 0, 0))}
+    try:
+        checkpoint.atomic_save(path, state, meta={})
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_shards_that_do_not_fit_fail_on_every_rank_instead_of_hanging(tmp_path):
+    # Megatron raises this on rank 0 only; the others would wait in the next collective.
+    path = str(tmp_path / "ckpt")
+    messages = run_ranks(_overlapping_shards, 2, path, timeout=120)
+    for m in messages:
+        assert "shards do not fit together" in m and "nothing was replaced" in m, m
+    assert not os.path.exists(path) and not os.path.exists(path + ".partial")
