@@ -78,12 +78,15 @@ def test_adapters_train_and_step_zero_is_the_base(inputs, single, tmp_path):
     assert any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_b"))
 
 
-@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2), {}], ids=["tp2", "pp2", "dp2"])
+# Two ranks: DP takes what TP x PP leaves ({}: DP=2). tp2 is sequence-parallel by default; the
+# packed run (THD rows) is compared with the unpacked single-rank one. CP needs TE (GPU only).
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2), {}, dict(pp=2, vpp=2),
+                                    dict(tp=2, pack=True)],
+                         ids=["tp2", "pp2", "dp2", "vpp2", "tp2_packed"])
 def test_parallel_lora_equals_single_rank(inputs, single, tmp_path, layout):
     ckpt, data, held_out = inputs
     ref_rows, ref_adapters = single
     out = str(tmp_path / "run")
-    # Two ranks: DP takes what TP x PP leaves (dp2: no model parallelism at all).
     ranks = run_ranks(_train, 2, (ckpt, data, out), dict(eval_data=held_out, **layout))
     rows = ranks[0][0]
     for a, b in zip(_losses(ref_rows), _losses(rows)):
