@@ -6,19 +6,25 @@ value fails at start-up with the value in the message. Values derived from the c
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 # The architecture's config lives in model_config.py; imported here too, where callers look for it.
 from megasimpo.model_config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling  # noqa: F401
 
-LOSSES = ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo", "sft")
-REFERENCE_LOSSES = ("dpo", "ipo", "rdpo")  # losses that need reference-model log-probs
+LOSSES = ("simpo", "dpo", "ipo", "cpo", "orpo", "rdpo", "sft", "dpo_norm", "alphapo")
+REFERENCE_LOSSES = ("dpo", "ipo", "rdpo", "dpo_norm")  # losses that need reference-model log-probs
 # Losses with a Bradley-Terry term: hinge can replace its sigmoid, label smoothing reaches that
 # sigmoid. Elsewhere (ipo, orpo, sft) either option would be silently ignored, so it is refused.
 HINGE_LOSSES = ("simpo", "dpo", "cpo", "rdpo")
+# Label smoothing also reaches AlphaPO's sigmoid (TRL's CPO "simpo" form), which has no hinge in
+# TRL; dpo_norm is TRL's "sigmoid_norm", whose plain -logsigmoid takes neither option.
+LABEL_SMOOTHING_LOSSES = HINGE_LOSSES + ("alphapo",)
+# dpo_norm: TRL's DPOConfig default (its log-ratios are per token, so useful values are larger);
+# alphapo: SimPO's, whose loss it reshapes (TRL's CPOConfig default 0.1 is CPO's).
 DEFAULT_BETA = {"simpo": 2.0, "dpo": 0.1, "ipo": 0.1, "cpo": 0.1, "orpo": 0.1, "rdpo": 0.1,
-                "sft": 1.0}
+                "sft": 1.0, "dpo_norm": 0.1, "alphapo": 2.0}
 # Tokens per chunk of the fused output layer + log-probs: [1024, v/tp] fp32 logits at a time
 # (0.5 GB at Llama-3's vocabulary and TP=1), small next to the full [2b x s, v/tp] they replace.
 LOGPROB_CHUNK = 1024
@@ -56,13 +62,18 @@ class LossConfig:
     name: str = option("simpo", "the preference loss (flag --loss)", choices=LOSSES)
     beta: Optional[float] = option(None, "reward scale; default per loss (DEFAULT_BETA); IPO's tau, "
                                          "ORPO's lambda")
-    gamma_beta_ratio: float = option(0.5, "SimPO target margin over beta (gamma = beta x ratio)")
-    label_smoothing: float = option(0.0, "conservative-DPO / SimPO label smoothing in [0, 0.5)")
+    gamma_beta_ratio: float = option(0.5, "SimPO / AlphaPO target margin over beta (gamma = beta "
+                                          "x ratio)")
+    label_smoothing: float = option(0.0, "conservative-DPO / SimPO label smoothing in [0, 0.5) "
+                                         "(simpo, dpo, cpo, rdpo, alphapo)")
     loss_type: str = option("sigmoid", "Bradley-Terry term of simpo, dpo, cpo, rdpo",
                             choices=LOSS_TYPES)
     sft_weight: float = option(0.0, "SimPO: weight of the chosen-response NLL added to the loss")
     cpo_alpha: float = option(1.0, "CPO: weight of the chosen-response NLL")
     rdpo_alpha: float = option(0.0, "R-DPO: length-regularisation strength alpha (per token)")
+    alphapo_alpha: float = option(0.0, "AlphaPO: reward shape alpha, r = (1 - p^-alpha) / alpha "
+                                       "of the per-token average p (TRL's CPOConfig.alpha; 0: "
+                                       "log p, SimPO)")
 
     def __post_init__(self):
         check_choices(self)
@@ -78,13 +89,19 @@ class LossConfig:
         if self.loss_type == "hinge" and self.name not in HINGE_LOSSES:
             raise ValueError(f"--loss-type hinge is not defined for --loss {self.name} (only "
                              + ", ".join(HINGE_LOSSES) + ")")
-        if self.label_smoothing > 0 and (self.name not in HINGE_LOSSES or self.loss_type == "hinge"):
+        if self.label_smoothing > 0 and (self.name not in LABEL_SMOOTHING_LOSSES
+                                         or self.loss_type == "hinge"):
             raise ValueError(
                 f"--label-smoothing {self.label_smoothing} has no effect for --loss {self.name} "
                 f"with --loss-type {self.loss_type} (only the sigmoid form of "
-                + ", ".join(HINGE_LOSSES) + ")")
+                + ", ".join(LABEL_SMOOTHING_LOSSES) + ")")
         if self.sft_weight > 0 and self.name != "simpo":
             raise ValueError(f"--sft-weight {self.sft_weight} applies to simpo only, not {self.name}")
+        if not math.isfinite(self.alphapo_alpha):
+            raise ValueError(f"--alphapo-alpha {self.alphapo_alpha} must be finite")
+        if self.alphapo_alpha != 0 and self.name != "alphapo":
+            raise ValueError(f"--alphapo-alpha {self.alphapo_alpha} has no effect for --loss "
+                             f"{self.name} (alphapo only)")
 
     @property
     def gamma(self) -> float:
@@ -208,7 +225,7 @@ class TrainConfig:
     out: str = option(doc="run directory: metrics, config.yaml, checkpoints, final_model/")
     loss: LossConfig = option(factory=LossConfig, doc="the loss and its options (flattened flags)")
     lora: LoraConfig = option(factory=LoraConfig, doc="LoRA adapters (--lora-* flags)")
-    ref: str = option("live", "reference log-probs of dpo/ipo/rdpo: a live frozen copy, or "
+    ref: str = option("live", "reference log-probs of dpo/ipo/rdpo/dpo_norm: a live frozen copy, or "
                               "precomputed by `megasimpo score`", choices=REFERENCE_SOURCES)
     ref_logps: tuple = option((), "--ref precomputed: `megasimpo score` JSONL per --data then "
                                   "--eval-data prefix (default PREFIX.ref_logps.jsonl)")

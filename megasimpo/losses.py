@@ -1,7 +1,8 @@
 """Preference losses as pure functions of per-sequence log-probs.
 
 Every loss sees only per-pair quantities, all shape ``[b]`` (b pairs): summed response log-probs, response
-token counts (prompt tokens never counted) and, for dpo/ipo/rdpo, the reference model's summed log-probs.
+token counts (prompt tokens never counted) and, for dpo/ipo/rdpo/dpo_norm, the reference model's summed
+log-probs.
 No process groups and no model here: the last pipeline stage reduces token log-probs to these sums
 (``parallel/logprobs.py``) and ``preference_loss`` returns sums over pairs, which the schedule divides by
 the global number of pairs (Megatron's loss_func contract). Formulas follow the SimPO paper
@@ -30,7 +31,7 @@ class PairLogps:
     rejected_logps: torch.Tensor  # sum over rejected response tokens of log p
     chosen_tokens: torch.Tensor  # number of chosen response tokens (float or int), > 0
     rejected_tokens: torch.Tensor  # number of rejected response tokens (float or int), > 0
-    ref_chosen_logps: Optional[torch.Tensor] = None  # reference model, summed; needed by dpo/ipo/rdpo
+    ref_chosen_logps: Optional[torch.Tensor] = None  # reference model, summed; REFERENCE_LOSSES need it
     ref_rejected_logps: Optional[torch.Tensor] = None
 
 
@@ -188,6 +189,47 @@ def rdpo_loss(cfg: LossConfig, x: PairLogps):
     return loss, _metrics(cfg.beta * chosen, cfg.beta * rejected, s_w, s_l)
 
 
+def dpo_norm_loss(cfg: LossConfig, x: PairLogps):
+    """DPO on per-token log-ratios: ``-logsigmoid(beta * ((s_w - r_w) / n_w - (s_l - r_l) / n_l))``.
+
+    TRL's ``DPOTrainer(loss_type="sigmoid_norm")`` (trl 1.16.0, ``trainer/dpo_trainer.py``): each
+    summed log-ratio is divided by its own response's token count (the reference's sum too, by the
+    same count), no label smoothing, no hinge. The metrics are TRL's and stay UNnormalised as there:
+    rewards ``beta * (s - r)`` on sums, so ``rewards/accuracies`` ranks by summed log-ratio, which
+    can differ from the per-token margin the loss pushes. Returns ``(loss [b], metrics {name: [b]})``.
+    """
+    s_w, s_l, n_w, n_l = _policy(x)
+    r_w, r_l = _reference(cfg, x)
+    chosen, rejected = s_w - r_w, s_l - r_l
+    loss = -F.logsigmoid(cfg.beta * (chosen / n_w - rejected / n_l))
+    return loss, _metrics(cfg.beta * chosen, cfg.beta * rejected, s_w, s_l)
+
+
+def _alphapo_reward(a: torch.Tensor, alpha: float) -> torch.Tensor:
+    """AlphaPO's reward shape of a per-token average log-prob ``a`` [b]: ``(1 - p^-alpha) / alpha``
+    with ``p = exp(a)``, written ``-expm1(-alpha * a) / alpha`` (no exp(a) that underflows first);
+    ``a`` itself at alpha 0 (the limit, and TRL's alpha 0 branch)."""
+    if alpha == 0:
+        return a
+    return -torch.expm1(-alpha * a) / alpha
+
+
+def alphapo_loss(cfg: LossConfig, x: PairLogps):
+    """AlphaPO (arXiv 2501.03884): SimPO with the reward ``u = (1 - p^-alpha) / alpha``, ``p = e^a``.
+
+    TRL's ``CPOTrainer(loss_type="alphapo")`` (trl 1.16.0, ``experimental/cpo``): that is its
+    "simpo" loss with ``cpo_alpha = 0`` (no NLL term), on per-token averages ``a = s / n``:
+    ``z = beta * (u_w - u_l) - simpo_gamma`` with simpo_gamma = beta x gamma_beta_ratio, label-smoothed
+    sigmoid (no hinge there). Rewards ``beta * u``; ``logps/*`` are the averages ``a``, as TRL logs.
+    At ``alphapo_alpha`` 0 it is SimPO exactly. Returns ``(loss [b], metrics {name: [b]})``.
+    """
+    s_w, s_l, n_w, n_l = _policy(x)
+    a_w, a_l = s_w / n_w, s_l / n_l
+    u_w, u_l = _alphapo_reward(a_w, cfg.alphapo_alpha), _alphapo_reward(a_l, cfg.alphapo_alpha)
+    loss = _pairwise(cfg, cfg.beta * (u_w - u_l - cfg.gamma_beta_ratio))
+    return loss, _metrics(cfg.beta * u_w, cfg.beta * u_l, a_w, a_l)
+
+
 _LOSSES: dict[str, Callable] = {
     "simpo": simpo_loss,
     "dpo": dpo_loss,
@@ -196,6 +238,8 @@ _LOSSES: dict[str, Callable] = {
     "orpo": orpo_loss,
     "rdpo": rdpo_loss,
     "sft": sft_loss,
+    "dpo_norm": dpo_norm_loss,
+    "alphapo": alphapo_loss,
 }
 # Metrics each loss reports besides the TRL reward/log-prob set of ``_metrics`` (declared here
 # so the step knows its statistics vector before any batch; ``preference_loss`` checks it).
@@ -216,7 +260,7 @@ def preference_loss(cfg: LossConfig, x: PairLogps, weights: Optional[torch.Tenso
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss named by ``cfg.name`` over b pairs (``x`` fields ``[b]``), summed over pairs.
 
-    Raises ValueError for a missing reference (dpo/ipo/rdpo); options the loss would ignore are
+    Raises ValueError for a missing reference (``REFERENCE_LOSSES``); options the loss would ignore are
     refused by ``LossConfig`` itself.
 
     Returns ``(loss_sum, metric_sums)``: ``loss_sum`` is the 0-dim float32 SUM of the per-pair losses,

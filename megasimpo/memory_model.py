@@ -10,7 +10,7 @@ with the highest total (first or last):
 * Megatron's distributed optimizer: bf16 weights 2 B + fp32 main gradients 4 B
   (``grad_reduce_in_fp32``) + fp32 master weights and Adam m, v 12 B / (DP x CP) (the optimizer
   shards over the data-parallel group including CP ranks), i.e. 6 + 12/(DP*CP) B per parameter;
-* live DPO reference (``dpo``, ``ipo``, ``rdpo`` with ``ref="live"``): a frozen bf16 copy at the
+* live DPO reference (``REFERENCE_LOSSES`` with ``ref="live"``): a frozen bf16 copy at the
   same sharding, 2 B per parameter. Its forward-only pass runs before the policy's and frees its
   activations, so it adds no activation memory;
 * activations per layer per micro-batch (Korthikanti et al. 2022, "Reducing Activation

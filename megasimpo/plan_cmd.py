@@ -37,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq-length", type=int, default=4096, help="tokens per sequence")
     p.add_argument("--loss", choices=LOSSES, default="simpo")
     p.add_argument("--ref", choices=REFERENCE_SOURCES, default="live",
-                   help="reference log-probs of dpo/ipo/rdpo: live frozen model or `score` files")
+                   help="reference log-probs of dpo/ipo/rdpo/dpo_norm: live frozen model or `score` files")
     p.add_argument("--global-batch-size", type=int, default=128, help="pairs per optimizer step")
     for name in ("tp", "pp", "vpp", "cp", "micro-batch-size"):
         p.add_argument(f"--{name}", type=int, help="fix this part of the layout, plan the rest")

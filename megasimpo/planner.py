@@ -55,7 +55,7 @@ class Plan:
     memory: MemoryBreakdown  # predicted peak per GPU (the higher of the stages)
     stages: tuple = ()  # MemoryBreakdown of the first and, when pp > 1, the last stage
     reasons: tuple = ()  # one line per choice, why it was made
-    ref: str = "live"  # reference log-probs of dpo/ipo/rdpo: live frozen copy or precomputed
+    ref: str = "live"  # reference log-probs of REFERENCE_LOSSES: live frozen copy or precomputed
     logprob_chunk: int = LOGPROB_CHUNK  # fused output-layer chunk the memory model assumed
     attention_backend: str = "te"  # core attention the memory model assumed (te, sdpa, unfused)
     lora: Optional[LoraConfig] = None  # LoRA adapters planned for; None: full fine-tuning

@@ -41,8 +41,8 @@ QUALITY_KEYS = ("loss", "nll_loss", "rewards/margins", "rewards/accuracies", "ra
 TRAIN_ONLY_KEYS = ("grad_norm", "lr")
 THROUGHPUT_KEYS = ("tokens_per_sec", "tflops_per_gpu", "mfu", "mem_peak_gb", "step_time_s")
 # What logps/* means per loss (megasimpo/losses.py): summed over response tokens or averaged.
-SUMMED_LOGPS_LOSSES = ("dpo", "ipo", "cpo", "rdpo")
-AVERAGED_LOGPS_LOSSES = ("simpo", "orpo", "sft")  # sft logs a_w, a_l as SimPO does
+SUMMED_LOGPS_LOSSES = ("dpo", "ipo", "cpo", "rdpo", "dpo_norm")
+AVERAGED_LOGPS_LOSSES = ("simpo", "orpo", "sft", "alphapo")  # sft logs a_w, a_l as SimPO does
 
 
 # ----- reading ------------------------------------------------------------------------------------

@@ -12,8 +12,10 @@ from megasimpo.config import LOSSES, LossConfig
 from megasimpo.losses import (
     PairLogps,
     metric_names,
+    alphapo_loss,
     cpo_loss,
     dpo_loss,
+    dpo_norm_loss,
     ipo_loss,
     orpo_loss,
     preference_loss,
@@ -99,6 +101,24 @@ def ref_rdpo(p, beta, alpha, ls=0.0, hinge=False):
     return bt(beta * ((s_w - r_w) - (s_l - r_l)) + alpha * (n_w - n_l), ls, hinge)
 
 
+def ref_dpo_norm(p, beta):
+    # TRL DPOTrainer loss_type="sigmoid_norm": each summed log-ratio over its own response length.
+    s_w, s_l, n_w, n_l, r_w, r_l = p
+    return -logsig(beta * ((s_w - r_w) / n_w - (s_l - r_l) / n_l))
+
+
+def alphapo_reward(a, alpha):
+    # AlphaPO (arXiv 2501.03884, TRL CPOTrainer): r = (1 - p^(-alpha)) / alpha of p = exp(avg logp).
+    return a if alpha == 0 else (1.0 - math.exp(a) ** (-alpha)) / alpha
+
+
+def ref_alphapo(p, beta, gamma, alpha, ls=0.0):
+    # TRL: logits = r_w - r_l - simpo_gamma / beta; label-smoothed sigmoid of beta * logits.
+    s_w, s_l, n_w, n_l, _, _ = p
+    logits = alphapo_reward(s_w / n_w, alpha) - alphapo_reward(s_l / n_l, alpha) - gamma / beta
+    return bt(beta * logits, ls)
+
+
 CASES = [  # (LossConfig kwargs, per-loss function, hand formula)
     (dict(name="simpo", beta=2.0, gamma_beta_ratio=0.5), simpo_loss,
      lambda p: ref_simpo(p, 2.0, 0.5)),
@@ -124,6 +144,15 @@ CASES = [  # (LossConfig kwargs, per-loss function, hand formula)
      lambda p: ref_rdpo(p, 0.2, -0.02, ls=0.15)),
     (dict(name="rdpo", beta=0.6, rdpo_alpha=0.01, loss_type="hinge"), rdpo_loss,
      lambda p: ref_rdpo(p, 0.6, 0.01, hinge=True)),
+    (dict(name="dpo_norm", beta=0.1), dpo_norm_loss, lambda p: ref_dpo_norm(p, 0.1)),
+    (dict(name="dpo_norm", beta=3.0), dpo_norm_loss, lambda p: ref_dpo_norm(p, 3.0)),
+    # TRL's simpo_gamma is absolute: gamma = beta x gamma_beta_ratio (2.0 x 0.5 = 1.0 here).
+    (dict(name="alphapo", beta=2.0, gamma_beta_ratio=0.5), alphapo_loss,
+     lambda p: ref_alphapo(p, 2.0, 1.0, 0.0)),
+    (dict(name="alphapo", beta=2.5, gamma_beta_ratio=0.4, alphapo_alpha=0.25), alphapo_loss,
+     lambda p: ref_alphapo(p, 2.5, 1.0, 0.25)),
+    (dict(name="alphapo", beta=2.0, gamma_beta_ratio=0.5, alphapo_alpha=-0.5, label_smoothing=0.1),
+     alphapo_loss, lambda p: ref_alphapo(p, 2.0, 1.0, -0.5, ls=0.1)),
 ]
 CASE_IDS = [kw["name"] + "-" + ",".join(f"{k}={v}" for k, v in kw.items() if k != "name")
             for kw, _, _ in CASES]
@@ -183,12 +212,14 @@ def test_dpo_metrics_hand_case():
     assert m["logps/rejected"].item() == pytest.approx(-20 - 9 - 7.75 - 40, rel=REL)
 
 
-def expected_metrics(name, beta, p):
+def expected_metrics(name, beta, p, alpha=0.0):
     """Per-pair TRL metrics for one pair, by hand."""
     s_w, s_l, n_w, n_l, r_w, r_l = p
     a_w, a_l = s_w / n_w, s_l / n_l
     if name in ("simpo", "orpo"):
         rc, rr, lc, lr = beta * a_w, beta * a_l, a_w, a_l
+    elif name == "alphapo":  # TRL: beta x the shaped reward; logps are the averages
+        rc, rr, lc, lr = beta * alphapo_reward(a_w, alpha), beta * alphapo_reward(a_l, alpha), a_w, a_l
     elif name == "cpo":
         rc, rr, lc, lr = beta * s_w, beta * s_l, s_w, s_l
     else:
@@ -202,10 +233,14 @@ def expected_metrics(name, beta, p):
     return m
 
 
-@pytest.mark.parametrize("name", ["simpo", "dpo", "ipo", "cpo", "orpo", "rdpo"])
-def test_metric_sums_match_hand_computation(name):
-    cfg = LossConfig(name=name, beta=0.3)
-    per = [expected_metrics(name, 0.3, p) for p in PAIRS]
+@pytest.mark.parametrize("name,alpha", [(n, 0.0) for n in ("simpo", "dpo", "ipo", "cpo", "orpo",
+                                                             "rdpo", "dpo_norm", "alphapo")]
+                         + [("alphapo", 0.3)])
+def test_metric_sums_match_hand_computation(name, alpha):
+    # dpo_norm's rewards are TRL's: beta x the SUMMED log-ratio (only the loss is per token).
+    extra = {"alphapo_alpha": alpha} if alpha else {}
+    cfg = LossConfig(name=name, beta=0.3, **extra)
+    per = [expected_metrics(name, 0.3, p, alpha) for p in PAIRS]
     loss_sum, sums = preference_loss(cfg, make(requires_grad=True))
     assert loss_sum.requires_grad
     assert set(sums) == set(per[0])
@@ -257,7 +292,7 @@ def test_dpo_gradient():
     assert g_l == pytest.approx([beta * sig(-beta * h) for h in hs], rel=1e-6)
 
 
-@pytest.mark.parametrize("name", ["dpo", "ipo", "rdpo"])
+@pytest.mark.parametrize("name", ["dpo", "ipo", "rdpo", "dpo_norm"])
 def test_missing_reference_raises(name):
     with pytest.raises(ValueError, match=name):
         preference_loss(LossConfig(name=name), make(with_ref=False))
@@ -267,7 +302,7 @@ def test_missing_reference_raises(name):
         preference_loss(LossConfig(name=name), half)
 
 
-@pytest.mark.parametrize("name", ["simpo", "cpo", "orpo"])
+@pytest.mark.parametrize("name", ["simpo", "cpo", "orpo", "alphapo"])
 def test_reference_free_losses_need_no_reference(name):
     loss_sum, _ = preference_loss(LossConfig(name=name), make(with_ref=False))
     assert math.isfinite(loss_sum.item())
@@ -308,14 +343,23 @@ def test_low_precision_inputs_are_computed_in_float32():
     dict(name="ipo", label_smoothing=0.1),
     dict(name="dpo", loss_type="hinge", label_smoothing=0.1),
     dict(name="dpo", sft_weight=0.5),
+    # TRL's sigmoid_norm is a plain -logsigmoid: label smoothing and hinge would be ignored.
+    dict(name="dpo_norm", loss_type="hinge"),
+    dict(name="dpo_norm", label_smoothing=0.1),
+    dict(name="alphapo", loss_type="hinge"),  # TRL's AlphaPO is its sigmoid "simpo" form only
+    dict(name="alphapo", sft_weight=0.5),  # TRL's AlphaPO sets cpo_alpha = 0
+    dict(name="simpo", alphapo_alpha=0.25),
+    dict(name="dpo_norm", alphapo_alpha=-0.5),
 ])
 def test_options_the_loss_would_ignore_raise(kw):
     # Refused when the configuration is built (a flag or config.yaml), before any model exists.
-    with pytest.raises(ValueError, match=r"--(loss-type|label-smoothing|sft-weight) .* --loss|simpo only"):
+    with pytest.raises(ValueError, match=r"--(loss-type|label-smoothing|sft-weight|alphapo-alpha) "
+                                         r".* --loss|simpo only"):
         LossConfig(**kw)
 
 
-@pytest.mark.parametrize("kw", [dict(name=n) for n in LOSSES] + [dict(name="simpo", sft_weight=0.5)])
+@pytest.mark.parametrize("kw", [dict(name=n) for n in LOSSES] + [dict(name="simpo", sft_weight=0.5),
+                                                                 dict(name="alphapo", alphapo_alpha=0.3)])
 def test_declared_metric_names_are_the_ones_returned(kw):
     cfg = LossConfig(**kw)
     _, metrics = preference_loss(cfg, make(with_ref=cfg.needs_reference))
@@ -341,3 +385,65 @@ def test_sft_loss_is_mean_chosen_nll_by_hand():
     assert m["rewards/accuracies"].tolist() == [0.0, 1.0]  # -2 vs -2/1; -1.5 vs -3
     total, sums = preference_loss(cfg, x)
     assert total.item() == 3.5 and sums["nll_loss"].item() == 3.5
+
+
+def test_dpo_norm_divides_each_log_ratio_by_its_own_response_length():
+    # Summed log-ratios favour the rejected response (1 < 3); per token the chosen one (1/2 > 3/30).
+    pair = [(-9.0, -20.0, 2, 30, -10.0, -23.0)]
+    cfg = LossConfig(name="dpo_norm", beta=2.0)
+    loss, m = dpo_norm_loss(cfg, make(pair))
+    assert loss.item() == pytest.approx(-logsig(2.0 * (0.5 - 0.1)), rel=REL)
+    dpo = dpo_loss(LossConfig(name="dpo", beta=2.0), make(pair))[0].item()
+    assert dpo == pytest.approx(-logsig(2.0 * (1.0 - 3.0)), rel=REL) and dpo > loss.item() + 1.0
+    # TRL logs the unnormalised rewards: beta x summed log-ratio, so the reward "accuracy" is 0 here
+    assert m["rewards/chosen"].item() == pytest.approx(2.0, rel=REL)
+    assert m["rewards/rejected"].item() == pytest.approx(6.0, rel=REL)
+    assert m["rewards/accuracies"].item() == 0.0
+    assert m["logps/chosen"].item() == -9.0  # summed, as TRL's DPO logs them
+
+
+def test_dpo_norm_gradient():
+    beta = 1.5
+    g_w, g_l = grads(LossConfig(name="dpo_norm", beta=beta), dpo_norm_loss)
+    exp_w, exp_l = [], []
+    for s_w, s_l, n_w, n_l, r_w, r_l in PAIRS:
+        d = (s_w - r_w) / n_w - (s_l - r_l) / n_l
+        exp_w.append(-beta * sig(-beta * d) / n_w)
+        exp_l.append(beta * sig(-beta * d) / n_l)
+    assert g_w == pytest.approx(exp_w, rel=1e-6)
+    assert g_l == pytest.approx(exp_l, rel=1e-6)
+
+
+def test_alphapo_at_alpha_zero_is_simpo():
+    kw = dict(beta=2.5, gamma_beta_ratio=0.3, label_smoothing=0.1)
+    a_loss, a_m = alphapo_loss(LossConfig(name="alphapo", **kw), make(with_ref=False))
+    s_loss, s_m = simpo_loss(LossConfig(name="simpo", **kw), make(with_ref=False))
+    assert a_loss.tolist() == s_loss.tolist()
+    assert {k: v.tolist() for k, v in a_m.items()} == {k: v.tolist() for k, v in s_m.items()}
+
+
+@pytest.mark.parametrize("alpha", [0.25, -0.5])
+def test_alphapo_gradient(alpha):
+    # du/da = p^(-alpha) = exp(-alpha a); z = beta (u_w - u_l - gbr); d bt / dz = -sigmoid(-z).
+    beta, gbr = 2.0, 0.5
+    cfg = LossConfig(name="alphapo", beta=beta, gamma_beta_ratio=gbr, alphapo_alpha=alpha)
+    g_w, g_l = grads(cfg, alphapo_loss)
+    exp_w, exp_l = [], []
+    for s_w, s_l, n_w, n_l, _, _ in PAIRS:
+        a_w, a_l = s_w / n_w, s_l / n_l
+        z = beta * (alphapo_reward(a_w, alpha) - alphapo_reward(a_l, alpha) - gbr)
+        exp_w.append(-sig(-z) * beta * math.exp(-alpha * a_w) / n_w)
+        exp_l.append(sig(-z) * beta * math.exp(-alpha * a_l) / n_l)
+    assert g_w == pytest.approx(exp_w, rel=1e-5)
+    assert g_l == pytest.approx(exp_l, rel=1e-5)
+
+
+def test_alphapo_alpha_must_be_finite():
+    with pytest.raises(ValueError, match="--alphapo-alpha"):
+        LossConfig(name="alphapo", alphapo_alpha=float("nan"))
+
+
+def test_new_losses_defaults_and_reference():
+    assert LossConfig(name="dpo_norm").beta == 0.1 and LossConfig(name="dpo_norm").needs_reference
+    cfg = LossConfig(name="alphapo")
+    assert (cfg.beta, cfg.alphapo_alpha, cfg.gamma) == (2.0, 0.0, 1.0) and not cfg.needs_reference
