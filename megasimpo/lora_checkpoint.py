@@ -3,8 +3,12 @@
 A checkpoint of a LoRA model holds only the adapter tensors (``*_lora.lora_a`` / ``lora_b``,
 sharded as ``lora.LoraAdapter.sharded_state_dict`` says, so they reshard to any layout). Its
 ``megasimpo.json`` carries ``"lora"`` (the LoraConfig) and ``"base"``: the base checkpoint's real
-path and a fingerprint of its files. Loading one (``checkpoint.load_model``) loads that base,
-refusing it when its fingerprint changed, adds the adapters and loads them.
+path, optionally its path relative to the LoRA checkpoint (``"relative"``; ``import --adapter``
+writes ``"base"``, its base being inside), and a fingerprint of its files. Loading one
+(``checkpoint.load_model``) loads that base, refusing it when its fingerprint changed, adds the
+adapters and loads them. The relative path is tried first, so a LoRA checkpoint and its base
+moved together still find each other; a ``"path"`` that is relative (written by hand) is read
+from the LoRA checkpoint's directory too.
 
 The fingerprint is a blake2b over the base directory's file names and contents, each file by
 ``data.fingerprint.update_with_file`` (whole up to 4 MiB, else 256 sampled blocks), so checking a
@@ -46,18 +50,46 @@ def base_record(path: str) -> dict:
     return {"path": os.path.realpath(path), "fingerprint": base_fingerprint(path)}
 
 
+def _candidates(record: dict, source: str) -> list:
+    """Where LoRA checkpoint ``source``'s base may be, in order: its relative path (a relative
+    ``path``, else ``relative``) joined to ``source``, then the absolute ``path``."""
+    path, rel = record.get("path"), record.get("relative")
+    if path and not os.path.isabs(path):
+        path, rel = None, path
+    found = [os.path.normpath(os.path.join(source, rel))] if rel else []
+    return found + ([path] if path and path not in found else [])
+
+
+def find_base(record: dict, source: str) -> Optional[str]:
+    """The first of the base's recorded places that is a directory (not fingerprinted), or None."""
+    return next((p for p in _candidates(record, source) if os.path.isdir(p)), None)
+
+
 def check_base(record: dict, source: str) -> str:
-    """The base path of a LoRA checkpoint ``source``; ValueError when it is gone or changed."""
-    path = record.get("path")
-    if not path or not os.path.isdir(path):
-        raise ValueError(f"{source} is a LoRA checkpoint of the base model {path}, which no "
-                         "longer exists: put the base back there, or export this checkpoint "
-                         "merged from where the base is")
-    if base_fingerprint(path) != record.get("fingerprint"):
-        raise ValueError(f"{source} is a LoRA checkpoint of the base model {path}, whose files "
-                         "changed since (fingerprint mismatch): the adapters would be applied "
-                         "to other weights; restore that base")
-    return path
+    """The base path of a LoRA checkpoint ``source``: the first recorded place holding the base
+    with the recorded fingerprint; ValueError when it is gone or changed."""
+    places = _candidates(record, source)
+    found = [p for p in places if os.path.isdir(p)]
+    if not found:
+        where = " or ".join(places) or "(none recorded)"
+        raise ValueError(f"{source} is a LoRA checkpoint of the base model {where}, which is not "
+                         "there: put the base back there, or set \"path\" under \"base\" in "
+                         f"{os.path.join(source, 'megasimpo.json')} to where it is now (a relative "
+                         f"path is read from {source})")
+    for path in found:
+        if base_fingerprint(path) == record.get("fingerprint"):
+            return path
+    raise ValueError(f"{source} is a LoRA checkpoint of the base model {found[0]}, whose files "
+                     "changed since (fingerprint mismatch): the adapters would be applied "
+                     "to other weights; restore that base")
+
+
+def rebased(record: dict, source: str) -> dict:
+    """``record`` of LoRA checkpoint ``source`` with the real path of where its base is now and no
+    relative path (which was relative to ``source``): what checkpoints written elsewhere from it
+    record (ValueError as :func:`check_base`)."""
+    return {"path": os.path.realpath(check_base(record, source)),
+            "fingerprint": record["fingerprint"]}
 
 
 def config_of(chunks: list) -> Optional[LoraConfig]:
@@ -120,7 +152,7 @@ def with_lora(chunks: list, cfg, model, base: Optional[dict], *,
             adapter.config = cfg.lora
             adapter.dropout = (torch.nn.Dropout(cfg.lora.dropout) if cfg.lora.dropout
                                else torch.nn.Identity())
-        return base
+        return rebased(base, cfg.load)
     lora.check_fits(cfg.lora, model)
     lora.apply(chunks, cfg.lora, seed=cfg.seed)
     return None if random_init else base_record(cfg.load)
