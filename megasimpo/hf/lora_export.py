@@ -10,8 +10,8 @@ up rows) and names its base checkpoint by path and fingerprint.
   B) added in fp32 before the cast to the model's dtype (:func:`delta`);
 * ``--adapter-only``: a PEFT directory (megasimpo/hf/peft_adapter.py) in the model's dtype;
 * ``import --adapter``: the base imported to ``CKPT/base`` and, in ``CKPT``, a LoRA checkpoint of
-  the PEFT adapter referencing it (so the pair moves as one directory; it must stay at that
-  path, which the base record holds).
+  the PEFT adapter referencing it, by its real path and by ``base`` relative to ``CKPT``, so
+  the pair moves as one directory.
 """
 
 import dataclasses
@@ -63,8 +63,7 @@ def source(ckpt: str, *, need_base: bool = True) -> Optional[LoraSource]:
     cfg = LoraConfig(**meta[lora_checkpoint.META_KEY])
     record = meta.get(lora_checkpoint.BASE_KEY) or {}
     if not need_base:
-        base = record.get("path")
-        return LoraSource(ckpt, base if base and os.path.isdir(base) else None, cfg, model)
+        return LoraSource(ckpt, lora_checkpoint.find_base(record, ckpt), cfg, model)
     base = lora_checkpoint.check_base(record, ckpt)
     if lora_checkpoint.META_KEY in checkpoint.read_meta(base):
         raise ValueError(f"{ckpt}: its base {base} is itself a LoRA checkpoint; export that one "
@@ -213,7 +212,7 @@ def import_adapter(hf_dir: str, adapter_dir: str, out: str, *, force: bool = Fal
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ValueError(f"--hf {hf_dir}: not an HF model directory (no config.json)")
     model = ModelConfig.from_hf(hf_dir)
-    cfg, adapters, dtype, raw = peft_adapter.read(adapter_dir, model)
+    cfg, adapters, dtype, raw = peft_adapter.read(adapter_dir, model, hf_dir=hf_dir)
     if not ignore_base_name:
         peft_adapter.check_base_name(raw, hf_dir, adapter_dir)
     atomic.check_out_not_over_input(out, adapter_dir, "--adapter")
@@ -225,6 +224,7 @@ def import_adapter(hf_dir: str, adapter_dir: str, out: str, *, force: bool = Fal
         model = convert.import_hf(hf_dir, base_partial, progress=progress)  # checks the weights
         convert._copy_tokenizer(hf_dir, os.path.join(partial, "tokenizer"))
         record = {"path": os.path.join(os.path.realpath(out.rstrip("/")), BASE_DIR),
+                  "relative": BASE_DIR,  # tried first: CKPT and CKPT/base move together
                   "fingerprint": lora_checkpoint.base_fingerprint(base_partial)}
         lora = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
                 "targets": list(cfg.targets)}

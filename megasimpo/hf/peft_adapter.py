@@ -190,9 +190,19 @@ def check_base_name(cfg: dict, hf_dir: str, adapter_dir: str) -> None:
                      "--ignore-base-name")
 
 
-def read(adapter_dir: str, m: ModelConfig) -> tuple:
-    """(LoraConfig with Megatron targets, {(layer, target): (A, B)} fused, stored dtype) of a PEFT
-    directory over a base of config ``m``; ValueError on anything that does not fit that base."""
+def _other_base(cfg: dict, hf_dir: Optional[str]) -> str:
+    """The end of an error about an adapter that does not fit the base: what it was made for and
+    the fix."""
+    made_for = cfg.get("base_model_name_or_path") or "not named in its config"
+    given = f"--hf {hf_dir}" if hf_dir else "this base"
+    return (f"the adapter was made for another base model ({made_for}) than {given}: import it "
+            "with --hf set to the model it was trained on")
+
+
+def read(adapter_dir: str, m: ModelConfig, *, hf_dir: Optional[str] = None) -> tuple:
+    """(LoraConfig with Megatron targets, {(layer, target): (A, B)} fused, stored dtype, the
+    adapter config) of a PEFT directory over a base of config ``m`` (read from ``hf_dir``, which
+    errors name); ValueError on anything that does not fit that base."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -215,13 +225,12 @@ def read(adapter_dir: str, m: ModelConfig) -> tuple:
         layer, which = int(match.group(1)), match.group(4)
         if layer >= m.num_layers:
             raise ValueError(f"{name} in {path}: layer {layer}, but the base model has "
-                             f"{m.num_layers} layers: the adapter was made for another base")
+                             f"{m.num_layers} layers: {_other_base(cfg, hf_dir)}")
         n_in, n_out = shapes[module]
         want = (r, n_in) if which == "A" else (n_out, r)
         if tuple(t.shape) != want:
             raise ValueError(f"{name} in {path}: shape {list(t.shape)}, but over this base (r={r}) "
-                             f"it must be {list(want)}: the adapter was made for another base "
-                             f"model ({cfg.get('base_model_name_or_path') or 'not named'})")
+                             f"it must be {list(want)}: {_other_base(cfg, hf_dir)}")
         if not t.is_floating_point():
             raise ValueError(f"{name} in {path}: dtype {t.dtype} is not floating point")
         found.setdefault((layer, module), {})[which] = t
@@ -237,7 +246,8 @@ def read(adapter_dir: str, m: ModelConfig) -> tuple:
         layers = {i for i, mod in found if mod in mods}
         if len(layers) != m.num_layers:
             raise ValueError(f"{path}: {'/'.join(mods)} adapted in layers {sorted(layers)} only, "
-                             f"but megasimpo adapts every layer (all {m.num_layers}): {_FIX}")
+                             f"but megasimpo adapts every layer (all {m.num_layers}); if it "
+                             f"was trained on this base, {_FIX}; else {_other_base(cfg, hf_dir)}")
     adapters = {}
     for layer in range(m.num_layers):
         for target in targets:
