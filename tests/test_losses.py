@@ -447,3 +447,17 @@ def test_new_losses_defaults_and_reference():
     assert LossConfig(name="dpo_norm").beta == 0.1 and LossConfig(name="dpo_norm").needs_reference
     cfg = LossConfig(name="alphapo")
     assert (cfg.beta, cfg.alphapo_alpha, cfg.gamma) == (2.0, 0.0, 1.0) and not cfg.needs_reference
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_planner_budgets_a_live_reference_copy_for_reference_losses(name):
+    # The memory model reads REFERENCE_LOSSES: a new reference loss gets its frozen copy budgeted.
+    from megasimpo import memory_model
+    from megasimpo.config import REFERENCE_LOSSES, ModelConfig
+
+    model = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                        num_query_groups=2, head_dim=16, vocab_size=128, max_position_embeddings=64)
+    live = memory_model.memory_breakdown(model, seq_length=64, loss=name, ref="live")
+    pre = memory_model.memory_breakdown(model, seq_length=64, loss=name, ref="precomputed")
+    assert (live.reference > 0) == (name in REFERENCE_LOSSES) and pre.reference == 0
+    assert LossConfig(name=name).needs_reference == (name in REFERENCE_LOSSES)
