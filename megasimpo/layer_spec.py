@@ -140,17 +140,21 @@ def block_spec(backend: str, config, vp_stage: Optional[int]):
     """The ``transformer_layer_spec`` GPTModel takes for ``backend`` ("te", "sdpa", "unfused")."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
+    qk_norm = bool(config.qk_layernorm)
     if backend == "te":
-        return specs.get_gpt_layer_with_transformer_engine_spec()
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
 
-    layer = specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer = specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
     sub = layer.submodules
     attention = sub.self_attention
     if backend == "sdpa":
         attention = replace(attention, submodules=replace(
             attention.submodules, core_attention=_dot_product_attention()))
+    if qk_norm:  # Qwen3: RMSNorm over each head's d channels of the queries and the keys
+        attention = replace(attention, submodules=replace(
+            attention.submodules, q_layernorm=TorchRMSNorm, k_layernorm=TorchRMSNorm))
     mlp = replace(sub.mlp, submodules=replace(sub.mlp.submodules, activation_func=SwiGLU))
     layer = replace(layer, submodules=replace(sub, input_layernorm=TorchRMSNorm,
                                               pre_mlp_layernorm=TorchRMSNorm,

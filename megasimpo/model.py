@@ -63,6 +63,7 @@ def transformer_config(model: ModelConfig, layout: Layout, precision: Precision,
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_norm,  # also makes finalize_model_grads sum their grads over TP
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=layout.tp,

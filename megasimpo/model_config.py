@@ -11,7 +11,29 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM")
+# Architectures users bring that the engine does not build yet, and what each would need.
+MISSING = {
+    "Gemma2ForCausalLM": "logit soft-capping, GeGLU, pre- and post-norms around each block and "
+                         "alternating sliding-window layers",
+    "Gemma3ForCausalLM": "GeGLU, pre- and post-norms around each block, q/k norms with (1 + w) "
+                         "and interleaved local/global attention",
+    "MixtralForCausalLM": "mixture-of-experts MLPs (a router and experts per layer)",
+    "Qwen2MoeForCausalLM": "mixture-of-experts MLPs (a router, experts and a shared expert)",
+    "Qwen3MoeForCausalLM": "mixture-of-experts MLPs (a router and experts per layer)",
+    "DeepseekV3ForCausalLM": "multi-latent attention and mixture-of-experts MLPs",
+    "Phi3ForCausalLM": "fused qkv_proj/gate_up_proj tensors and its rope scaling",
+}
+_MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+
+
+def _unsupported(arch: str, source: str, architectures) -> str:
+    """The error for an architecture the engine does not build, naming what it lacks."""
+    need = MISSING.get(arch)
+    why = f" (it needs {need}, which the engine does not implement)" if need else ""
+    return (f"{source}: architectures={architectures} is not supported{why}; supported: "
+            + ", ".join(SUPPORTED_ARCHITECTURES))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,6 +64,7 @@ class ModelConfig:
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_word_embeddings: bool = False  # output layer shares the input embedding
     qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
+    qk_norm: bool = False  # Qwen3-style RMSNorm on each head's queries and keys
     sliding_window: Optional[int] = None  # Mistral/Qwen2 windowed attention; runs must fit in it
     dtype: str = "bfloat16"  # dtype the weights were stored in
 
@@ -87,10 +110,11 @@ class ModelConfig:
         """Builds a ModelConfig from the parsed HF config dictionary."""
         arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"{source}: architectures={hf.get('architectures')} is not supported; supported: "
-                + ", ".join(SUPPORTED_ARCHITECTURES)
-            )
+            raise ValueError(_unsupported(arch, source, hf.get("architectures")))
+        for key in _MOE_FIELDS:
+            if (hf.get(key) or 0) > 1:
+                raise ValueError(f"{source}: {key}={hf[key]}: mixture-of-experts MLPs are not "
+                                 f"supported (only dense {arch} models are)")
 
         def need(key):
             if key not in hf:
@@ -124,7 +148,8 @@ class ModelConfig:
                 raise ValueError(f"{source}: {key}=true (biases on the output/MLP projections) is "
                                  "not supported: Megatron's GPTModel here has no such biases")
         window = hf.get("sliding_window")
-        if arch == "Qwen2ForCausalLM" and not hf.get("use_sliding_window", False):
+        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not hf.get("use_sliding_window",
+                                                                             False):
             window = None
         hidden = need("hidden_size")
         return cls(
@@ -142,6 +167,7 @@ class ModelConfig:
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM",
+            qk_norm=arch == "Qwen3ForCausalLM",
             sliding_window=int(window) if window else None,
             dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"),
         )

@@ -26,6 +26,8 @@ class LayerShapes:
     kv: int  # key + value width: 2 x query groups x head_dim
     ffn: int  # f: SwiGLU width (fc1 produces 2f: gate and up)
     qkv_bias: bool
+    head_dim: int = 0  # d, counted only with qk_norm
+    qk_norm: bool = False  # Qwen3: an RMSNorm weight [d] on queries and one on keys
 
     @property
     def gemms(self) -> dict:
@@ -46,8 +48,8 @@ class LayerShapes:
 
     @property
     def replicated_parameters(self) -> int:
-        """Parameters every TP rank holds whole: the two RMSNorm weights."""
-        return 2 * self.hidden
+        """Parameters every TP rank holds whole: the two RMSNorm weights (and the q/k norms)."""
+        return 2 * self.hidden + (2 * self.head_dim if self.qk_norm else 0)
 
     @property
     def parameters(self) -> int:
@@ -63,4 +65,5 @@ def layer_shapes(model) -> LayerShapes:
     """The layer shapes of a ``config.ModelConfig``."""
     return LayerShapes(hidden=model.hidden_size, q=model.num_attention_heads * model.head_dim,
                        kv=2 * model.num_query_groups * model.head_dim,
-                       ffn=model.ffn_hidden_size, qkv_bias=model.qkv_bias)
+                       ffn=model.ffn_hidden_size, qkv_bias=model.qkv_bias,
+                       head_dim=model.head_dim, qk_norm=model.qk_norm)

@@ -17,6 +17,9 @@ from fixtures import TINY, tiny_run_inputs
 from multirank import run_ranks
 
 TINY_TIED = dataclasses.replace(TINY, tie_word_embeddings=True)
+# Qwen3: per-head q/k RMSNorms (their weights' gradients are partial per TP rank and summed by
+# Megatron's finalize_model_grads) and head_dim != hidden / heads.
+TINY_QWEN3 = dataclasses.replace(TINY, architecture="Qwen3ForCausalLM", qk_norm=True, head_dim=12)
 
 STEPS = 3
 
@@ -60,6 +63,11 @@ def tied_inputs(tmp_path_factory):
     return tiny_run_inputs(str(tmp_path_factory.mktemp("tied")), model=TINY_TIED)
 
 
+@pytest.fixture(scope="module")
+def qwen3_inputs(tmp_path_factory):
+    return tiny_run_inputs(str(tmp_path_factory.mktemp("qwen3")), model=TINY_QWEN3)
+
+
 def _single_rank(ckpt, data, out):
     """(losses, grad norms, final parameters) of the single-rank plain-path run."""
     losses, norms = run_ranks(_train, 1, ckpt, data, out, "simpo", {}, 0)[0]
@@ -78,23 +86,33 @@ def tied_single(tied_inputs, tmp_path_factory):
     return _single_rank(ckpt, data, str(tmp_path_factory.mktemp("tied_single")))
 
 
+@pytest.fixture(scope="module")
+def qwen3_single(qwen3_inputs, tmp_path_factory):
+    ckpt, data, _ = qwen3_inputs
+    return _single_rank(ckpt, data, str(tmp_path_factory.mktemp("qwen3_single")))
+
+
 def _close(a, b, rel):
     return torch.allclose(torch.as_tensor(a, dtype=torch.float64),
                           torch.as_tensor(b, dtype=torch.float64), rtol=rel, atol=rel * 1e-2)
 
 
-LAYOUTS = [("tp2", dict(tp=2), False), ("pp2", dict(pp=2), False),
-           ("pp2_vpp2", dict(pp=2, vpp=2), False), ("dp2", dict(dp=2), False),
+LAYOUTS = [("tp2", dict(tp=2), ""), ("pp2", dict(pp=2), ""),
+           ("pp2_vpp2", dict(pp=2, vpp=2), ""), ("dp2", dict(dp=2), ""),
            # Tied embeddings: at PP=1 the output weight IS the embedding (the fused kernel adds
            # into the main_grad the embedding's gradient also reaches); at PP=2 it is the last
            # stage's copy, synced with the first stage's embedding by Megatron.
-           ("tied_dp2", dict(dp=2), True), ("tied_pp2", dict(pp=2), True)]
+           ("tied_dp2", dict(dp=2), "tied_"), ("tied_pp2", dict(pp=2), "tied_"),
+           # Qwen3 at TP=2 without SP: only config.qk_layernorm makes Megatron sum the q/k norm
+           # gradients over TP (with SP, their sequence_parallel mark does it as well).
+           ("qwen3_tp2", dict(tp=2, sequence_parallel=False), "qwen3_"),
+           ("qwen3_pp2", dict(pp=2), "qwen3_")]
 
 
-@pytest.mark.parametrize("name,layout,tied", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_layout_matches_single_rank(name, layout, tied, request, tmp_path):
-    ckpt, data, _ = request.getfixturevalue("tied_inputs" if tied else "inputs")
-    ref_losses, ref_norms, ref_params = request.getfixturevalue("tied_single" if tied else "single")
+@pytest.mark.parametrize("name,layout,model", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+def test_layout_matches_single_rank(name, layout, model, request, tmp_path):
+    ckpt, data, _ = request.getfixturevalue(model + "inputs")
+    ref_losses, ref_norms, ref_params = request.getfixturevalue(model + "single")
     layout = {k: v for k, v in layout.items() if k != "dp"}  # DP takes the remaining ranks
     results = run_ranks(_train, 2, ckpt, data, str(tmp_path), "simpo", layout, 16)
     for losses, norms in results:  # every rank reports the same global metrics

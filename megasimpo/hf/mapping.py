@@ -11,6 +11,7 @@ on load. A checkpoint tensor is written and read as one or more :class:`Piece` s
     self_attention.linear_qkv.weight [L, (nq + 2 nkv) d, h]  <- self_attn.{q,k,v}_proj.weight,
                                                              interleaved per KV group
     self_attention.linear_qkv.bias   [L, (nq + 2 nkv) d]     <- self_attn.{q,k,v}_proj.bias (Qwen2)
+    self_attention.{q,k}_layernorm.weight [L, d]     <- self_attn.{q,k}_norm.weight (Qwen3)
     self_attention.linear_proj.weight [L, h, nq d]   <- self_attn.o_proj.weight
     mlp.linear_fc1.layer_norm_weight  [L, h]         <- post_attention_layernorm.weight
     mlp.linear_fc1.weight             [L, 2f, h]     <- mlp.gate_proj (rows :f), mlp.up_proj (f:)
@@ -66,6 +67,9 @@ def _layer_pieces(m: ModelConfig, i: int) -> list:
     if m.qkv_bias:
         out.append(Piece(LAYERS + "self_attention.linear_qkv.bias", i, (qkv_rows,),
                          (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"), "qkv"))
+    if m.qk_norm:
+        out += [Piece(LAYERS + f"self_attention.{x}_layernorm.weight", i, (d,),
+                      (a + f"{x}_norm.weight",)) for x in ("q", "k")]
     out += [
         Piece(LAYERS + "self_attention.linear_proj.weight", i, (h, m.num_attention_heads * d),
               (a + "o_proj.weight",)),
@@ -172,7 +176,7 @@ def to_hf(p: Piece, t: torch.Tensor, m: ModelConfig) -> dict:
 
 
 MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-               "Qwen2ForCausalLM": "qwen2"}
+               "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 # Fields hf_config rewrites; anything else of the original config.json (token ids, Mistral's
 # sliding_window, initializer_range, ...) is kept as it was.
 _REWRITTEN = ("rope_scaling", "rope_parameters", "rope_theta", "torch_dtype", "dtype")

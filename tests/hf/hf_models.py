@@ -31,6 +31,30 @@ MODELS = {
         vocab_size=130, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
         sliding_window=None, tie_word_embeddings=False)),
+    # Mistral-Nemo's layout: an explicit head_dim below hidden / heads (Nemo: 128 < 5120 / 32), GQA 4:1,
+    # theta 1e6, no sliding window, untied.
+    "mistral_nemo": ("MistralConfig", dict(
+        vocab_size=140, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=4, max_position_embeddings=64,
+        rope_theta=1000000.0, sliding_window=None, tie_word_embeddings=False)),
+    # Qwen2.5 7B+'s layout: Q/K/V biases, untied, a sliding_window that use_sliding_window=false
+    # switches off.
+    "qwen2_5": ("Qwen2Config", dict(
+        vocab_size=160, hidden_size=32, intermediate_size=72, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, use_sliding_window=False, sliding_window=16,
+        max_window_layers=1, tie_word_embeddings=False)),
+    # Qwen3: RMSNorm on each head's queries and keys, head_dim != hidden / heads, no biases,
+    # tied (as Qwen3 up to 4B is), large theta.
+    "qwen3": ("Qwen3Config", dict(
+        vocab_size=170, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)),
+    # Qwen3 8B+'s layout: untied, GQA 2:1 with four layers (PP=2 splits them 2 + 2).
+    "qwen3_untied": ("Qwen3Config", dict(
+        vocab_size=150, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)),
 }
 
 
