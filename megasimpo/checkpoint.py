@@ -161,7 +161,8 @@ def save_model(chunks: list, model: ModelConfig, path: str, *, source: str = "",
                tokenizer_dir: Optional[str] = None, base: Optional[dict] = None) -> None:
     """Saves model weights only (what ``--load`` and HF export read); a LoRA model's adapters
     only, with ``base`` (``lora_checkpoint.base_record`` of the frozen base) in its metadata."""
-    meta = {"model": model.to_dict(), "source": source, **lora_checkpoint.meta_for(chunks, base)}
+    meta = {"model": model.to_dict(), "source": source,
+            **lora_checkpoint.meta_for(chunks, base, path)}
     atomic_save(path, sharded_model_state(chunks), meta, tokenizer_dir=tokenizer_dir)
 
 
@@ -344,7 +345,7 @@ def save_training_state(run_dir: str, step: int, chunks: list, optimizer, schedu
     rank = dist.get_rank() if dist.is_initialized() else 0
     atomic_save(path, state, {"model": model.to_dict(), "step": step, "layout": layout,
                               **({"run": run} if run is not None else {}),
-                              **lora_checkpoint.meta_for(chunks, base)},
+                              **lora_checkpoint.meta_for(chunks, base, path)},
                 common={"scheduler": scheduler.state_dict(), "train": {"step": step}},
                 per_rank={f"rng_{rank:05d}.pt": _rng_state()})
     if _rank0():

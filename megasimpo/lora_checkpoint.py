@@ -3,8 +3,8 @@
 A checkpoint of a LoRA model holds only the adapter tensors (``*_lora.lora_a`` / ``lora_b``,
 sharded as ``lora.LoraAdapter.sharded_state_dict`` says, so they reshard to any layout). Its
 ``megasimpo.json`` carries ``"lora"`` (the LoraConfig) and ``"base"``: the base checkpoint's real
-path, optionally its path relative to the LoRA checkpoint (``"relative"``; ``import --adapter``
-writes ``"base"``, its base being inside), and a fingerprint of its files. Loading one
+path, its path relative to the LoRA checkpoint (``"relative"``: every save records it; after
+``import --adapter`` it is ``"base"``, the base being inside), and a fingerprint of its files. Loading one
 (``checkpoint.load_model``) loads that base, refusing it when its fingerprint changed, adds the
 adapters and loads them. The relative path is tried first, so a LoRA checkpoint and its base
 moved together still find each other; a ``"path"`` that is relative (written by hand) is read
@@ -98,13 +98,17 @@ def config_of(chunks: list) -> Optional[LoraConfig]:
     return found[0].config if found else None
 
 
-def meta_for(chunks: list, base: Optional[dict]) -> dict:
-    """The ``megasimpo.json`` entries of a checkpoint of ``chunks``: {} without adapters."""
+def meta_for(chunks: list, base: Optional[dict], path: Optional[str] = None) -> dict:
+    """The ``megasimpo.json`` entries of a checkpoint of ``chunks`` saved at ``path``: {} without
+    adapters. With ``path``, the base is also recorded relative to it, so a run directory moved
+    together with its base (or a base inside it) is still found."""
     cfg = config_of(chunks)
     if cfg is None:
         return {}
     if base is None:
         raise ValueError("a LoRA checkpoint needs its base record (lora_checkpoint.base_record)")
+    if path is not None and os.path.isabs(base.get("path", "")):
+        base = dict(base, relative=os.path.relpath(base["path"], os.path.realpath(path)))
     return {META_KEY: {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
                        "targets": list(cfg.targets)}, BASE_KEY: base}
 

@@ -176,6 +176,7 @@ def test_relative_base_path_is_read_from_the_checkpoint(tree, readings, tmp_path
     with open(meta_file) as f:
         meta = json.load(f)
     record = dict(meta["base"], path="/nonexistent/base")
+    record.pop("relative")  # what a save records since: this test is of a hand-edited "path"
     with pytest.raises(ValueError, match=r"/nonexistent/base, which is not there: .*set \"path\" "
                                          r"under \"base\" in .*megasimpo\.json.*a relative path"):
         lora_checkpoint.check_base(record, str(ckpt))
@@ -191,6 +192,21 @@ def test_relative_base_path_is_read_from_the_checkpoint(tree, readings, tmp_path
                "--precision", "fp32")
     rows = [json.loads(line) for line in open(scores)]
     assert _rel(_scored(rows), _scored(readings["tp1"]["rows"])) <= 1e-6
+
+
+def test_run_moved_with_its_base_finds_it_without_edits(tree, tmp_path):
+    """A trained run's final model records its base relative to itself as well: the run and the
+    base copied together elsewhere use the copy (the original, still in place, is not read)."""
+    from megasimpo import lora_checkpoint
+
+    moved = tmp_path / "moved"
+    shutil.copytree(os.path.dirname(tree["runs"]["tp1"]), moved / "run_tp1")
+    shutil.copytree(tree["base"], moved / "base")
+    ckpt = moved / "run_tp1" / "final_model"
+    with open(ckpt / "megasimpo.json") as f:
+        record = json.load(f)["base"]
+    assert record["relative"] == os.path.join("..", "..", "base")
+    assert lora_checkpoint.check_base(record, str(ckpt)) == str(moved / "base")
 
 
 # ----- refusals ------------------------------------------------------------------------------
