@@ -1,0 +1,229 @@
+"""SimPO vs DPO at two LoRA ranks on the same pairs and steps (issue #16 item 6), with a decision.
+
+    python examples/ablation_2x2.py --out DIR [--load CKPT --data PREFIX --eval-data PREFIX]
+        [--ranks 16 8] [--steps N] [--lr LR] [--batch N] [--eval-interval N] [--seed 0]
+        [--jobs 2] [--quick] [--force]
+
+Four cells, each a `megasimpo train` child process with `--lora-rank R --lora-alpha 2R`: SimPO
+(its default beta and gamma) and DPO with `--ref live` (under LoRA the same model with its adapters
+off), on the same pairs, steps, learning rate and seed. Then the cells are compared by
+`megasimpo.compare_runs` (the rule is in its docstring; `tools/review_run.py RUN_A RUN_B ...` runs
+the same comparison) and DIR/ablation.md, ablation.json and ablation.png are written. The markdown
+starts with the exact command and the set-up; the reading of the numbers is left to whoever looks
+at them.
+
+Without --load/--data/--eval-data the script builds its own inputs under DIR: the "injected" task
+of examples/ranking_accuracy.py (digit rules; chosen = the correct answer, rejected = one injected
+error; the chosen response has the longer commentary in 70% of pairs), a tiny Llama from a random
+init, and an SFT stage on the chosen responses; the LoRA cells then start from the SFT model (also
+the DPO reference). The training set is small so that the cells see each pair several times: the
+train/held-out margin gap only measures over-fitting once pairs repeat. --quick shrinks everything
+(no SFT, a few steps) to check the pipeline in a test, not the outcome.
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import shlex
+import shutil
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)  # runnable from a checkout without installing
+
+LOSSES = ("simpo", "dpo")
+
+
+def _task():
+    """examples/ranking_accuracy.py as a module (its task, model and child-process helpers)."""
+    path = os.path.join(REPO, "examples", "ranking_accuracy.py")
+    spec = importlib.util.spec_from_file_location("ranking_accuracy", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    """Sizes and schedules of one ablation (the data sizes only when the script builds the data)."""
+
+    num_train: int = 512  # injected pairs; steps * batch / num_train = epochs over them
+    num_eval: int = 512  # held-out pairs (prompts never in training)
+    sft_steps: int = 600  # SFT of the random init on the chosen responses (0: none)
+    sft_lr: float = 3e-3
+    steps: int = 240  # preference steps per cell: 15 epochs of 512 pairs at batch 32
+    lr: float = 2e-3
+    batch: int = 32
+    eval_interval: int = 40
+
+
+QUICK = Scale(num_train=64, num_eval=32, sft_steps=0, steps=3, batch=16, eval_interval=0)
+
+
+# ----- inputs -----------------------------------------------------------------------------------
+
+def check_inputs(p: argparse.ArgumentParser, args) -> None:
+    """Bad flags or missing files end here with a line naming the flag (argparse's exit 2)."""
+    given = [f for f in ("load", "data", "eval_data") if getattr(args, f)]
+    if given and len(given) < 3:
+        missing = [f"--{f.replace('_', '-')}" for f in ("load", "data", "eval_data") if f not in given]
+        p.error(f"--load, --data and --eval-data go together (missing {', '.join(missing)}); "
+                "give none of them to let the script build a tiny base and data")
+    if args.load and not os.path.isfile(os.path.join(args.load, "megasimpo.json")):
+        p.error(f"--load {args.load}: not a megasimpo checkpoint (no megasimpo.json; "
+                "convert an HF model with tools/convert_hf.py import)")
+    for flag, prefix in (("--data", args.data), ("--eval-data", args.eval_data)):
+        for ext in (".bin", ".idx"):
+            if prefix and not os.path.isfile(prefix + ext):
+                p.error(f"{flag} {prefix}: no {prefix}{ext} (a prefix written by "
+                        "tools/preprocess_data.py)")
+    if len(args.ranks) < 1 or len(set(args.ranks)) != len(args.ranks) or min(args.ranks) < 1:
+        p.error(f"--ranks {' '.join(map(str, args.ranks))}: give distinct LoRA ranks >= 1")
+    for flag in ("steps", "batch", "jobs"):
+        v = getattr(args, flag)
+        if v is not None and v < 1:
+            p.error(f"--{flag} {v} must be >= 1")
+    if args.lr is not None and args.lr <= 0:
+        p.error(f"--lr {args.lr} must be positive")
+    runs = os.path.join(args.out, "runs")
+    if os.path.exists(runs) and not args.force:
+        p.error(f"--out {args.out}: {runs} exists (an earlier ablation); pass --force to redo it")
+    out = os.path.realpath(args.out)
+    for flag, path in (("--load", args.load), ("--data", args.data), ("--eval-data", args.eval_data)):
+        if path and os.path.realpath(path).startswith(out + os.sep):
+            p.error(f"{flag} {path} is inside --out {args.out}, which this script rewrites; "
+                    "put the ablation elsewhere")
+
+
+def build_inputs(out: str, scale: Scale, seed: int, jobs) -> tuple:
+    """The injected-pairs task, a random init and its SFT under OUT; (load, data, eval_data)."""
+    ra = _task()
+    from megasimpo.data.indexed import write_pairs
+
+    rng, held_out = np.random.default_rng(seed), set()
+    eval_pairs = ra.injected_pairs(ra.task_prompts(scale.num_eval, rng, held_out, unique=True), rng)
+    train_pairs = ra.injected_pairs(ra.task_prompts(scale.num_train, rng, held_out), rng)
+    data, eval_data = os.path.join(out, "data", "train"), os.path.join(out, "data", "eval")
+    write_pairs(data, train_pairs, ra.VOCAB)
+    write_pairs(eval_data, eval_pairs, ra.VOCAB)
+    init = os.path.join(out, "base", "init")
+    jobs({"init": [sys.executable, "-c",
+                   "import sys; from megasimpo.config import ModelConfig; "
+                   "from megasimpo.demo import write_random_model; "
+                   f"write_random_model(sys.argv[1], ModelConfig(**{ra.model_config().to_dict()!r}),"
+                   f" {seed})", init]})
+    if not scale.sft_steps:
+        return init, data, eval_data
+    sft = os.path.join(out, "base", "sft")
+    jobs({"sft": ra.megasimpo("train", "--load", init, "--data", data, "--out", sft, "--loss", "sft",
+                              "--steps", scale.sft_steps, "--lr", scale.sft_lr,
+                              "--global-batch-size", scale.batch, "--micro-batch-size", scale.batch,
+                              "--seed", seed, "--precision", "fp32")})
+    return os.path.join(sft, "final_model"), data, eval_data
+
+
+def cell_argv(ra, load, data, eval_data, run_dir, loss, rank, scale, args) -> list:
+    """``megasimpo train`` of one cell: LoRA rank R, alpha 2R, single process."""
+    extra = ["--ref", "live"] if loss == "dpo" else []
+    if args.micro_batch_size:
+        extra += ["--micro-batch-size", args.micro_batch_size]
+    elif not args.load:  # the tiny built model: one micro-batch per step
+        extra += ["--micro-batch-size", scale.batch]
+    return ra.megasimpo("train", "--load", load, "--data", data, "--eval-data", eval_data,
+                        "--out", run_dir, "--loss", loss, "--lora-rank", rank,
+                        "--lora-alpha", 2 * rank, "--steps", scale.steps, "--lr", scale.lr,
+                        "--global-batch-size", scale.batch, "--eval-interval", scale.eval_interval,
+                        "--seed", args.seed, "--precision", args.precision, *extra)
+
+
+def preamble(argv: list, args, scale: Scale, built: bool, wall_s: float) -> str:
+    """What the markdown says about how the cells were made."""
+    cmd = "python examples/ablation_2x2.py " + " ".join(shlex.quote(a) for a in argv)
+    lines = ["Command:", "", "```", cmd, "```", ""]
+    if built:
+        lines.append(
+            f"Inputs built by the script (seed {args.seed}): the injected-pairs task of "
+            f"`examples/ranking_accuracy.py`, {scale.num_train} training and {scale.num_eval} "
+            "held-out pairs (held-out prompts never in training), a 2-layer Llama (hidden 64, "
+            "vocabulary 128) from a random init"
+            + (f", then {scale.sft_steps} SFT steps (lr {scale.sft_lr:g}) on the chosen responses; "
+               "the cells start from the SFT model." if scale.sft_steps else
+               "; the cells start from the random init (no SFT)."))
+    else:
+        lines.append(f"Inputs: `--load {args.load}`, `--data {args.data}`, "
+                     f"`--eval-data {args.eval_data}`.")
+    epochs = scale.steps * scale.batch / scale.num_train if built else None
+    lines += ["", f"Cells: {', '.join(LOSSES)} x LoRA ranks {', '.join(map(str, args.ranks))} "
+              f"(alpha = 2r), {scale.steps} steps of {scale.batch} pairs"
+              + (f" ({epochs:.1f} epochs)" if epochs else "")
+              + f", lr {scale.lr:g} (cosine), seed {args.seed}, precision {args.precision}; each "
+              "loss at its default beta (SimPO 2.0 with gamma/beta 0.5, DPO 0.1); DPO with "
+              f"`--ref live`. Wall time {wall_s:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(prog="ablation_2x2", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, metavar="DIR", help="ablation directory")
+    p.add_argument("--load", metavar="CKPT", help="base checkpoint (default: build a tiny one)")
+    p.add_argument("--data", metavar="PREFIX", help="training pairs (with --load)")
+    p.add_argument("--eval-data", metavar="PREFIX", help="held-out pairs (with --load)")
+    p.add_argument("--ranks", type=int, nargs="+", default=[16, 8], metavar="R",
+                   help="LoRA ranks (alpha = 2r); default 16 8")
+    p.add_argument("--steps", type=int, help="preference steps per cell")
+    p.add_argument("--lr", type=float, help="peak learning rate of every cell")
+    p.add_argument("--batch", type=int, help="pairs per step (--global-batch-size)")
+    p.add_argument("--eval-interval", type=int, help="steps between held-out evaluations")
+    p.add_argument("--micro-batch-size", type=int, help="default: the planner's (built data: --batch)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--jobs", type=int, default=2, help="cells trained at a time (one process each)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny sizes, no SFT, 3 steps: checks the pipeline, not the outcome")
+    p.add_argument("--force", action="store_true", help="redo an ablation already in --out")
+    args = p.parse_args(argv)
+    check_inputs(p, args)
+    scale = QUICK if args.quick else Scale()
+    scale = dataclasses.replace(scale, **{k: getattr(args, k) for k in
+                                          ("steps", "lr", "batch", "eval_interval")
+                                          if getattr(args, k) is not None})
+
+    ra = _task()
+    from megasimpo.cli import quiet_known_warnings
+    from megasimpo.compare_render import write_comparison
+
+    quiet_known_warnings()
+    out, t0 = os.path.abspath(args.out), time.perf_counter()
+    for sub in ("runs", "logs") + (() if args.load else ("base", "data")):
+        shutil.rmtree(os.path.join(out, sub), ignore_errors=True)
+
+    def jobs(named):
+        ra.run_jobs(named, os.path.join(out, "logs"), args.jobs)
+
+    try:
+        load, data, eval_data = ((args.load, args.data, args.eval_data) if args.load
+                                 else build_inputs(out, scale, args.seed, jobs))
+        runs = {f"{loss}_r{rank}": os.path.join(out, "runs", f"{loss}_r{rank}")
+                for loss in LOSSES for rank in args.ranks}
+        jobs({name: cell_argv(ra, load, data, eval_data, run, name.split("_")[0],
+                              int(name.split("_r")[1]), scale, args)
+              for name, run in runs.items()})
+        result, md = write_comparison(
+            list(runs.values()), out, name="ablation", title="Ablation: SimPO vs DPO x LoRA rank",
+            preamble=preamble(argv, args, scale, not args.load, time.perf_counter() - t0))
+    except (RuntimeError, ValueError, OSError) as e:
+        print(f"ablation_2x2: error: {e}", file=sys.stderr)
+        return 1
+    print(md, end="")
+    print(f"ablation_2x2: wrote {', '.join(result['files'].values())}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
