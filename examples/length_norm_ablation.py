@@ -26,7 +26,6 @@ Writes DIR/results.json and DIR/results.md (printed at the end), with data, runs
 exports and logs under DIR. Deterministic given --seed.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -224,17 +223,7 @@ def markdown(res: dict) -> str:
 
 def main(argv=None) -> None:
     """Entry point."""
-    argv = sys.argv[1:] if argv is None else argv
-    from megasimpo.cli import quiet_known_warnings
-
-    quiet_known_warnings()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="study directory")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=2, help="child processes at a time")
-    p.add_argument("--quick", action="store_true",
-                   help="a few steps and one beta each: checks the pipeline, not the outcome")
-    args = p.parse_args(argv)
+    args = ra.study_args(__doc__, sys.argv[1:] if argv is None else argv)
     Ablation(args.out, QUICK if args.quick else Scale(), args.seed, args.jobs).run()
 
 

@@ -659,21 +659,27 @@ class Study:
         return results
 
 
-def main(argv=None) -> None:
-    """Entry point."""
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["_score_export"]:
-        return _score_export(*argv[1:])
+def study_args(doc: str, argv: list):
+    """The flags of this study and of its siblings (``--out --seed --jobs --quick``), parsed;
+    also quiets the known third-party warnings the children would print."""
     from megasimpo.cli import quiet_known_warnings
 
     quiet_known_warnings()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--out", required=True, help="study directory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=2, help="child processes at a time")
     p.add_argument("--quick", action="store_true",
                    help="a few steps and one beta each: checks the pipeline, not the outcome")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    """Entry point."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_score_export"]:
+        return _score_export(*argv[1:])
+    args = study_args(__doc__, argv)
     Study(args.out, QUICK if args.quick else Scale(), args.seed, args.jobs).run()
 
 

@@ -1,8 +1,22 @@
 """Tiny models and datasets built on the fly for tests (no downloads)."""
 
+import importlib.util
 import os
 
 from megasimpo.config import ModelConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relpath: str):
+    """A script of the repository (``tools/review_run.py``, ``examples/...``) as a module, to call
+    its functions in-process (a child interpreter costs seconds of imports)."""
+    path = os.path.join(REPO, relpath)
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 TINY = ModelConfig(num_layers=4, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
                    num_query_groups=2, head_dim=8, vocab_size=64, max_position_embeddings=64,

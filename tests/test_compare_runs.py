@@ -1,24 +1,19 @@
 """megasimpo/compare_runs.py and `tools/review_run.py RUN_A RUN_B ...` on hand-made run directories
 (pure, no torch): each cell's numbers by hand, the decision rule at its boundaries, the refusals."""
 
-import importlib.util
 import json
 import os
 
 import pytest
 
 from megasimpo.compare_runs import best_cell, cell_from_run, compare, decide
+from fixtures import load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(ROOT, "tools", "review_run.py")
 EVAL_PAIRS = 200
 
 
 def _tool_main(argv):
-    spec = importlib.util.spec_from_file_location("review_run", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(argv)
+    return load_script("tools/review_run.py").main(argv)
 
 
 def _run(path, loss, rank, train_margins, evals, eval_pairs=EVAL_PAIRS):

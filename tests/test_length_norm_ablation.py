@@ -1,7 +1,6 @@
 """examples/length_norm_ablation.py: its metrics by hand, and a reduced end-to-end run (--quick)
 that checks the files and their shapes, not the outcome of the study."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,16 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from fixtures import load_script
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "length_norm_ablation.py")
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("length_norm_ablation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/length_norm_ablation.py")
 
 
 def test_spearman_with_ties_by_hand():

@@ -1,7 +1,6 @@
 """examples/ranking_accuracy.py: the task and judge (pure functions) and a reduced end-to-end run
 (--quick) that checks the files and their shapes, not the outcome of the study."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,16 +8,15 @@ import sys
 
 import numpy as np
 import pytest
+from fixtures import load_script
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "ranking_accuracy.py")
 
 
 def _study():
-    spec = importlib.util.spec_from_file_location("ranking_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/ranking_accuracy.py")
 
 
 def test_injected_pairs_follow_the_rules():

@@ -1,6 +1,5 @@
 """tools/review_run.py and megasimpo/review.py on synthetic metrics.jsonl files (pure, no torch)."""
 
-import importlib.util
 import json
 import math
 import os
@@ -12,16 +11,15 @@ import pytest
 
 from megasimpo.review import ACC_TOL, review
 from megasimpo.review_render import write_review
+from fixtures import load_script
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "review_run.py")
 
 
 def _tool_main(argv):
-    spec = importlib.util.spec_from_file_location("review_run", TOOL)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.main(argv)
+    return load_script("tools/review_run.py").main(argv)
 
 
 def _write_run(run_dir, train_fn, eval_fn=None, num_steps=100, eval_every=20, loss="simpo",

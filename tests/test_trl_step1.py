@@ -32,7 +32,10 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf"))
 import hf_models  # noqa: E402
 
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")  # ids 0-3; pair ids are drawn from 4 up
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+from bench_trl import SPECIALS, build_tokenizer as word_tokenizer  # noqa: E402
+
+# SPECIALS are ids 0-3; pair ids are drawn from 4 up. word_tokenizer(vocab): id i <-> "t<i>".
 EOS = 2
 NUM_PAIRS, LR, STEPS, TOL = 6, 1e-3, 2, 1e-4
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
@@ -57,19 +60,6 @@ def random_pairs(vocab: int, seed: int = 0) -> list:
         return torch.randint(len(SPECIALS), vocab, (n,), generator=g).tolist()
 
     return [(ids(3, 9), ids(2, 10) + [EOS], ids(2, 10) + [EOS]) for _ in range(NUM_PAIRS)]
-
-
-def word_tokenizer(vocab: int):
-    """id i <-> "t<i>" (0-3: SPECIALS), whitespace split, no BOS (TRL then adds none)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = {w: i for i, w in enumerate(SPECIALS)}
-    words.update((f"t{i}", i) for i in range(len(SPECIALS), vocab))
-    core = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>",
-                                   unk_token="<unk>")
 
 
 def texts(pairs, with_eos: bool) -> dict:
