@@ -27,7 +27,6 @@ exports and logs under DIR. Deterministic given --seed.
 """
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -160,17 +159,7 @@ class Ablation(ra.Study):
             "scale": dataclasses.asdict(self.scale), "model": ra.model_config().to_dict(),
             "task": {"ops": ra.OPS, "commentary_words": ra.WORDS[1] - ra.WORDS[0],
                      "max_commentary": ra.MAX_COMMENTARY, "verbose_bias": ra.VERBOSE_BIAS}})
-        table = markdown(results)
-        with open(self.path("results.md"), "w") as f:
-            f.write(table)
-        self.timings["total"] = time.perf_counter() - t0
-        results["timings_s"] = self.timings
-        with open(self.path("results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        print("\n" + table)
-        print(f"[study] total {self.timings['total']:.1f}s; wrote {self.path('results.json')}, "
-              f"{self.path('results.md')}", flush=True)
-        return results
+        return ra.publish(self, results, markdown(results), t0)
 
 
 def _row(label, r, sft_len) -> str:
@@ -189,11 +178,8 @@ def _row(label, r, sft_len) -> str:
 
 def markdown(res: dict) -> str:
     """The result tables (printed, saved as results.md, pasted into the doc)."""
-    s, fmt = res["data"], ra.fmt
-    lines = [f"{s['num_train']} train / {s['num_dev']} dev / {s['num_test']} held-out injected "
-             f"pairs; mean train response length chosen {s['chosen_length']:.2f}, rejected "
-             f"{s['rejected_length']:.2f} tokens; chosen longer in {fmt(s['chosen_longer'])}, "
-             f"shorter in {fmt(s['chosen_shorter'])} of pairs.", "",
+    fmt = ra.fmt
+    lines = [ra.data_line(res["data"], "injected "), "",
              "| model | beta | lr | rank acc train | rank acc held-out | reward acc held-out | "
              "reward acc held-out, chosen longer / shorter | reward margin vs length diff "
              "(Spearman, held-out) | answer acc greedy / sampled | mean sampled length (vs SFT) "

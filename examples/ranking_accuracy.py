@@ -385,11 +385,7 @@ def markdown(res: dict) -> str:
     for variant in VARIANTS:
         v = res if variant == "injected" else res[variant]
         s = v["data"]
-        lines += [f"### {variant} pairs", "",
-                  f"{s['num_train']} train / {s['num_dev']} dev / {s['num_test']} held-out pairs; "
-                  f"mean train response length chosen {s['chosen_length']:.2f}, rejected "
-                  f"{s['rejected_length']:.2f} tokens; chosen longer in {fmt(s['chosen_longer'])}, "
-                  f"shorter in {fmt(s['chosen_shorter'])} of pairs.", "",
+        lines += [f"### {variant} pairs", "", data_line(s), "",
                   "| model | beta | lr | rank acc train | rank acc held-out | reward acc train | "
                   "reward acc held-out | sum-logp rank acc held-out | avg logp chosen / rejected "
                   "held-out | answer acc greedy / sampled | mean sampled length (vs SFT) | "
@@ -645,18 +641,30 @@ class Study:
                               "task": {"ops": OPS, "commentary_words": WORDS[1] - WORDS[0],
                                        "max_commentary": MAX_COMMENTARY,
                                        "verbose_bias": VERBOSE_BIAS}}}
-        table = markdown(results)
-        with open(self.path("results.md"), "w") as f:
-            f.write(table)
-        png = plot(results, self.out)
-        self.timings["total"] = time.perf_counter() - t0
-        results["timings_s"] = self.timings
-        with open(self.path("results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        print("\n" + table)
-        print(f"[study] total {self.timings['total']:.1f}s; wrote {self.path('results.json')}, "
-              f"{self.path('results.md')}, {png}", flush=True)
-        return results
+        return publish(self, results, markdown(results), t0, plot(results, self.out))
+
+
+def data_line(s: dict, kind: str = "") -> str:
+    """The sentence on a study's data (``s``: the splits' sizes and response lengths)."""
+    return (f"{s['num_train']} train / {s['num_dev']} dev / {s['num_test']} held-out {kind}pairs; "
+            f"mean train response length chosen {s['chosen_length']:.2f}, rejected "
+            f"{s['rejected_length']:.2f} tokens; chosen longer in {fmt(s['chosen_longer'])}, "
+            f"shorter in {fmt(s['chosen_shorter'])} of pairs.")
+
+
+def publish(study, results: dict, table: str, t0: float, *also: str) -> dict:
+    """A study's end: results.md and results.json (with its timings) written by rename, the
+    table printed; returns ``results``. ``also``: other files it wrote, for the last line."""
+    from megasimpo import atomic
+
+    atomic.write_text(study.path("results.md"), table)
+    study.timings["total"] = time.perf_counter() - t0
+    results["timings_s"] = study.timings
+    atomic.write_json(study.path("results.json"), results)
+    print("\n" + table)
+    wrote = [study.path("results.json"), study.path("results.md"), *also]
+    print(f"[study] total {study.timings['total']:.1f}s; wrote {', '.join(wrote)}", flush=True)
+    return results
 
 
 def study_args(doc: str, argv: list):
