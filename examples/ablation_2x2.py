@@ -2,9 +2,9 @@
 
     python examples/ablation_2x2.py --out DIR [--load CKPT --data PREFIX --eval-data PREFIX]
         [--ranks 16 8] [--steps N] [--lr LR] [--batch N] [--eval-interval N] [--seed 0]
-        [--jobs 2] [--quick] [--force]
+        [--nproc-per-node N] [--jobs J] [--quick] [--force] [-- TRAIN FLAGS ...]
 
-Four cells, each a `megasimpo train` child process with `--lora-rank R --lora-alpha 2R`: SimPO
+Four cells, each a `megasimpo train` child with `--lora-rank R --lora-alpha 2R`: SimPO
 (its default beta and gamma) and DPO with `--ref live` (under LoRA the same model with its adapters
 off), on the same pairs, steps, learning rate and seed. Then the cells are compared by
 `megasimpo.compare_runs` (the rule is in its docstring; `tools/review_run.py RUN_A RUN_B ...` runs
@@ -19,6 +19,13 @@ init, and an SFT stage on the chosen responses; the LoRA cells then start from t
 the DPO reference). The training set is small so that the cells see each pair several times: the
 train/held-out margin gap only measures over-fitting once pairs repeat. --quick shrinks everything
 (no SFT, a few steps) to check the pipeline in a test, not the outcome.
+
+On a GPU node, `--nproc-per-node N` launches each cell with `torch.distributed.run` on N GPUs
+(--jobs then defaults to 1: one cell at a time), and flags after `--` go to every cell's
+`megasimpo train` unchanged (e.g. `-- --tp 8 --seq-length 2048 --save-interval 200`). Flags
+that define a cell (loss, LoRA rank, data, steps, ...) are the script's own and are refused
+there. Across nodes, train the four cells as four jobs with the same flags and compare them with
+`tools/review_run.py RUN_A RUN_B RUN_C RUN_D`: the same comparison and rule.
 """
 
 import argparse
@@ -36,6 +43,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # runnable from a checkout without installing
 
 LOSSES = ("simpo", "dpo")
+# train flags each cell's command sets itself: not accepted after "--"
+OWN_TRAIN_FLAGS = ("--load", "--data", "--eval-data", "--out", "--loss", "--lora-rank", "--lora-alpha",
+                   "--steps", "--epochs", "--lr", "--global-batch-size", "--eval-interval", "--seed",
+                   "--precision", "--ref", "--ref-logps", "--config", "--micro-batch-size")
 
 
 def _task():
@@ -89,6 +100,14 @@ def check_inputs(p: argparse.ArgumentParser, args) -> None:
             p.error(f"--{flag} {v} must be >= 1")
     if args.lr is not None and args.lr <= 0:
         p.error(f"--lr {args.lr} must be positive")
+    if args.nproc_per_node < 1:
+        p.error(f"--nproc-per-node {args.nproc_per_node} must be >= 1")
+    for flag in args.train_flags:
+        name = flag.split("=", 1)[0]
+        if name in OWN_TRAIN_FLAGS:
+            hint = {"--micro-batch-size": "use --micro-batch-size before --",
+                    "--precision": "use --precision before --"}.get(name, "the script sets it per cell")
+            p.error(f"{flag} after --: {hint} (after -- go train flags the cells share, e.g. --tp)")
     runs = os.path.join(args.out, "runs")
     if os.path.exists(runs) and not args.force:
         p.error(f"--out {args.out}: {runs} exists (an earlier ablation); pass --force to redo it")
@@ -127,17 +146,23 @@ def build_inputs(out: str, scale: Scale, seed: int, jobs) -> tuple:
 
 
 def cell_argv(ra, load, data, eval_data, run_dir, loss, rank, scale, args) -> list:
-    """``megasimpo train`` of one cell: LoRA rank R, alpha 2R, single process."""
+    """``megasimpo train`` of one cell: LoRA rank R, alpha 2R; one process, or
+    ``torch.distributed.run`` of ``--nproc-per-node`` ranks; the shared train flags last."""
     extra = ["--ref", "live"] if loss == "dpo" else []
     if args.micro_batch_size:
         extra += ["--micro-batch-size", args.micro_batch_size]
     elif not args.load:  # the tiny built model: one micro-batch per step
         extra += ["--micro-batch-size", scale.batch]
-    return ra.megasimpo("train", "--load", load, "--data", data, "--eval-data", eval_data,
+    argv = ra.megasimpo("train", "--load", load, "--data", data, "--eval-data", eval_data,
                         "--out", run_dir, "--loss", loss, "--lora-rank", rank,
                         "--lora-alpha", 2 * rank, "--steps", scale.steps, "--lr", scale.lr,
                         "--global-batch-size", scale.batch, "--eval-interval", scale.eval_interval,
-                        "--seed", args.seed, "--precision", args.precision, *extra)
+                        "--seed", args.seed, "--precision", args.precision, *extra,
+                        *args.train_flags)
+    if args.nproc_per_node > 1:  # python -m megasimpo ... -> python -m torch.distributed.run ...
+        argv[1:1] = ["-m", "torch.distributed.run", "--standalone",
+                     f"--nproc-per-node={args.nproc_per_node}"]
+    return argv
 
 
 def preamble(argv: list, args, scale: Scale, built: bool, wall_s: float) -> str:
@@ -183,12 +208,22 @@ def main(argv=None) -> int:
     p.add_argument("--micro-batch-size", type=int, help="default: the planner's (built data: --batch)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--jobs", type=int, default=2, help="cells trained at a time (one process each)")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="ranks per cell (torch.distributed.run); default 1, one process")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="cells trained at a time; default 2, or 1 with --nproc-per-node > 1")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes, no SFT, 3 steps: checks the pipeline, not the outcome")
     p.add_argument("--force", action="store_true", help="redo an ablation already in --out")
-    args = p.parse_args(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:split])
+    args.train_flags = argv[split + 1:]
     check_inputs(p, args)
+    if args.jobs is None:
+        args.jobs = 2 if args.nproc_per_node == 1 else 1
+    for flag in ("load", "data", "eval_data"):  # the cells run from the repository root
+        if getattr(args, flag):
+            setattr(args, flag, os.path.abspath(getattr(args, flag)))
     scale = QUICK if args.quick else Scale()
     scale = dataclasses.replace(scale, **{k: getattr(args, k) for k in
                                           ("steps", "lr", "batch", "eval_interval")

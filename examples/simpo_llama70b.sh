@@ -11,6 +11,8 @@
 # checkpoint, the world size and the GPU memory, prints it and saves it to OUT/config.yaml.
 # Override parts of it with EXTRA_ARGS, e.g. EXTRA_ARGS="--tp 8 --pp 4".
 # LOSS=dpo trains DPO with a live reference model instead (that is all dpo_llama70b.sh does).
+# LORA_RANK=16 trains LoRA adapters (alpha 2r) on the frozen base: one node is then enough
+# (NNODES=1), and DPO's live reference is the same model with its adapters off.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -30,6 +32,7 @@ EPOCHS="${EPOCHS:-1}"
 SAVE_INTERVAL="${SAVE_INTERVAL:-100}"             # resumable checkpoint every N steps
 EVAL_INTERVAL="${EVAL_INTERVAL:-50}"
 GPU_MEM_GB="${GPU_MEM_GB:-80}"                    # DRY_RUN plan only; train asks the GPU itself
+LORA_RANK="${LORA_RANK:-0}"                       # > 0: LoRA of that rank (train and plan)
 EXTRA_ARGS="${EXTRA_ARGS:-}"                      # more `megasimpo train` flags, word-split
 
 # ---- the nodes of this job: SLURM's variables, else NNODES / NODE_RANK / MASTER_ADDR
@@ -89,6 +92,11 @@ fi
 REF_ARGS=()
 case "$LOSS" in dpo|ipo|rdpo) REF_ARGS=(--ref "$REF") ;; esac
 TRAIN+=(${REF_ARGS[@]+"${REF_ARGS[@]}"})
+LORA_ARGS=()
+if [[ "$LORA_RANK" != 0 ]]; then
+  LORA_ARGS=(--lora-rank "$LORA_RANK")
+fi
+TRAIN+=(${LORA_ARGS[@]+"${LORA_ARGS[@]}"})
 # shellcheck disable=SC2206  # EXTRA_ARGS is meant to be word-split into flags
 TRAIN+=($EXTRA_ARGS)
 CMD=($TORCHRUN --nnodes "$NNODES" --nproc-per-node "$GPUS_PER_NODE" --node-rank "$NODE_RANK"
@@ -103,7 +111,8 @@ if [[ "${DRY_RUN:-0}" != "0" ]]; then
   fi
   PLAN=("$PYTHON" -m megasimpo plan "${MODEL[@]}" --gpus "$WORLD_SIZE"
         --gpus-per-node "$GPUS_PER_NODE" --gpu-mem-gb "$GPU_MEM_GB" --seq-length "$SEQ_LENGTH"
-        --loss "$LOSS" --global-batch-size "$GLOBAL_BATCH_SIZE" ${REF_ARGS[@]+"${REF_ARGS[@]}"})
+        --loss "$LOSS" --global-batch-size "$GLOBAL_BATCH_SIZE" ${REF_ARGS[@]+"${REF_ARGS[@]}"}
+        ${LORA_ARGS[@]+"${LORA_ARGS[@]}"})
   echo "# plan for $NNODES node(s) x $GPUS_PER_NODE GPUs:"
   echo "$(printf '%q ' "${PLAN[@]}")"
   status=0

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from fixtures import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "ablation_2x2.py")
 ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
@@ -32,6 +34,46 @@ def test_bad_flags_are_named(tmp_path, flags, message):
     assert p.returncode == 2
     assert re.search(message, p.stderr), p.stderr
     assert not (tmp_path / "abl").exists()
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--", "--lora-rank", "4"], r"--lora-rank after --: the script sets it per cell"),
+    (["--", "--loss=ipo"], r"--loss=ipo after --: the script sets it per cell"),
+    (["--", "--micro-batch-size", "2"], r"--micro-batch-size after --: use --micro-batch-size before --"),
+    (["--nproc-per-node", "0"], r"--nproc-per-node 0 must be >= 1"),
+])
+def test_train_flags_after_the_separator_cannot_redefine_a_cell(tmp_path, flags, message):
+    p = _script("--out", tmp_path / "abl", *flags, cwd=tmp_path)
+    assert p.returncode == 2 and re.search(message, p.stderr), p.stderr
+
+
+def test_cells_on_several_ranks_take_the_shared_train_flags(tmp_path, monkeypatch):
+    """--nproc-per-node N launches each cell under torch.distributed.run; flags after -- end
+    every cell's command; relative inputs become absolute (the cells run from the repository)."""
+    abl = load_script("examples/ablation_2x2.py")
+    ra = abl._task()
+    calls = []
+    monkeypatch.setattr(ra, "run_jobs", lambda jobs, log_dir, workers: calls.append((jobs, workers)))
+    monkeypatch.setattr(abl, "_task", lambda: ra)
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "megasimpo.json").write_text("{}")
+    for prefix in ("train", "eval"):
+        for ext in (".bin", ".idx"):
+            (tmp_path / (prefix + ext)).write_text("")
+    monkeypatch.chdir(tmp_path)
+    # No cell ran, so the comparison finds no metrics: exit 1 after the jobs were built.
+    assert abl.main(["--load", "ckpt", "--data", "train", "--eval-data", "eval", "--out", "abl",
+                     "--nproc-per-node", "8", "--", "--tp", "8", "--seq-length", "2048"]) == 1
+    (jobs, workers), = calls
+    assert workers == 1 and sorted(jobs) == ["dpo_r16", "dpo_r8", "simpo_r16", "simpo_r8"]
+    argv = jobs["dpo_r8"]
+    assert argv[:7] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc-per-node=8", "-m", "megasimpo"]
+    assert argv[-4:] == ["--tp", "8", "--seq-length", "2048"]
+    flags = dict(zip(argv[8::2], argv[9::2]))
+    assert flags["--load"] == str(tmp_path / "ckpt") and flags["--ref"] == "live"
+    assert (flags["--loss"], flags["--lora-rank"], flags["--lora-alpha"]) == ("dpo", "8", "16")
+    assert "--ref" not in jobs["simpo_r16"]
 
 
 @pytest.mark.timeout(600)

@@ -14,7 +14,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIMPO = os.path.join(REPO, "examples", "simpo_llama70b.sh")
 DPO = os.path.join(REPO, "examples", "dpo_llama70b.sh")
 NODE_VARS = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "GPUS_PER_NODE", "CKPT", "DATA",
-             "EVAL_DATA", "OUT", "LOSS", "REF", "DRY_RUN", "TORCHRUN", "EXTRA_ARGS", "SEQ_LENGTH")
+             "EVAL_DATA", "OUT", "LOSS", "REF", "DRY_RUN", "TORCHRUN", "EXTRA_ARGS", "SEQ_LENGTH",
+             "LORA_RANK")
 
 
 def _path_without_scontrol() -> str:
@@ -125,6 +126,17 @@ def test_impossible_plan_fails_the_dry_run(tmp_path):
     assert p.returncode == 2
     assert "megasimpo plan: error:" in p.stderr and "needs at least" in p.stderr
     assert _command(p.stdout)  # the command is still shown
+
+
+@pytest.mark.parametrize("script", [SIMPO, DPO])
+def test_lora_plans_and_trains_on_one_node(tmp_path, script):
+    """LORA_RANK reaches the plan and the command: 70B LoRA r=16 fits one node of 8 x 80 GB
+    (without it the same dry run fails, test above)."""
+    p = _launch(script, tmp_path, DRY_RUN="1", NNODES="1", LORA_RANK="16")
+    assert p.returncode == 0, p.stderr
+    assert "--gpus 8" in p.stdout and "--lora-rank 16" in p.stdout.split("# DRY_RUN")[0]
+    assert "175,636,480 trainable" in p.stdout
+    assert _flag(_command(p.stdout), "--lora-rank") == "16"
 
 
 def test_real_launch_execs_torchrun_with_the_environment(tmp_path):
