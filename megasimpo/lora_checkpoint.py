@@ -3,8 +3,8 @@
 A checkpoint of a LoRA model holds only the adapter tensors (``*_lora.lora_a`` / ``lora_b``,
 sharded as ``lora.LoraAdapter.sharded_state_dict`` says, so they reshard to any layout). Its
 ``megasimpo.json`` carries ``"lora"`` (the LoraConfig) and ``"base"``: the base checkpoint's real
-path, its path relative to the LoRA checkpoint (``"relative"``: every save records it; after
-``import --adapter`` it is ``"base"``, the base being inside), and a fingerprint of its files. Loading one
+path, its path relative to the LoRA checkpoint (``"relative"``, from ``located``: every save and
+``import --adapter``, whose base is inside as ``base``), and a fingerprint of its files. Loading one
 (``checkpoint.load_model``) loads that base, refusing it when its fingerprint changed, adds the
 adapters and loads them. The relative path is tried first, so a LoRA checkpoint and its base
 moved together still find each other; a ``"path"`` that is relative (written by hand) is read
@@ -48,6 +48,15 @@ def base_fingerprint(path: str) -> str:
 def base_record(path: str) -> dict:
     """What a LoRA checkpoint records of its base: real path and fingerprint."""
     return {"path": os.path.realpath(path), "fingerprint": base_fingerprint(path)}
+
+
+def located(record: dict, ckpt: str) -> dict:
+    """``record`` as LoRA checkpoint ``ckpt`` stores it: with ``"relative"``, the base's path
+    relative to ``ckpt`` (tried first on loading), so the two moved together still find each
+    other. A hand-written relative ``"path"`` is kept as it is."""
+    if not os.path.isabs(record.get("path", "")):
+        return record
+    return dict(record, relative=os.path.relpath(record["path"], os.path.realpath(ckpt)))
 
 
 def _candidates(record: dict, source: str) -> list:
@@ -98,19 +107,16 @@ def config_of(chunks: list) -> Optional[LoraConfig]:
     return found[0].config if found else None
 
 
-def meta_for(chunks: list, base: Optional[dict], path: Optional[str] = None) -> dict:
+def meta_for(chunks: list, base: Optional[dict], path: str) -> dict:
     """The ``megasimpo.json`` entries of a checkpoint of ``chunks`` saved at ``path``: {} without
-    adapters. With ``path``, the base is also recorded relative to it, so a run directory moved
-    together with its base (or a base inside it) is still found."""
+    adapters; else the LoRA options and the base record, ``located`` at ``path``."""
     cfg = config_of(chunks)
     if cfg is None:
         return {}
     if base is None:
         raise ValueError("a LoRA checkpoint needs its base record (lora_checkpoint.base_record)")
-    if path is not None and os.path.isabs(base.get("path", "")):
-        base = dict(base, relative=os.path.relpath(base["path"], os.path.realpath(path)))
     return {META_KEY: {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
-                       "targets": list(cfg.targets)}, BASE_KEY: base}
+                       "targets": list(cfg.targets)}, BASE_KEY: located(base, path)}
 
 
 def adapter_states(states: dict) -> dict:

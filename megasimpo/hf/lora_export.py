@@ -223,9 +223,9 @@ def import_adapter(hf_dir: str, adapter_dir: str, out: str, *, force: bool = Fal
         base_partial = os.path.join(partial, BASE_DIR)
         model = convert.import_hf(hf_dir, base_partial, progress=progress)  # checks the weights
         convert._copy_tokenizer(hf_dir, os.path.join(partial, "tokenizer"))
-        record = {"path": os.path.join(os.path.realpath(out.rstrip("/")), BASE_DIR),
-                  "relative": BASE_DIR,  # tried first: CKPT and CKPT/base move together
-                  "fingerprint": lora_checkpoint.base_fingerprint(base_partial)}
+        record = lora_checkpoint.located(  # relative "base": CKPT and CKPT/base move together
+            {"path": os.path.join(os.path.realpath(out.rstrip("/")), BASE_DIR),
+             "fingerprint": lora_checkpoint.base_fingerprint(base_partial)}, out)
         lora = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
                 "targets": list(cfg.targets)}
         with open(os.path.join(partial, checkpoint.META_FILE), "w") as f:
