@@ -21,7 +21,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megasimpo import planner  # noqa: E402
+from megasimpo import atomic, planner  # noqa: E402
 from megasimpo.config import LossConfig, ModelConfig  # noqa: E402
 from megasimpo.memory_model import OVERHEAD_GB  # noqa: E402
 
@@ -98,7 +98,7 @@ def plot(results: list, path: str) -> None:
     ax.set_title("Peak memory per GPU by simulation (planner's layout per row; CPU, fake tensors)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
 
 
 def main(argv=None) -> None:

@@ -476,7 +476,9 @@ def plot(res: dict, out: str) -> str:
         ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     path = os.path.join(out, "ranking_accuracy.png")
-    fig.savefig(path, dpi=100)
+    from megasimpo import atomic
+
+    atomic.save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -70,14 +70,14 @@ def file_mode() -> int:
 
 
 @contextlib.contextmanager
-def replacing(path: str):
-    """``with replacing(PATH) as f: f.write(...)``: a text file beside ``path`` that replaces it
-    by one rename when the block ends cleanly (mode 0666 & ~umask, as ``open`` would give) and
-    is deleted when it raises."""
+def replacing(path: str, mode: str = "w"):
+    """``with replacing(PATH) as f: f.write(...)``: a file beside ``path`` (text; ``mode="wb"``:
+    binary) that replaces it by one rename when the block ends cleanly (mode 0666 & ~umask, as
+    ``open`` would give) and is deleted when it raises."""
     parent = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, mode) as f:
             yield f
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
@@ -91,6 +91,13 @@ def write_text(path: str, text: str) -> None:
     """Writes ``text`` to ``path`` through a temporary file and one rename (``replacing``)."""
     with replacing(path) as f:
         f.write(text)
+
+
+def save_figure(fig, path: str, dpi: int = 100) -> str:
+    """A matplotlib figure saved as PNG through ``replacing``: never half-written. Returns ``path``."""
+    with replacing(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=dpi)
+    return path
 
 
 def write_json(path: str, obj) -> None:

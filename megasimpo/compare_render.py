@@ -110,8 +110,7 @@ def plot(result: dict, path: str) -> str:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"decision: {result['decision']['summary']}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return atomic.save_figure(fig, path)
 
 
 def write_comparison(run_dirs: list, out_dir: str, name: str = "comparison",

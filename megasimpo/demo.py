@@ -17,6 +17,7 @@ import sys
 
 import numpy as np
 
+from megasimpo import atomic
 from megasimpo.config import ModelConfig
 
 TOPICS = ((4, 30), (30, 56))  # token id ranges [lo, hi) of the two topics; ids < 4 are specials
@@ -130,7 +131,7 @@ def plot_run(run_dir: str) -> str:
     axes[0].legend()
     fig.tight_layout()
     out = os.path.join(run_dir, "training.png")
-    fig.savefig(out, dpi=110)
+    atomic.save_figure(fig, out, dpi=110)
     plt.close(fig)
     return out
 

@@ -114,8 +114,7 @@ def plot(train_rows: list, eval_rows: list, path: str) -> str:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    return atomic.save_figure(fig, path)
 
 
 def write_review(run_dir: str, out_dir: Optional[str] = None):

@@ -143,6 +143,34 @@ def test_written_files_follow_the_umask(tmp_path):
     assert os.stat(tmp_path / "f").st_mode & 0o777 == 0o640
 
 
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2))
+    FigureCanvasAgg(fig)
+    fig.subplots().plot([0, 1], [1, 0])
+    path = str(tmp_path / "plot.png")
+    atomic.save_figure(fig, path)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"  # the PNG signature, not text
+    with open(path, "rb") as f:
+        whole = f.read()
+
+    class FailsMidway:  # writes part of its bytes (to a file or an open file), then fails
+        def savefig(self, target, **kw):
+            f = open(target, "wb") if isinstance(target, str) else target
+            f.write(b"\x89PNG partial")
+            f.flush()
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic.save_figure(FailsMidway(), path)
+    with open(path, "rb") as f:  # the old figure is intact and no temporary is left
+        assert f.read() == whole
+    assert os.listdir(tmp_path) == ["plot.png"]
+
+
 def test_yaml_values_are_typed(tmp_path):
     config = tmp_path / "c.yaml"
     base = {"load": "ckpt", "data": ["d"], "out": "run"}
