@@ -30,7 +30,6 @@ there. Across nodes, train the four cells as four jobs with the same flags and c
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import shlex
 import shutil
@@ -41,21 +40,14 @@ import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)  # runnable from a checkout without installing
+sys.path.insert(0, os.path.join(REPO, "examples"))
+import ranking_accuracy as ra  # noqa: E402  (the sibling study: task, model, child processes)
 
 LOSSES = ("simpo", "dpo")
 # train flags each cell's command sets itself: not accepted after "--"
 OWN_TRAIN_FLAGS = ("--load", "--data", "--eval-data", "--out", "--loss", "--lora-rank", "--lora-alpha",
                    "--steps", "--epochs", "--lr", "--global-batch-size", "--eval-interval", "--seed",
                    "--precision", "--ref", "--ref-logps", "--config", "--micro-batch-size")
-
-
-def _task():
-    """examples/ranking_accuracy.py as a module (its task, model and child-process helpers)."""
-    path = os.path.join(REPO, "examples", "ranking_accuracy.py")
-    spec = importlib.util.spec_from_file_location("ranking_accuracy", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +112,6 @@ def check_inputs(p: argparse.ArgumentParser, args) -> None:
 
 def build_inputs(out: str, scale: Scale, seed: int, jobs) -> tuple:
     """The injected-pairs task, a random init and its SFT under OUT; (load, data, eval_data)."""
-    ra = _task()
     from megasimpo.data.indexed import write_pairs
 
     rng, held_out = np.random.default_rng(seed), set()
@@ -145,7 +136,7 @@ def build_inputs(out: str, scale: Scale, seed: int, jobs) -> tuple:
     return os.path.join(sft, "final_model"), data, eval_data
 
 
-def cell_argv(ra, load, data, eval_data, run_dir, loss, rank, scale, args) -> list:
+def cell_argv(load, data, eval_data, run_dir, loss, rank, scale, args) -> list:
     """``megasimpo train`` of one cell: LoRA rank R, alpha 2R; one process, or
     ``torch.distributed.run`` of ``--nproc-per-node`` ranks; the shared train flags last."""
     extra = ["--ref", "live"] if loss == "dpo" else []
@@ -167,14 +158,18 @@ def cell_argv(ra, load, data, eval_data, run_dir, loss, rank, scale, args) -> li
 
 def preamble(argv: list, args, scale: Scale, built: bool, wall_s: float) -> str:
     """What the markdown says about how the cells were made."""
+    from megasimpo.config import LossConfig
+
+    simpo = LossConfig(name="simpo")
     cmd = "python examples/ablation_2x2.py " + " ".join(shlex.quote(a) for a in argv)
     lines = ["Command:", "", "```", cmd, "```", ""]
     if built:
+        m = ra.model_config()
         lines.append(
             f"Inputs built by the script (seed {args.seed}): the injected-pairs task of "
             f"`examples/ranking_accuracy.py`, {scale.num_train} training and {scale.num_eval} "
-            "held-out pairs (held-out prompts never in training), a 2-layer Llama (hidden 64, "
-            "vocabulary 128) from a random init"
+            f"held-out pairs (held-out prompts never in training), a {m.num_layers}-layer Llama "
+            f"(hidden {m.hidden_size}, vocabulary {m.vocab_size}) from a random init"
             + (f", then {scale.sft_steps} SFT steps (lr {scale.sft_lr:g}) on the chosen responses; "
                "the cells start from the SFT model." if scale.sft_steps else
                "; the cells start from the random init (no SFT)."))
@@ -186,7 +181,8 @@ def preamble(argv: list, args, scale: Scale, built: bool, wall_s: float) -> str:
               f"(alpha = 2r), {scale.steps} steps of {scale.batch} pairs"
               + (f" ({epochs:.1f} epochs)" if epochs else "")
               + f", lr {scale.lr:g} (cosine), seed {args.seed}, precision {args.precision}; each "
-              "loss at its default beta (SimPO 2.0 with gamma/beta 0.5, DPO 0.1); DPO with "
+              f"loss at its default beta (SimPO {simpo.beta} with gamma/beta "
+              f"{simpo.gamma_beta_ratio}, DPO {LossConfig(name='dpo').beta}); DPO with "
               f"`--ref live`. Wall time {wall_s:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -229,7 +225,6 @@ def main(argv=None) -> int:
                                           ("steps", "lr", "batch", "eval_interval")
                                           if getattr(args, k) is not None})
 
-    ra = _task()
     from megasimpo.cli import quiet_known_warnings
     from megasimpo.compare_render import write_comparison
 
@@ -246,7 +241,7 @@ def main(argv=None) -> int:
                                  else build_inputs(out, scale, args.seed, jobs))
         runs = {f"{loss}_r{rank}": os.path.join(out, "runs", f"{loss}_r{rank}")
                 for loss in LOSSES for rank in args.ranks}
-        jobs({name: cell_argv(ra, load, data, eval_data, run, name.split("_")[0],
+        jobs({name: cell_argv(load, data, eval_data, run, name.split("_")[0],
                               int(name.split("_r")[1]), scale, args)
               for name, run in runs.items()})
         result, md = write_comparison(

@@ -51,10 +51,9 @@ def test_cells_on_several_ranks_take_the_shared_train_flags(tmp_path, monkeypatc
     """--nproc-per-node N launches each cell under torch.distributed.run; flags after -- end
     every cell's command; relative inputs become absolute (the cells run from the repository)."""
     abl = load_script("examples/ablation_2x2.py")
-    ra = abl._task()
     calls = []
-    monkeypatch.setattr(ra, "run_jobs", lambda jobs, log_dir, workers: calls.append((jobs, workers)))
-    monkeypatch.setattr(abl, "_task", lambda: ra)
+    monkeypatch.setattr(abl.ra, "run_jobs",
+                        lambda jobs, log_dir, workers: calls.append((jobs, workers)))
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "megasimpo.json").write_text("{}")
     for prefix in ("train", "eval"):
