@@ -1,12 +1,13 @@
 # make demo: the embedded default run end to end.  make test: lint (ruff) and the test suite.
-# Both create .venv when needed and install the project into it (torch 2.13.0 is taken first when
+# make test-fast: the inner-loop subset (tests marked `fast`, about two minutes).
+# All three create .venv when needed and install the project into it (torch 2.13.0 is taken first when
 # no torch is installed, so pip does not pull a CUDA build where a CPU one is wanted).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +23,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check megasimpo tools bench tests examples
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q --durations=25
+
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check megasimpo tools bench tests examples
+	$(PY) -m pytest tests -q -m fast --durations=10
 
 clean:
 	rm -rf $(VENV) demo_run .pytest_cache

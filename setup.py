@@ -23,7 +23,8 @@ setup(
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.9,<2.12"],
         # tests/bench/test_bench_trl.py runs bench/bench_trl.py (pure-Python wheels, CPU is fine)
-        "test": ["pytest", "pytest-timeout", "trl==1.16.0", "ruff>=0.6", "peft==0.21.2"],
+        "test": ["pytest", "pytest-timeout", "pytest-random-order", "trl==1.16.0", "ruff>=0.6",
+                 "peft==0.21.2"],
         # bench/bench_trl.py, the TRL row of the GPU benchmark (trl pulls accelerate>=1.10.1);
         # flash-attn is optional there (sdpa without it)
         "bench": ["trl==1.16.0"],

@@ -34,6 +34,18 @@ def tiny_run_inputs(root: str, model: ModelConfig = TINY, num_pairs: int = 64, s
     return ckpt, os.path.join(root, "data", "train"), os.path.join(root, "data", "eval")
 
 
+def writable_copy(src: str, dst: str) -> str:
+    """A copy of a shared (read-only) input that a test may change; returns ``dst``."""
+    import shutil
+    import stat
+
+    shutil.copytree(src, dst, copy_function=shutil.copyfile)
+    for dirpath, _, filenames in os.walk(dst):
+        for path in [dirpath] + [os.path.join(dirpath, f) for f in filenames]:
+            os.chmod(path, os.stat(path).st_mode | stat.S_IWUSR)
+    return dst
+
+
 def _write(rank, world, root, model, num_pairs, seed):
     from megasimpo import checkpoint
     from megasimpo.config import Layout

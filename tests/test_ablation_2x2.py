@@ -4,12 +4,12 @@ cells of 3 steps from a random init) that checks the pipeline and the files, not
 import json
 import os
 import re
-import subprocess
 import sys
 
 import pytest
 
 from fixtures import load_script
+from multirank import run_main, run_study
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "examples", "ablation_2x2.py")
@@ -17,8 +17,7 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ
 
 
 def _script(*args, cwd, timeout=60):
-    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True,
-                          text=True, env=ENV, cwd=str(cwd), timeout=timeout)
+    return run_main(SCRIPT, args, cwd=str(cwd), timeout=timeout)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -76,9 +75,10 @@ def test_cells_on_several_ranks_take_the_shared_train_flags(tmp_path, monkeypatc
 
 
 @pytest.mark.timeout(600)
-def test_quick_ablation_runs_four_cells_and_decides(tmp_path):
+def test_quick_ablation_runs_four_cells_and_decides(tmp_path, monkeypatch, capsys):
     out = tmp_path / "abl"
-    p = _script("--out", out, "--quick", cwd=tmp_path, timeout=600)
+    p = run_study("examples/ablation_2x2.py", ["--out", out, "--quick"], tmp_path, monkeypatch,
+                  capsys)
     assert p.returncode == 0, p.stderr[-3000:]
     assert sorted(os.listdir(out)) == ["ablation.json", "ablation.md", "ablation.png", "base",
                                        "data", "logs", "runs"]
@@ -100,8 +100,7 @@ def test_quick_ablation_runs_four_cells_and_decides(tmp_path):
 
     # The same cells through tools/review_run.py give the same comparison.
     runs = [str(out / "runs" / n) for n in ("simpo_r16", "simpo_r8", "dpo_r16", "dpo_r8")]
-    p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "review_run.py"), *runs],
-                       capture_output=True, text=True, env=ENV, timeout=120)
+    p = run_main("tools/review_run.py", runs, timeout=120)
     assert p.returncode == 0, p.stderr
     again = json.loads((out / "runs" / "comparison" / "comparison.json").read_text())
     assert again["cells"] == result["cells"] and again["decision"] == result["decision"]

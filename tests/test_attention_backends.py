@@ -8,7 +8,6 @@ RMSNorm (``layer_spec.TorchRMSNorm``); and TP=2 + SP must train like TP=1.
 
 import pytest
 
-from fixtures import tiny_run_inputs
 from multirank import run_ranks
 
 STEPS = 3
@@ -39,8 +38,8 @@ def _train_all(rank, world, ckpt, data, root, layout_kw):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    ckpt, data, _ = tiny_run_inputs(str(tmp_path_factory.mktemp("tiny")))
+def runs(shared_inputs, tmp_path_factory):
+    ckpt, data, _ = shared_inputs()
     tp1 = run_ranks(_train_all, 1, ckpt, data, str(tmp_path_factory.mktemp("tp1")), {})[0]
     tp2 = run_ranks(_train_all, 2, ckpt, data, str(tmp_path_factory.mktemp("tp2")),
                     {"tp": 2, "sequence_parallel": True})[0]

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from fixtures import tiny_run_inputs
 from megasimpo.cli import train_config
+from multirank import run_main
 
 CONTRACT = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margins",
             "rewards/accuracies", "logps/chosen", "logps/rejected", "lengths/chosen",
@@ -18,24 +18,26 @@ CONTRACT = ("step", "loss", "rewards/chosen", "rewards/rejected", "rewards/margi
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("cli")))
+def inputs(shared_inputs):
+    return shared_inputs()
 
 
-def _run(args, nproc=None, timeout=300):
+def _torchrun(args, nproc, timeout=300):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc-per-node={nproc}"] if nproc else [sys.executable])
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc-per-node={nproc}"]
     return subprocess.run(launcher + ["-m", "megasimpo"] + args, capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
 def test_torchrun_train_tp2_writes_contract_metrics(inputs, tmp_path):
+    # A real torchrun (a subprocess on purpose): the launcher, its environment and the console
+    # entry are what this test is about.
     ckpt, train, held_out = inputs
     out = tmp_path / "run"
-    p = _run(["train", "--load", ckpt, "--data", train, "--eval-data", held_out, "--out", str(out),
-              "--tp", "2", "--steps", "3", "--global-batch-size", "8", "--micro-batch-size", "2"],
-             nproc=2)
+    p = _torchrun(["train", "--load", ckpt, "--data", train, "--eval-data", held_out, "--out",
+                   str(out), "--tp", "2", "--steps", "3", "--global-batch-size", "8",
+                   "--micro-batch-size", "2"], nproc=2)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "loss" in r]
@@ -48,9 +50,7 @@ def test_torchrun_train_tp2_writes_contract_metrics(inputs, tmp_path):
     assert (out / "final_model" / "megasimpo.json").exists()
     assert not (out / "final_model.partial").exists()
     # The run review reads this real run: report, data and plot.
-    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
-                        "review_run.py")
-    r = subprocess.run([sys.executable, tool, str(out)], capture_output=True, text=True, timeout=120)
+    r = run_main("tools/review_run.py", [str(out)], timeout=120)
     assert r.returncode == 0, r.stderr
     assert "## Early vs late" in r.stdout
     for name in ("review.md", "review.json", "review.png"):
@@ -65,7 +65,8 @@ def test_torchrun_train_tp2_writes_contract_metrics(inputs, tmp_path):
 def test_bad_layout_fails_fast(inputs, tmp_path, flags, msg):
     ckpt, train, _ = inputs
     t0 = time.monotonic()
-    p = _run(["train", "--load", ckpt, "--data", train, "--out", str(tmp_path / "x")] + flags)
+    p = run_main("megasimpo", ["train", "--load", ckpt, "--data", train, "--out",
+                               str(tmp_path / "x")] + flags)
     assert p.returncode == 2
     assert msg in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr

@@ -6,6 +6,8 @@ import pytest
 
 from megasimpo.config import Layout, LossConfig, ModelConfig, TrainConfig
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 LLAMA8B = ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
                       num_query_groups=8, head_dim=128, vocab_size=128256,
                       max_position_embeddings=8192)

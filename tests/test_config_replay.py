@@ -3,17 +3,15 @@ trains the same run again."""
 
 import json
 import os
-import subprocess
-import sys
 
 import yaml
 
-from fixtures import tiny_run_inputs
+from multirank import run_main
+
 
 
 def _train(*args):
-    p = subprocess.run([sys.executable, "-m", "megasimpo", "train", *args], capture_output=True,
-                       text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = run_main("megasimpo", ["train", *args], timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
 
 
@@ -22,8 +20,8 @@ def _losses(run):
     return [(r["step"], r["loss"], r["rewards/margins"]) for r in rows if "loss" in r]
 
 
-def test_config_yaml_replays_the_run(tmp_path):
-    ckpt, data, _ = tiny_run_inputs(str(tmp_path / "inputs"))
+def test_config_yaml_replays_the_run(shared_inputs, tmp_path):
+    ckpt, data, _ = shared_inputs()
     first = str(tmp_path / "first")
     # Options away from their defaults, loss options among them (config.yaml nests them).
     _train("--load", ckpt, "--data", data, "--out", first, "--loss", "dpo", "--beta", "0.3",

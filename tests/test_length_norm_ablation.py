@@ -3,12 +3,11 @@ that checks the files and their shapes, not the outcome of the study."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from fixtures import load_script
+from multirank import run_study
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,12 +49,10 @@ def test_reward_margins_and_length_split_by_hand():
 
 
 @pytest.mark.timeout(600)
-def test_quick_ablation_writes_results(tmp_path):
+def test_quick_ablation_writes_results(tmp_path, monkeypatch, capsys):
     out = tmp_path / "study"
-    path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
-    p = subprocess.run([sys.executable, SCRIPT, "--out", str(out), "--quick", "--seed", "2"],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path),
-                       cwd=str(tmp_path), timeout=600)
+    p = run_study("examples/length_norm_ablation.py", ["--out", out, "--quick", "--seed", "2"],
+                  tmp_path, monkeypatch, capsys)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["seed"] == 2 and res["timings_s"]["total"] > 0 and res["data"]["num_train"] == 64

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 
 from megasimpo.local_kernels import SwiGLU, _RMSNorm, rms_norm
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 
 def _saved_bytes(fn, *inputs) -> int:
     """Bytes of the distinct storages autograd keeps for backward of ``fn(*inputs)``."""

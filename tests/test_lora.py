@@ -11,6 +11,8 @@ from fixtures import TINY
 from megasimpo.config import LoraConfig
 from multirank import run_ranks
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 CFG = LoraConfig(rank=4, alpha=6.0)
 
 
@@ -166,10 +168,10 @@ def _stored(rank, world, path):
             dist_checkpointing.load_tensors_metadata(path).items()}
 
 
-def test_checkpoint_holds_adapters_only_and_reshards(tmp_path):
-    from fixtures import tiny_run_inputs
+def test_checkpoint_holds_adapters_only_and_reshards(shared_inputs, tmp_path):
+    from fixtures import writable_copy
 
-    ckpt, _, _ = tiny_run_inputs(str(tmp_path / "inputs"))
+    ckpt = writable_copy(shared_inputs()[0], str(tmp_path / "model"))  # changed below
     saved = run_ranks(_save_then_load, 2, str(tmp_path), ckpt, "save")[0]
     loaded = run_ranks(_save_then_load, 1, str(tmp_path), ckpt, "load")[0]  # TP=2 -> TP=1
     torch.testing.assert_close(loaded, saved, rtol=1e-5, atol=1e-6)

@@ -5,13 +5,11 @@ and stop/resume."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 
-from fixtures import TINY, tiny_run_inputs
-from multirank import run_ranks
+from fixtures import TINY
+from multirank import run_main, run_ranks
 
 STEPS = 3
 LORA = dict(rank=4, alpha=8.0)
@@ -47,8 +45,8 @@ def _adapters(rank, world, path):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("lora")))
+def inputs(shared_inputs):
+    return shared_inputs()
 
 
 @pytest.fixture(scope="module")
@@ -126,12 +124,13 @@ def test_dpo_live_reference_is_the_base_with_adapters_off(inputs, tmp_path):
 
 
 def _run_cli(ckpt, data, out, layout, *flags):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "megasimpo", "train", "--load", ckpt, "--data", data, "--out", str(out),
-           "--steps", "6", "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-2",
-           "--seed", "3", "--lora-rank", "4", *layout, *flags]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, OMP_NUM_THREADS="1"))
+    """``megasimpo train`` on the session's two ranks, as torchrun would start it. What a LoRA
+    checkpoint holds is tested here; that a resume needs nothing but the disk (a real process
+    restart) is test_resume.test_exit_and_resume_is_bit_exact's."""
+    p = run_main("megasimpo", ["train", "--load", ckpt, "--data", data, "--out", str(out),
+                               "--steps", "6", "--global-batch-size", "8", "--micro-batch-size",
+                               "2", "--lr", "1e-2", "--seed", "3", "--lora-rank", "4", *layout,
+                               *flags], world_size=2, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}

@@ -23,6 +23,8 @@ from megasimpo.losses import (
     simpo_loss,
 )
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 # (s_w, s_l, n_w, n_l, r_w, r_l): summed policy logps, response token counts, summed reference logps.
 # Token counts differ within and across pairs; the last pair is separated widely enough that hinge is 0.
 PAIRS = [

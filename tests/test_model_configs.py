@@ -13,6 +13,8 @@ import pytest
 from megasimpo import planner
 from megasimpo.model_config import ModelConfig
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "examples", "configs")
 

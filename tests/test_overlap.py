@@ -17,7 +17,6 @@ import pytest
 import yaml
 
 from multirank import run_ranks
-from fixtures import TINY, tiny_run_inputs
 from test_parallel_training import TINY_TIED, _close, _load_full, _train
 
 BUCKET_SIZE = 1000  # parameters per bucket: dozens of buckets for the tiny model (45k)
@@ -29,11 +28,12 @@ def _overlapped(rank, world, ckpt, data, out, layout_kw):
     """_train with tiny DDP buckets; also counts the bucket reductions launched during the
     backward pass (by the readiness hooks or the schedule's grad_sync_func) rather than by
     finalize_model_grads, which launches them all in the first step and without overlap."""
+    from unittest import mock
+
     from megatron.core.distributed.param_and_grad_buffer import _ParamAndGradBucketGroup as Group
 
     from megasimpo import model
 
-    model.DDP_BUCKET_SIZE = BUCKET_SIZE
     start, finish = Group.start_grad_sync, Group.finish_grad_sync
     launches = {"early": 0, "finishing": False}
 
@@ -48,27 +48,29 @@ def _overlapped(rank, world, ckpt, data, out, layout_kw):
         finally:
             launches["finishing"] = False
 
-    Group.start_grad_sync, Group.finish_grad_sync = start_spy, finish_spy
-    losses, norms = _train(rank, world, ckpt, data, out, "simpo", layout_kw, CHUNK)
+    with mock.patch.object(model, "DDP_BUCKET_SIZE", BUCKET_SIZE), \
+            mock.patch.object(Group, "start_grad_sync", start_spy), \
+            mock.patch.object(Group, "finish_grad_sync", finish_spy):
+        losses, norms = _train(rank, world, ckpt, data, out, "simpo", layout_kw, CHUNK)
     return losses, norms, launches["early"]
 
 
-def _reference(root, model):
+def _reference(inputs, root):
     """(ckpt, data, losses, grad norms, final weights) of the fused-path DP=1 run, no overlap."""
-    ckpt, data, _ = tiny_run_inputs(root, model=model)
+    ckpt, data, _ = inputs
     out = os.path.join(root, "dp1")
     losses, norms = run_ranks(_train, 1, ckpt, data, out, "simpo", {}, CHUNK)[0]
     return ckpt, data, losses, norms, run_ranks(_load_full, 1, os.path.join(out, "final_model"))[0]
 
 
 @pytest.fixture(scope="module")
-def untied(tmp_path_factory):
-    return _reference(str(tmp_path_factory.mktemp("untied")), TINY)
+def untied(shared_inputs, tmp_path_factory):
+    return _reference(shared_inputs(), str(tmp_path_factory.mktemp("untied")))
 
 
 @pytest.fixture(scope="module")
-def tied(tmp_path_factory):
-    return _reference(str(tmp_path_factory.mktemp("tied")), TINY_TIED)
+def tied(shared_inputs, tmp_path_factory):
+    return _reference(shared_inputs(model=TINY_TIED), str(tmp_path_factory.mktemp("tied")))
 
 
 # PP=1 tied: the fused kernel's sparse marker meets the embedding's dense gradient in autograd;

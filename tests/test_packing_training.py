@@ -9,7 +9,6 @@ PP=2, for SimPO and for DPO with a live reference (whose forward also runs on pa
 import pytest
 import torch
 
-from fixtures import tiny_run_inputs
 from multirank import run_ranks
 
 STEPS = 3
@@ -32,8 +31,8 @@ def _train(rank, world, ckpt, data, eval_data, out, loss, pack, layout_kw):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("tiny")))
+def inputs(shared_inputs):
+    return shared_inputs()
 
 
 def _close(a, b, rel=1e-4):
@@ -61,6 +60,8 @@ def test_packed_matches_padded(loss, layouts, inputs, tmp_path):
 
 
 def _evaluate_in_windows(rank, world, ckpt, data, eval_data, out, pack):
+    from unittest import mock
+
     import megasimpo.trainer as trainer_mod
     from megasimpo.config import TrainConfig
 
@@ -76,8 +77,8 @@ def _evaluate_in_windows(rank, world, ckpt, data, eval_data, out, pack):
 
     trainer._prepare = spy
     whole = trainer.evaluate(trainer.eval_data)
-    trainer_mod.WINDOW = 3  # the 8 eval micro-batches in windows of 3, 3 and 2
-    windowed = trainer.evaluate(trainer.eval_data)
+    with mock.patch.object(trainer_mod, "WINDOW", 3):  # the 8 eval micro-batches in windows of 3, 3 and 2
+        windowed = trainer.evaluate(trainer.eval_data)
     trainer.close()
     return whole, windowed, shapes
 

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from fixtures import TINY, tiny_run_inputs
+from fixtures import TINY
 from multirank import run_ranks
 
 TINY_TIED = dataclasses.replace(TINY, tie_word_embeddings=True)
@@ -54,18 +54,18 @@ def _load_full(rank, world, path):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("tiny")))
+def inputs(shared_inputs):
+    return shared_inputs()
 
 
 @pytest.fixture(scope="module")
-def tied_inputs(tmp_path_factory):
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("tied")), model=TINY_TIED)
+def tied_inputs(shared_inputs):
+    return shared_inputs(model=TINY_TIED)
 
 
 @pytest.fixture(scope="module")
-def qwen3_inputs(tmp_path_factory):
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("qwen3")), model=TINY_QWEN3)
+def qwen3_inputs(shared_inputs):
+    return shared_inputs(model=TINY_QWEN3)
 
 
 def _single_rank(ckpt, data, out):
@@ -109,7 +109,12 @@ LAYOUTS = [("tp2", dict(tp=2), ""), ("pp2", dict(pp=2), ""),
            ("qwen3_pp2", dict(pp=2), "qwen3_")]
 
 
-@pytest.mark.parametrize("name,layout,model", LAYOUTS, ids=[x[0] for x in LAYOUTS])
+# `make test-fast` runs one parity test per parallel dimension: TP (with SP), PP, VPP, DP.
+FAST = ("tp2", "pp2", "pp2_vpp2", "dp2")
+
+
+@pytest.mark.parametrize("name,layout,model", [
+    pytest.param(*x, id=x[0], marks=[pytest.mark.fast] if x[0] in FAST else []) for x in LAYOUTS])
 def test_layout_matches_single_rank(name, layout, model, request, tmp_path):
     ckpt, data, _ = request.getfixturevalue(model + "inputs")
     ref_losses, ref_norms, ref_params = request.getfixturevalue(model + "single")

@@ -14,6 +14,8 @@ import pytest
 from megasimpo import memory_model, plan_cmd, planner
 from megasimpo.config import Layout, ModelConfig
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LLAMA3_8B = ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
                         num_attention_heads=32, num_query_groups=8, head_dim=128,

@@ -15,6 +15,8 @@ from test_planner import LLAMA3_8B, REPO, _run_plan
 from megasimpo import memory_model, plan_cmd, planner
 from megasimpo.config import LORA_TARGETS, LoraConfig, ModelConfig
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 LLAMA3_70B_JSON = os.path.join(REPO, "examples", "configs", "llama3_70b.json")
 R16 = LoraConfig(rank=16)
 

@@ -11,14 +11,13 @@ import time
 import psutil
 import pytest
 
-from fixtures import tiny_run_inputs
 
 SESSION_TIMEOUT = 120  # seconds a whole torchrun run may take here before the test gives up
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("processes")))
+def inputs(shared_inputs):
+    return shared_inputs()
 
 
 def _cmd(ckpt, data, out, *flags):

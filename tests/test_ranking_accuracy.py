@@ -3,12 +3,12 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 from fixtures import load_script
+from multirank import run_study
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -72,13 +72,25 @@ def test_answer_rules_and_judge():
     assert pairs == [(prompt, right, far)]  # best vs worst; ties and unfinished samples skipped
 
 
+def test_run_jobs_runs_children_with_logs_and_names_a_failure(tmp_path):
+    # The studies' tests run their jobs in the rank pool (multirank.run_jobs); the real runner's
+    # child processes are checked here.
+    ra = _study()
+    show = "import os, sys; print(os.environ['OMP_NUM_THREADS'], os.getcwd(), sys.argv[1:])"
+    ra.run_jobs({"a": [sys.executable, "-c", show, "x"]}, str(tmp_path / "logs"), 2)
+    assert (tmp_path / "logs" / "a.log").read_text() == f"1 {REPO} ['x']\n"
+    fail = "import sys; print('about to fail'); sys.exit(3)"
+    with pytest.raises(RuntimeError, match=r"(?s)b failed \(exit 3\): .*about to fail"):
+        ra.run_jobs({"a": [sys.executable, "-c", "pass"], "b": [sys.executable, "-c", fail]},
+                    str(tmp_path / "logs"), 2)
+    assert (tmp_path / "logs" / "b.log").read_text() == "about to fail\n"
+
+
 @pytest.mark.timeout(900)
-def test_quick_study_writes_results(tmp_path):
+def test_quick_study_writes_results(tmp_path, monkeypatch, capsys):
     out = tmp_path / "study"
-    path = os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")]))
-    p = subprocess.run([sys.executable, SCRIPT, "--out", str(out), "--quick", "--seed", "3"],
-                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=path),
-                       cwd=str(tmp_path), timeout=900)
+    p = run_study("examples/ranking_accuracy.py", ["--out", out, "--quick", "--seed", "3"],
+                  tmp_path, monkeypatch, capsys)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["seed"] == 3 and res["timings_s"]["total"] > 0

@@ -10,13 +10,12 @@ import time
 
 import pytest
 
-from fixtures import tiny_run_inputs
-from multirank import run_ranks
+from multirank import run_main, run_ranks
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("resume")))
+def inputs(shared_inputs):
+    return shared_inputs()
 
 
 def _cmd(ckpt, data, out, *flags):
@@ -27,8 +26,18 @@ def _cmd(ckpt, data, out, *flags):
 
 
 def _train(cmd):
+    """``cmd`` (a torchrun of ``_cmd``) in fresh processes: used where a run must really end and
+    a new one start (a resume that may use nothing but what is on disk, signals)."""
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def _train_in_ranks(cmd):
+    """The same train command in the session's two long-lived ranks (no process boundary)."""
+    argv = cmd[cmd.index("megasimpo") + 1:]
+    p = run_main("megasimpo", argv, world_size=2, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
@@ -52,6 +61,7 @@ def _final_params(rank, world, path):
 
 
 def test_exit_and_resume_is_bit_exact(inputs, tmp_path):
+    # Real torchrun processes: the resumed run has nothing but the checkpoint on disk.
     ckpt, data, _ = inputs
     _train(_cmd(ckpt, data, tmp_path / "straight"))
     resumed = tmp_path / "resumed"
@@ -73,17 +83,21 @@ def test_exit_and_resume_is_bit_exact(inputs, tmp_path):
 
 
 def test_resume_at_another_layout(inputs, tmp_path):
+    # The layout change is the point here; a resume across real process restarts is
+    # test_exit_and_resume_is_bit_exact's.
     ckpt, data, _ = inputs
-    _train(_cmd(ckpt, data, tmp_path / "straight"))
+    _train_in_ranks(_cmd(ckpt, data, tmp_path / "straight"))
     out = tmp_path / "relayout"
-    _train(_cmd(ckpt, data, out, "--exit-interval", "3"))  # DP=2
-    _train(_cmd(ckpt, data, out, "--tp", "2"))  # resumes at TP=2, DP=1
+    _train_in_ranks(_cmd(ckpt, data, out, "--exit-interval", "3"))  # DP=2
+    _train_in_ranks(_cmd(ckpt, data, out, "--tp", "2"))  # resumes at TP=2, DP=1
     straight, again = _losses(tmp_path / "straight"), _losses(out)
     for step in (4, 5, 6):
         assert again[step] == pytest.approx(straight[step], rel=1e-5)
 
 
 def _interrupted(rank, world, ckpt, data, out):
+    from unittest import mock
+
     from megatron.core import dist_checkpointing
 
     from megasimpo.config import TrainConfig
@@ -97,11 +111,11 @@ def _interrupted(rank, world, ckpt, data, out):
             raise OSError("disk full (injected)")
         return real_save(state, path, *a, **k)
 
-    dist_checkpointing.save = failing_save
     cfg = TrainConfig(load=ckpt, data=(data,), out=out, steps=4, global_batch_size=8,
                       micro_batch_size=2, save_interval=1, precision="fp32")
     try:
-        Trainer(cfg).run()
+        with mock.patch.object(dist_checkpointing, "save", failing_save):
+            Trainer(cfg).run()
     except ValueError as e:  # every rank: one line, the unfinished .partial removed
         return str(e)
     return "no error"
@@ -117,10 +131,9 @@ def test_interrupted_save_keeps_previous_latest(inputs, tmp_path):
     assert open(os.path.join(ckdir, "latest")).read().strip() == "step_0000001"
     assert not os.path.exists(os.path.join(ckdir, "step_0000002"))
     # The same run started again resumes from the intact checkpoint.
-    p = subprocess.run([sys.executable, "-m", "megasimpo", "train", "--load", ckpt, "--data", data,
-                        "--out", out, "--steps", "4", "--global-batch-size", "8",
-                        "--micro-batch-size", "2", "--precision", "fp32"],
-                       capture_output=True, text=True, timeout=300)
+    p = run_main("megasimpo", ["train", "--load", ckpt, "--data", data, "--out", out, "--steps",
+                               "4", "--global-batch-size", "8", "--micro-batch-size", "2",
+                               "--precision", "fp32"], timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "after step 1" in p.stdout
     assert not os.path.exists(os.path.join(ckdir, "step_0000002.partial"))
@@ -157,6 +170,8 @@ def test_sigterm_checkpoints_and_exits_cleanly(inputs, tmp_path):
 
 
 def _nonfinite(rank, world, ckpt, data, out, bad_steps, max_skipped):
+    from unittest import mock
+
     import torch
 
     from megasimpo import step as step_mod
@@ -175,7 +190,6 @@ def _nonfinite(rank, world, ckpt, data, out, bad_steps, max_skipped):
             stats = {"stats": stats["stats"].clone().index_fill_(0, torch.tensor([0]), float("nan"))}
         return loss, n, stats
 
-    step_mod.PairStep.loss_func = poisoned
     cfg = TrainConfig(load=ckpt, data=(data,), out=out, steps=4, global_batch_size=8,
                       micro_batch_size=2, precision="fp32", lr=1e-2, warmup_ratio=0.0,
                       max_skipped_steps=max_skipped)
@@ -190,7 +204,8 @@ def _nonfinite(rank, world, ckpt, data, out, bad_steps, max_skipped):
 
     trainer.train_step = train_step
     try:
-        rows = trainer.run()
+        with mock.patch.object(step_mod.PairStep, "loss_func", poisoned):
+            rows = trainer.run()
     except RuntimeError as e:
         return str(e), None, None
     same = [all(torch.equal(a, b) for a, b in zip(snapshots[i], snapshots[i + 1]))

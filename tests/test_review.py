@@ -3,11 +3,11 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+from multirank import run_main
 
 from megasimpo.review import ACC_TOL, review
 from megasimpo.review_render import write_review
@@ -233,8 +233,7 @@ def test_bad_input_errors_name_the_file_and_line(tmp_path, capsys):
 def test_cli_writes_markdown_json_and_png(tmp_path):
     run = _write_run(tmp_path / "run", _train_rising, _eval_over)
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, TOOL, run, "--out", str(out)], capture_output=True, text=True,
-                       timeout=120)
+    p = run_main(TOOL, [run, "--out", str(out)], timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("# Run review:") and "## Flags" in p.stdout
     assert (out / "review.md").read_text() == p.stdout

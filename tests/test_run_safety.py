@@ -4,26 +4,22 @@ unwritable outputs, a full disk at the final save, damaged checkpoints, batch ar
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-from fixtures import TINY, tiny_run_inputs
-from multirank import run_ranks
+from fixtures import TINY
+from multirank import run_main, run_ranks
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("safety")))
+def inputs(shared_inputs):
+    return shared_inputs()
 
 
 def _train(ckpt, data, out, *flags):
-    cmd = [sys.executable, "-m", "megasimpo", "train", "--load", ckpt, "--data", data,
-           "--out", str(out), "--global-batch-size", "8", "--micro-batch-size", "4",
-           "--precision", "fp32", *flags]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return run_main("megasimpo", ["train", "--load", ckpt, "--data", data, "--out", str(out),
+                                  "--global-batch-size", "8", "--micro-batch-size", "4",
+                                  "--precision", "fp32", *flags], timeout=300)
 
 
 def _steps(out):
@@ -78,6 +74,8 @@ def test_unwritable_out_is_one_line(inputs, tmp_path):
 
 
 def _full_disk_at_final_save(rank, world, ckpt, data, out):
+    from unittest import mock
+
     from megatron.core import dist_checkpointing
 
     from megasimpo.config import TrainConfig
@@ -90,16 +88,16 @@ def _full_disk_at_final_save(rank, world, ckpt, data, out):
             raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 32")
         return real(state, path, *a, **k)
 
-    dist_checkpointing.save = full
     cfg = TrainConfig(load=ckpt, data=(data,), out=out, steps=1, global_batch_size=8,
                       micro_batch_size=4, precision="fp32", force=True)
-    trainer = Trainer(cfg)
-    try:
-        trainer.run()
-    except ValueError as e:
-        return str(e)
-    finally:
-        trainer.close()
+    with mock.patch.object(dist_checkpointing, "save", full):
+        trainer = Trainer(cfg)
+        try:
+            trainer.run()
+        except ValueError as e:
+            return str(e)
+        finally:
+            trainer.close()
     return "no error"
 
 
@@ -182,9 +180,8 @@ def test_token_ids_outside_the_vocabulary_are_refused(inputs, tmp_path):
     assert p.returncode == 2, p.stderr[-2000:]
     assert f"{prefix}: token id 70 >= the model's vocabulary size 64 ({ckpt})" in p.stderr
     assert not (tmp_path / "run").exists()  # a start that fails its checks leaves nothing
-    s = subprocess.run([sys.executable, "-m", "megasimpo", "score", "--load", ckpt, "--data",
-                        prefix, "--out", str(tmp_path / "s.jsonl")], capture_output=True,
-                       text=True, timeout=300)
+    s = run_main("megasimpo", ["score", "--load", ckpt, "--data", prefix, "--out",
+                               str(tmp_path / "s.jsonl")], timeout=300)
     assert s.returncode == 2 and "token id 70 >= the model's vocabulary size 64" in s.stderr
 
 

@@ -9,13 +9,11 @@ import os
 import pickle
 import re
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from fixtures import tiny_run_inputs
-from multirank import run_ranks
+from multirank import run_main, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,20 +29,15 @@ class Payload:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("safe_load")))
+def inputs(shared_inputs):
+    return shared_inputs()
 
 
-def _train_cmd(ckpt, data, out):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-            "-m", "megasimpo", "train", "--load", ckpt, "--data", data, "--out", str(out),
-            "--steps", "2", "--global-batch-size", "4", "--micro-batch-size", "2", "--lr", "1e-2",
-            "--seed", "3", "--save-interval", "1", "--exit-interval", "1"]
-
-
-def _run(cmd):
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+def _train(ckpt, data, out):
+    return run_main("megasimpo", ["train", "--load", ckpt, "--data", data, "--out", str(out),
+                                  "--steps", "2", "--global-batch-size", "4", "--micro-batch-size",
+                                  "2", "--lr", "1e-2", "--seed", "3", "--save-interval", "1",
+                                  "--exit-interval", "1"], timeout=300)
 
 
 # ----- RNG state -------------------------------------------------------------------------------
@@ -92,14 +85,14 @@ def test_rng_state_is_plain_tensors_and_restores_exactly(tmp_path):
 def test_crafted_rng_file_is_refused_on_resume(inputs, tmp_path):
     ckpt, data, _ = inputs
     out, marker = tmp_path / "run", tmp_path / "MARKER"
-    p = _run(_train_cmd(ckpt, data, out))
+    p = _train(ckpt, data, out)
     assert p.returncode == 0, p.stderr[-3000:]
     rng = out / "checkpoints" / "step_0000001" / "rng_00000.pt"
     assert rng.is_file()
     import torch
 
     torch.save({"python": Payload(marker)}, rng)
-    p = _run(_train_cmd(ckpt, data, out))
+    p = _train(ckpt, data, out)
     assert not marker.exists(), "the crafted RNG file ran code"
     assert p.returncode != 0
     assert str(rng) in p.stderr and "refused" in p.stderr, p.stderr[-3000:]

@@ -3,29 +3,22 @@
 import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from fixtures import tiny_run_inputs
-from multirank import run_ranks
+from multirank import run_main, run_ranks
 
 
 def _score_cli(args, nproc=None):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                 f"--nproc-per-node={nproc}"] if nproc else [sys.executable])
-    p = subprocess.run(launcher + ["-m", "megasimpo", "score"] + args, capture_output=True,
-                       text=True, timeout=300, env=env)
+    p = run_main("megasimpo", ["score"] + args, world_size=nproc or 1, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("score")), num_pairs=24)
+def inputs(shared_inputs):
+    return shared_inputs(num_pairs=24)
 
 
 def _read(path):

@@ -11,6 +11,8 @@ from megasimpo import memory_model, metrics, model, shapes
 from megasimpo.config import ModelConfig
 from multirank import run_ranks
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 LLAMA3_8B = ModelConfig(num_layers=32, hidden_size=4096, ffn_hidden_size=14336,
                         num_attention_heads=32, num_query_groups=8, head_dim=128,
                         vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)

@@ -7,13 +7,11 @@ from their storages, and activations must agree within 10%. Then it must respond
 
 import dataclasses
 import json
-import subprocess
-import sys
 
 import pytest
 
 from fixtures import TINY, write_tiny_hf_config
-from multirank import run_ranks
+from multirank import run_main, run_ranks
 
 from megasimpo import planner
 from megasimpo.config import LoraConfig, LossConfig
@@ -91,11 +89,10 @@ def test_simulation_responds_to_what_matters():
 
 def test_plan_simulate_cli_json(tmp_path):
     config = write_tiny_hf_config(tmp_path / "config.json")
-    out = subprocess.run([sys.executable, "-m", "megasimpo", "plan", "--hf-config", str(config),
-                          "--gpus", "4", "--gpus-per-node", "2", "--pp", "2", "--tp", "2",
-                          "--seq-length", "32", "--global-batch-size", "8",
-                          "--attention-backend", "sdpa", "--simulate", "--json"],
-                         capture_output=True, text=True, timeout=600)
+    out = run_main("megasimpo", ["plan", "--hf-config", str(config), "--gpus", "4",
+                                 "--gpus-per-node", "2", "--pp", "2", "--tp", "2", "--seq-length",
+                                 "32", "--global-batch-size", "8", "--attention-backend", "sdpa",
+                                 "--simulate", "--json"], timeout=600)
     assert out.returncode == 0, out.stderr
     d = json.loads(out.stdout)
     sim = d["simulated_memory_gb"]

@@ -11,8 +11,11 @@ import types
 
 import torch
 import torch.distributed as dist
+import pytest
 
 from multirank import run_ranks
+
+pytestmark = pytest.mark.fast  # in `make test-fast`
 
 S, B, H, V_PAD, VOCAB = 8, 2, 16, 128, 100
 

@@ -21,10 +21,11 @@ update (gradients through Adam's first step) as well.
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
+
+from multirank import run_main
 
 pytest.importorskip("trl")
 import torch  # noqa: E402
@@ -143,12 +144,12 @@ def megasimpo_rows(name: str, ckpt: str, data: str, out: str) -> list:
     """megasimpo's metrics.jsonl rows of steps 1..STEPS (one CLI run)."""
     flags, kind, _ = CASES[name]
     ref = ["--ref", "precomputed"] if kind == "dpo" else []
-    p = subprocess.run(
-        [sys.executable, "-m", "megasimpo", "train", "--load", ckpt, "--data", data, "--out", out,
+    p = run_main(
+        "megasimpo",
+        ["train", "--load", ckpt, "--data", data, "--out", out,
          "--loss", name, *flags, *ref, "--steps", str(STEPS), "--lr", str(LR), "--min-lr", str(LR),
          "--warmup-ratio", "0", "--global-batch-size", str(NUM_PAIRS),
-         "--micro-batch-size", str(NUM_PAIRS), "--precision", "fp32", "--seed", "0"],
-        capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+         "--micro-batch-size", str(NUM_PAIRS), "--precision", "fp32", "--seed", "0"], timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]

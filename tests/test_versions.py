@@ -9,6 +9,8 @@ import torch
 from megasimpo import torch_compat, versions
 from megasimpo.parallel import compat
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 
 def test_minor():
     assert versions.minor("2.13.0+cpu") == (2, 13)

@@ -3,8 +3,8 @@
 import json
 import math
 import os
-import subprocess
-import sys
+
+from multirank import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(REPO, "bench", "bench_logprobs.py")
@@ -13,10 +13,9 @@ SCRIPT = os.path.join(REPO, "bench", "bench_logprobs.py")
 def test_runs_on_cpu_and_merges_results(tmp_path):
     out = tmp_path / "cpu.json"
     out.write_text(json.dumps({"simpo": {"step_time_s": 1.0}}))  # another script's row
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, SCRIPT, "--tokens", "2x64", "--vocab", "1000",
-                        "--hidden", "32", "--chunk", "16", "--repeats", "1", "--out", str(out)],
-                       capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    p = run_main(SCRIPT, ["--tokens", "2x64", "--vocab", "1000", "--hidden", "32", "--chunk", "16",
+                          "--repeats", "1", "--out", str(out)], timeout=300, cwd=REPO,
+                 env={"OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     assert "| ratio fused/plain |" in p.stdout
     data = json.loads(out.read_text())

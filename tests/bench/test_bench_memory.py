@@ -3,10 +3,9 @@ and the plot are written, and the simulated peak grows with the sequence length.
 
 import json
 import os
-import subprocess
-import sys
 
 from fixtures import write_tiny_hf_config
+from multirank import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -15,10 +14,9 @@ def test_bench_memory_tiny(tmp_path):
     config = write_tiny_hf_config(tmp_path / "config.json", hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=2, vocab_size=256, max_position_embeddings=512)
     out, png = tmp_path / "memory.json", tmp_path / "memory.png"
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_memory.py"),
-                          "--hf-config", str(config), "--gpus", "2", "--seqs", "64,256",
-                          "--out", str(out), "--plot", str(png)],
-                         capture_output=True, text=True, timeout=900)
+    run = run_main("bench/bench_memory.py", ["--hf-config", str(config), "--gpus", "2", "--seqs",
+                                             "64,256", "--out", str(out), "--plot", str(png)],
+                   timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(r["seq_length"], r["loss"], r["ref"]) for r in rows] == [

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -14,16 +13,16 @@ SCRIPT = os.path.join(REPO, "bench", "bench_step.py")
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import bench_step  # noqa: E402
+from multirank import run_main  # noqa: E402
 import report  # noqa: E402
 
 ROWS = ("simpo", "dpo_live_ref", "dpo_precomputed")
 
 
 def _bench(args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--steps", "1",
-                           "--warmup", "1"] + args, capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=REPO)
+    # The script in a pool rank; the rows it measures still run in child processes of their own.
+    return run_main(SCRIPT, ["--shape", "tiny", "--steps", "1", "--warmup", "1"] + args,
+                    timeout=timeout, cwd=REPO, env={"OMP_NUM_THREADS": "1"})
 
 
 @pytest.fixture(scope="module")

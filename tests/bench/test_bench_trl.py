@@ -4,7 +4,6 @@ the shared results file without touching the other rows."""
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,9 @@ sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import bench_trl  # noqa: E402
 import synthetic  # noqa: E402
+from multirank import run_main  # noqa: E402
+
+CPU = {"CUDA_VISIBLE_DEVICES": ""}  # CPU defaults even on a GPU machine
 
 EOS = bench_trl.SPECIALS.index("<eos>")
 
@@ -47,9 +49,8 @@ def test_trl_tokenizes_the_synthetic_ids_exactly(tmp_path):
 def test_cpu_run_merges_its_row(tmp_path):
     out = tmp_path / "x.json"
     out.write_text(json.dumps({"simpo": {"x": 1}, "runs": {"tiny": {"simpo": {"y": 2}}}}))
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # CPU defaults even on a GPU machine
-    p = subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--steps", "1", "--warmup", "1",
-                        "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    p = run_main(SCRIPT, ["--shape", "tiny", "--steps", "1", "--warmup", "1", "--out", str(out)],
+                 timeout=600, env=CPU)
     assert p.returncode == 0, p.stderr[-4000:]
     assert "| trl_simpo |" in p.stdout
     data = json.loads(out.read_text())
@@ -77,10 +78,9 @@ def test_tagged_checkpointed_run_replaces_only_its_own_row(tmp_path):
     primary = {"tokens_per_sec": 1.0, "error": None}
     stale = {"error": "CUDA out of memory (an older run)", "tokens_per_sec": None}
     out.write_text(json.dumps({"trl_simpo": primary, "runs": {"tiny-gc": {"trl_simpo": stale}}}))
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    p = subprocess.run([sys.executable, SCRIPT, "--shape", "tiny", "--steps", "1", "--warmup", "1",
-                        "--seq-length", "32", "--gradient-checkpointing", "--tag", "gc",
-                        "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    p = run_main(SCRIPT, ["--shape", "tiny", "--steps", "1", "--warmup", "1", "--seq-length", "32",
+                          "--gradient-checkpointing", "--tag", "gc", "--out", str(out)], timeout=600,
+                 env=CPU)
     assert p.returncode == 0, p.stderr[-4000:]
     data = json.loads(out.read_text())
     assert data["trl_simpo"] == primary  # a tagged run never replaces the primary row

@@ -10,6 +10,8 @@ import shutil
 import subprocess
 import sys
 
+from multirank import run_main
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN_ALL = os.path.join(REPO, "bench", "gpu", "run_all.sh")
 ROWS = ["smoke", "gputests", "step8b", "trl", "logprobs", "fp8", "step1b"]
@@ -132,8 +134,7 @@ def test_rows_picks_a_subset_and_unknown_rows_are_refused(tmp_path):
 
 def test_smoke_without_cuda_writes_its_report(tmp_path):
     out = tmp_path / "smoke.json"
-    r = subprocess.run([sys.executable, os.path.join(REPO, "bench", "gpu", "smoke.py"),
-                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    r = run_main("bench/gpu/smoke.py", ["--out", str(out)], timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     report = json.loads(out.read_text())
     assert report["env"]["torch"] and report["env"]["python"]

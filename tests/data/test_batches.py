@@ -2,9 +2,12 @@
 
 import numpy as np
 import torch
+import pytest
 
 from megasimpo.data.batches import MicroBatch, full_pass, full_pass_windows, make_batch
 from megasimpo.data.indexed import Pair
+
+pytestmark = pytest.mark.fast  # in `make test-fast`
 
 PAIRS = [Pair(prompt_ids=[1 + i, 2], chosen_ids=[3, 4 + i], rejected_ids=[5]) for i in range(7)]
 

@@ -15,6 +15,8 @@ from megasimpo.data.indexed import PairDataset, check_token_range, write_pairs
 from megasimpo.data.stamp import main as stamp_main
 from megasimpo.data.stamp import stamp
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 PAIRS = [([1, 2, 3], [4, 5], [6]), ([7], [8, 9, 10], [11, 12]), ([13, 14], [15], [16, 17, 18])]
 
 

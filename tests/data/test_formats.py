@@ -9,6 +9,8 @@ from megasimpo.data.formats import (
     ChatPair, InvalidRecord, TextPair, TokenPair, check_token_range, has_empty_response,
     line_location, parse_json_line, parse_record, row_location)
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 WHERE = line_location("data/prefs.jsonl", 7)
 
 

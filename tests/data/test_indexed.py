@@ -9,6 +9,8 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDataset, Indexe
 
 from megasimpo.data.indexed import Pair, PairDataset, PairWriter, write_pairs
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 
 def _random_pairs(rng, num, vocab_size):
     """Pairs of varied lengths, including empty prompts and 2-token responses."""

@@ -14,6 +14,8 @@ from megasimpo.data.loader import (
     pad_to_multiple,
 )
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 
 def _sampler(num_pairs, dp_rank, dp_size, mbs=2, nmb=3, seed=1234):
     layout = BatchLayout(micro_batch_size=mbs, num_microbatches=nmb, dp_rank=dp_rank, dp_size=dp_size)

@@ -12,6 +12,8 @@ from megasimpo.metrics import batch_forward_flops
 from megasimpo.step import host_totals
 from fixtures import TINY
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 PAIRS = [Pair(prompt_ids=[5, 6, 7], chosen_ids=[8, 9], rejected_ids=[10, 11, 12, 13]),
          Pair(prompt_ids=[14], chosen_ids=[15, 16, 17], rejected_ids=[18])]
 

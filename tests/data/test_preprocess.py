@@ -5,8 +5,6 @@ built by hand from the tiny word-level vocabulary (tests/data/tiny_tokenizers.py
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -16,7 +14,10 @@ from transformers import AutoTokenizer
 from megasimpo.data.formats import InvalidRecord
 from megasimpo.data.indexed import PairDataset
 from megasimpo.data.preprocess import PreprocessConfig, length_bias, run
+from multirank import run_main
 from tiny_tokenizers import build_hf_tokenizer, build_spm, word_ids
+
+pytestmark = pytest.mark.fast  # in `make test-fast`
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -324,10 +325,10 @@ def test_summary_numbers_by_hand(tmp_path, llama3):
 
 def test_cli_end_to_end(tmp_path, llama3):
     good = write_jsonl(tmp_path / "in.jsonl", _synthetic(12))
-    cmd = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", good,
-           "--tokenizer", llama3, "--out", str(tmp_path / "out" / "ds"), "--workers", "2",
-           "--split-eval", "0.25", "--max-length", "64"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    done = run_main("tools/preprocess_data.py", ["--input", good, "--tokenizer", llama3, "--out",
+                                                 str(tmp_path / "out" / "ds"), "--workers", "2",
+                                                 "--split-eval", "0.25", "--max-length", "64"],
+                    timeout=120)
     assert done.returncode == 0, done.stderr
     assert sorted(os.listdir(tmp_path / "out")) == [
         "ds.bin", "ds.idx", "ds.summary.json", "ds_eval.bin", "ds_eval.idx",

@@ -13,6 +13,8 @@ from megasimpo.data.indexed import PairDataset
 from test_preprocess import REPO, preprocess, read_pairs, write_jsonl
 from tiny_tokenizers import build_hf_tokenizer
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 GOOD = [{"prompt": "hi", "chosen": "hello", "rejected": "no"},
         {"prompt": "hi", "chosen": "four", "rejected": "five"},
         {"prompt": "hi", "chosen": "yes", "rejected": "no"},

@@ -10,6 +10,8 @@ from megasimpo.data.tokenize import (
     ChatTemplateEncoder, PlainEncoder, load_encoder, truncate_prompt)
 from tiny_tokenizers import build_hf_tokenizer, build_spm, word_ids
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 
 @pytest.fixture(scope="module")
 def tok_dirs(tmp_path_factory):

@@ -12,7 +12,6 @@ import sys
 import pytest
 import torch
 
-from fixtures import tiny_run_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -35,10 +34,10 @@ def _train(ckpt, data, eval_data, out, *flags):
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
+def inputs(shared_inputs):
     if not _have_te():
         pytest.skip("needs Transformer Engine")
-    return tiny_run_inputs(str(tmp_path_factory.mktemp("tiny")))
+    return shared_inputs()
 
 
 def test_thd_packing_matches_padded_rows(inputs, tmp_path):

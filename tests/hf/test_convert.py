@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from hf_models import MODELS, build, load, write_random_llama
-from multirank import run_ranks
+from multirank import run_main, run_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TOOL = os.path.join(ROOT, "tools", "convert_hf.py")
@@ -22,9 +22,8 @@ SEQ = 48  # > the Llama-3 model's original_max_position_embeddings (32): the sca
 
 
 def cli(*args, check=True):
-    """Runs tools/convert_hf.py in a subprocess; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, TOOL, *args, "--no-progress"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=300)
+    """Runs tools/convert_hf.py (in a pool rank, as ``python TOOL ARGS``); the CompletedProcess."""
+    proc = run_main(TOOL, [*args, "--no-progress"], cwd=ROOT, timeout=300)
     if check and proc.returncode != 0:
         raise AssertionError(f"convert_hf {args} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -308,6 +307,7 @@ print(json.dumps({{"before_kb": before, "after_kb": after}}))
 
 
 def test_import_streams_in_bounded_memory(tmp_path):
+    # A fresh interpreter on purpose: its peak RSS (ru_maxrss) must be this import's alone.
     hf, out = str(tmp_path / "big"), str(tmp_path / "big.ckpt")
     model_bytes = write_random_llama(hf, num_layers=24, hidden=512, ffn=1408, vocab=1000,
                                      heads=8, kv_heads=4, layers_per_shard=6)

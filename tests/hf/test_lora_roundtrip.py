@@ -8,15 +8,13 @@ refusals of this path, each naming the flag or file and the fix."""
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from hf_models import MODELS, build, load
-from multirank import run_ranks
+from multirank import run_main, run_ranks
 from test_convert import ROOT, cli, export_hf, import_hf
 
 VOCAB = MODELS["llama3"][1]["vocab_size"]
@@ -51,11 +49,8 @@ def _train(rank, world, base, data, out):
 
 def _megasimpo(*args, tp=1, check=True):
     """``python -m megasimpo ARGS`` (on ``tp`` ranks with ``--tp``); returns the CompletedProcess."""
-    launcher = [sys.executable] + (["-m", "torch.distributed.run", "--standalone",
-                                    f"--nproc-per-node={tp}"] if tp > 1 else [])
     flags = ["--tp", str(tp)] if tp > 1 else []
-    p = subprocess.run(launcher + ["-m", "megasimpo", *args, *flags], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    p = run_main("megasimpo", [*args, *flags], world_size=tp, cwd=ROOT, timeout=300)
     assert not check or p.returncode == 0, p.stderr[-3000:]
     return p
 

@@ -1,15 +1,13 @@
 """`megasimpo score` on imported HF models equals an independent transformers forward (fp32)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 import hf_models
+from multirank import run_main
 from test_convert import hf_logprobs, import_hf
 
 
@@ -48,12 +46,9 @@ def test_score_equals_transformers(name, layouts, tmp_path):
     expected = _hf_sums(hf_dir, pairs)
     for flags in layouts:
         out = str(tmp_path / f"score{len(flags)}{''.join(flags)}.jsonl")
-        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                     "--nproc-per-node=2"] if flags else [sys.executable])
-        p = subprocess.run(launcher + ["-m", "megasimpo", "score", "--load", ckpt, "--data",
-                                       str(tmp_path / "data"), "--out", out, "--precision", "fp32",
-                                       *flags], capture_output=True, text=True, timeout=300,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        p = run_main("megasimpo", ["score", "--load", ckpt, "--data", str(tmp_path / "data"),
+                                   "--out", out, "--precision", "fp32", *flags],
+                     world_size=2 if flags else 1, timeout=300)
         assert p.returncode == 0, p.stderr[-3000:]
         rows = [json.loads(line) for line in open(out)]
         for r, (chosen, rejected) in zip(rows, expected):

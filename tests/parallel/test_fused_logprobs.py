@@ -10,6 +10,8 @@ from megasimpo.parallel.logprobs import vocab_parallel_logprobs
 from megasimpo.step import mask_padded_vocab
 from multirank import run_ranks
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 S, B, H = 8, 3, 16  # s * b = 24 tokens
 V_PAD = 128
 VOCAB = 100  # < V_PAD: the last 28 ids are embedding padding

@@ -1,13 +1,17 @@
 """init_distributed picking MASTER_PORT for a plain single-process run, when the port is taken.
 
-Each case runs in a fresh interpreter: init_distributed starts a default process group and, without
-CUDA, enables the process-wide CPU redirect, neither of which may leak into the test process.
+Each case runs as a plain ``python -c`` program in a pool rank (tests/multirank.py):
+init_distributed starts a default process group and, without CUDA, enables the process-wide CPU
+redirect, neither of which may leak into the test process; the rank is put back after it.
 """
 
 import json
 import os
-import subprocess
-import sys
+import pytest
+
+from multirank import run_main
+
+pytestmark = pytest.mark.fast  # in `make test-fast`
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -42,17 +46,16 @@ try:
     dist.destroy_process_group()
 except RuntimeError as e:
     out["error"] = str(e)
+finally:
+    groups._free_port = free_port
+    busy.close()
 out["picks"] = picks
 print(json.dumps(out))
 """
 
 
 def _run(mode: str) -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    p = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=120)
+    p = run_main("-c", [SCRIPT, mode], cwd=ROOT, timeout=120)  # no launcher variables: plain python
     assert p.returncode == 0, p.stderr
     return json.loads(p.stdout.strip().splitlines()[-1])
 

@@ -7,6 +7,8 @@ import torch.distributed as dist
 from megasimpo.parallel.logprobs import sequence_logps, vocab_parallel_logprobs
 from multirank import run_ranks
 
+pytestmark = pytest.mark.fast  # in `make test-fast`
+
 VOCAB = 64
 SHAPE = (8, 4)  # [s, b], Megatron's layout for the output layer
 
