@@ -9,7 +9,6 @@ import yaml
 from multirank import run_main
 
 
-
 def _train(*args):
     p = run_main("megasimpo", ["train", *args], timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
