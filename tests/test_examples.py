@@ -1,5 +1,6 @@
 """The Llama-3-70B launchers: DRY_RUN prints the plan and the torchrun command; SLURM or manual
-node variables end up in that command; a real launch execs torchrun with the NCCL/CUDA settings."""
+node variables end up in that command; a real launch execs torchrun with the NCCL/CUDA settings.
+The launchers are bash scripts, so they run as subprocesses."""
 
 import os
 import re

@@ -1,6 +1,9 @@
 """Process hygiene of a torchrun job (megasimpo/parallel/processes.py, docs/checkpoints.md
 "Stopping a job"): nothing a rank starts outlives a kill -9 of it, and SIGTERM to the launcher
-(what SLURM sends) ends with a committed checkpoint and the documented exit codes."""
+(what SLURM sends) ends with a committed checkpoint and the documented exit codes.
+
+Real torchrun jobs and processes on purpose (subprocess, not the rank pool of tests/multirank.py):
+signals, kill -9 and what survives them are about process boundaries."""
 
 import os
 import signal

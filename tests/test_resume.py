@@ -140,6 +140,7 @@ def test_interrupted_save_keeps_previous_latest(inputs, tmp_path):
 
 
 def test_sigterm_checkpoints_and_exits_cleanly(inputs, tmp_path):
+    # Real torchrun processes: the signal goes to them as SLURM sends it.
     import psutil
 
     ckpt, data, _ = inputs

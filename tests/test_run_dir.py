@@ -38,6 +38,7 @@ def test_lock_refuses_a_live_holder_and_takes_over_a_dead_one(tmp_path):
     lock.acquire()
     lock.release()
     assert not os.path.exists(lock.path)
+    # A real second process: the lock is about which process holds it.
     other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         holder = {"host": socket.gethostname(), "pid": other.pid, "since": "then",

@@ -1,7 +1,8 @@
 """bench/gpu/run_all.sh on CPU: the dry run (rows in priority order, what a device call carries,
 each row's flags against its script's --help) and the budget skipping rows, with the rows'
 commands faked (RUN_ALL_FAKE=1) so that nothing heavy runs; and bench/gpu/smoke.py without CUDA.
-No test downloads anything (bench/gpu/fetch.sh is never run here)."""
+No test downloads anything (bench/gpu/fetch.sh is never run here). run_all.sh is bash: a subprocess;
+smoke.py runs in a pool rank (tests/multirank.py)."""
 
 import json
 import os
