@@ -27,6 +27,7 @@ pytest were the models; unlike them, a hang here fails one test, not the session
 
 import atexit
 import faulthandler
+import gc
 import os
 import pickle
 import shutil
@@ -78,6 +79,8 @@ def _serve(rank: int, world_size: int, conn, workdir: str) -> None:
     stacks = open(os.path.join(workdir, f"stack{rank}.txt"), "w")
     faulthandler.register(signal.SIGUSR2, file=stacks, all_threads=True)
     base, attributes = rank_state.Baseline(), rank_state.Attributes()
+    gc.collect()
+    gc.freeze()  # the imports: never garbage, never looked through again (rank_state.teardown)
     conn.send("ready")
     while True:
         task = conn.recv()

@@ -79,13 +79,24 @@ def _release_models() -> None:
     del found
     # Megatron memoises methods with functools.lru_cache (RotaryEmbedding.forward): the cache
     # holds the module instance, and through it a process group.
+    for memoised in _memoised():
+        memoised.cache_clear()
+
+
+_memoised_in: dict = {}  # Megatron module name -> its lru_cache'd functions and methods
+
+
+def _memoised() -> list:
+    """Every functools.lru_cache'd function or method of the Megatron modules loaded (a module
+    is looked through once, when first seen)."""
     for name, module in list(sys.modules.items()):
-        if name.startswith("megatron") and module is not None:
+        if name.startswith("megatron") and module is not None and name not in _memoised_in:
+            found = []
             for value in list(vars(module).values()):
                 members = list(vars(value).values()) if isinstance(value, type) else [value]
-                for member in members:
-                    if callable(getattr(member, "cache_clear", None)):
-                        member.cache_clear()
+                found += [m for m in members if callable(getattr(m, "cache_clear", None))]
+            _memoised_in[name] = found
+    return [m for found in _memoised_in.values() for m in found]
 
 
 def _megatron() -> list[str]:
@@ -254,6 +265,10 @@ def teardown(base: Baseline, attributes: Attributes) -> tuple[list[str], list[st
     reused)."""
     left = _megatron() + _process_group() + _torch(base) + _process(base) + _children()
     gc.collect()
+    # What is left now is the rank's (imports, caches): frozen out of later collections and of
+    # gc.get_objects(), so that each teardown looks through what one task made, not the
+    # million objects of torch, Megatron and transformers.
+    gc.freeze()
     retire = attributes.changed()
     threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 0
     if threads > MAX_THREADS:
