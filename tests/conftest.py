@@ -3,8 +3,9 @@
 - ``tests/`` and the repository root are importable (``fixtures``, ``multirank``, ``megasimpo``).
 - The long-lived rank pools (``rank_pool.py``) are stopped when the session ends.
 - ``shared_inputs(model=TINY, num_pairs=64, seed=0)``: a tiny checkpoint with train/eval data,
-  built once per session for each argument set and shared by every test that asks for it. It
-  is read-only: the files are made unwritable, and after each test their listing, sizes and
+  built once per session for each argument set and shared by every test that asks for it;
+  ``shared_build(key, make)`` the same for anything else (tokenizers, HF models). They are
+  read-only: the files are made unwritable, and after each test their listing, sizes and
   modification times are compared with what was built, so a test that writes into them fails
   by name (copy first: ``fixtures.writable_copy``).
 """
@@ -68,6 +69,24 @@ def shared_inputs(tmp_path_factory):
         return paths
 
     return make
+
+
+@pytest.fixture(scope="session")
+def shared_build(tmp_path_factory):
+    """A factory: ``shared_build(key, make)`` is a directory ``make(path)`` filled once per
+    session for ``key`` (a tuple of strings naming what is built: a tokenizer, an HF model),
+    shared read-only like ``shared_inputs``."""
+    base = tmp_path_factory.mktemp("built")
+    made = {}
+
+    def get(key: tuple, make) -> str:
+        if key not in made:
+            path = str(base / "-".join(map(str, key)))
+            make(path)
+            made[key] = share(path)
+        return made[key]
+
+    return get
 
 
 @pytest.fixture(autouse=True)

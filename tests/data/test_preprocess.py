@@ -23,8 +23,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.fixture(scope="module")
-def llama3(tmp_path_factory):
-    return build_hf_tokenizer(str(tmp_path_factory.mktemp("tok") / "llama3"), "llama3")
+def llama3(shared_build):
+    return shared_build(("tokenizer", "llama3"), lambda path: build_hf_tokenizer(path, "llama3"))
 
 
 @pytest.fixture(scope="module")

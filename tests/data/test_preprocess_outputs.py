@@ -24,8 +24,8 @@ EVAL_FILES = ["ds_eval.bin", "ds_eval.idx", "ds_eval.summary.json"]
 
 
 @pytest.fixture(scope="module")
-def llama3(tmp_path_factory):
-    return build_hf_tokenizer(str(tmp_path_factory.mktemp("tok") / "llama3"), "llama3")
+def llama3(shared_build):
+    return shared_build(("tokenizer", "llama3"), lambda path: build_hf_tokenizer(path, "llama3"))
 
 
 def _snapshot(directory):

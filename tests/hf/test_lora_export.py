@@ -55,10 +55,10 @@ def _lora_logprobs(rank, world, ckpt, ids, save_to, targets):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, shared_build):
     """The HF base, its checkpoint, token ids, and per case (LoRA checkpoint, our log-probs)."""
     root = tmp_path_factory.mktemp("lora")
-    hf = build("llama3", str(root / "hf"))
+    hf = shared_build(("hf", "llama3"), lambda path: build("llama3", path))
     base = str(root / "base.ckpt")
     import_hf(hf, base)
     ids = torch.randint(0, 200, (2, SEQ), generator=torch.Generator().manual_seed(0))

@@ -34,12 +34,11 @@ def _hf_sums(hf_dir, pairs):
 @pytest.mark.parametrize("name,layouts", [("llama3", [[], ["--tp", "2"], ["--pp", "2"]]),
                                           ("qwen2", [["--tp", "2"]]),
                                           ("qwen3_untied", [[], ["--tp", "2"], ["--pp", "2"]])])
-def test_score_equals_transformers(name, layouts, tmp_path):
+def test_score_equals_transformers(name, layouts, tmp_path, shared_build):
     from megasimpo.data.indexed import write_pairs
 
-    hf_dir = hf_models.build(name, str(tmp_path / "hf"))
-    ckpt = str(tmp_path / "ckpt")
-    import_hf(hf_dir, ckpt)
+    hf_dir = shared_build(("hf", name), lambda path: hf_models.build(name, path))
+    ckpt = shared_build(("hf", name, "imported"), lambda path: import_hf(hf_dir, path))
     vocab = hf_models.MODELS[name][1]["vocab_size"]
     pairs = list(_pairs(vocab))
     write_pairs(str(tmp_path / "data"), pairs, vocab)
