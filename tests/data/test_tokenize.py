@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from megasimpo.data.formats import ChatPair, TextPair, TokenPair
 from megasimpo.data.chat_template import TemplateRule
-from megasimpo.data.tokenize import HFEncoder, PlainEncoder, load_encoder, truncate_prompt
+from megasimpo.data.tokenize import HFEncoder, load_encoder, truncate_prompt
 from tiny_tokenizers import build_hf_tokenizer, build_spm, word_ids
 
 pytestmark = pytest.mark.fast  # in `make test-fast`
