@@ -80,6 +80,8 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
     prec = Precision(name=precision) if precision else Precision.default()
     groups = pgroups.initialize(layout, 0)
     dataset = ConcatPairs([data])
+    from megasimpo.data.tokenizer_identity import check_against_checkpoint
+    check_against_checkpoint(dataset, load, prog="megasimpo score", quiet=rank != 0)
     check_token_range(dataset, model_cfg.vocab_size, load)
     multiple = 2 * (layout.tp if layout.sequence_parallel else 1)
     seq_length = seq_length or default_seq_length(dataset, multiple, model_cfg.max_position_embeddings)

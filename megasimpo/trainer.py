@@ -22,6 +22,7 @@ from megasimpo.data.batches import WINDOW, ConcatPairs, full_pass_windows, make_
 from megasimpo.data.indexed import check_token_range
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
 from megasimpo.data.packing import prepare
+from megasimpo.data.tokenizer_identity import check_against_checkpoint
 from megasimpo.lora_checkpoint import with_lora
 from megasimpo.metrics import batch_forward_flops, peak_memory_gb, peak_tflops
 from megasimpo.model import (Precision, build_chunks, finish_param_gather,
@@ -81,6 +82,9 @@ class Trainer:
         self.attention_backend = resolve_attention_backend(cfg.attention_backend)
         self.train_data = ConcatPairs(cfg.data)
         self.eval_data = ConcatPairs(cfg.eval_data) if cfg.eval_data else None
+        if self.random_init is None:  # the data's tokenizer is the checkpoint's (or a note)
+            check_against_checkpoint([self.train_data] + ([self.eval_data] if self.eval_data else []),
+                                     cfg.load, prog="megasimpo train", quiet=not self.is_rank0)
         # Every id below the checkpoint's real vocabulary (not the padded one): the max id is in
         # each dataset's index, so this reads no token.
         check_token_range([self.train_data] + ([self.eval_data] if self.eval_data else []),

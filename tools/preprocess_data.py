@@ -2,11 +2,17 @@
 
     python tools/preprocess_data.py --input FILE [FILE ...] --tokenizer HF_DIR|SPM_MODEL --out PREFIX
         [--max-length N] [--workers N] [--split-eval F] [--skip-invalid] [--seed N] [--force]
+        [--chat-template auto|always|never] [--chat-template-file FILE] [--turn-separator TEXT]
 
 Writes PREFIX.bin/.idx and PREFIX.summary.json (with --split-eval also PREFIX_eval.*). Existing
 outputs are refused unless --force, which replaces them once the new ones are complete and removes
-a PREFIX_eval.* the run does not write. Bad input prints ``preprocess_data: error: <message>`` and
-exits 2 with nothing written.
+a PREFIX_eval.* the run does not write. Bad input (an unwritable --out included, checked before
+tokenizing) prints ``preprocess_data: error: <message>`` and exits 2 with nothing written.
+
+Chat templates (megasimpo/data/chat_template.py): by default TRL 1.16's DPOTrainer rule:
+conversational records go through the chat template, plain-string records are tokenized as TRL
+tokenizes them (the tokenizer's own special tokens, EOS after each response), so an already
+formatted prompt is not formatted twice. The summary records the rule applied.
 """
 
 import argparse
@@ -33,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input", nargs="+", required=True,
                    help="JSONL/JSON/Parquet files or saved datasets directories, read in order")
     p.add_argument("--tokenizer", required=True,
-                   help="HF tokenizer directory (its chat template is used) or SentencePiece .model")
+                   help="HF tokenizer directory or SentencePiece .model")
     p.add_argument("--out", required=True, help="output prefix (PREFIX.bin/.idx/.summary.json)")
     p.add_argument("--max-length", type=int, default=None,
                    help="max prompt+response tokens; prompts are cut from the left, pairs whose "
@@ -47,6 +53,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true",
                    help="replace existing PREFIX.* / PREFIX_eval.* outputs")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--chat-template", choices=("auto", "always", "never"), default="auto",
+                   help="which records go through the chat template: auto (default, TRL's rule): "
+                        "conversational records only, plain strings tokenized as they are; "
+                        "always: every text record (a string prompt is one user turn); never: "
+                        "none (conversations need --turn-separator)")
+    p.add_argument("--chat-template-file", metavar="FILE", default=None,
+                   help="a Jinja chat template used instead of the tokenizer's (with auto for "
+                        "conversational records, or always)")
+    p.add_argument("--turn-separator", metavar="TEXT", default=None,
+                   help="with --chat-template never: a conversation's prompt is each earlier "
+                        "turn's content followed by TEXT (roles dropped), then the response")
     return p.parse_args(argv)
 
 
@@ -57,7 +74,9 @@ def main(argv=None) -> int:
         config = PreprocessConfig(
             inputs=tuple(args.input), tokenizer=args.tokenizer, out=args.out,
             max_length=args.max_length, workers=args.workers, split_eval=args.split_eval,
-            skip_invalid=args.skip_invalid, seed=args.seed, force=args.force)
+            skip_invalid=args.skip_invalid, seed=args.seed, force=args.force,
+            chat_template=args.chat_template, chat_template_file=args.chat_template_file,
+            turn_separator=args.turn_separator)
         summaries = run(config, progress=not args.no_progress)
     except ValueError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)

@@ -8,7 +8,11 @@ The trailer, found from the end of the file::
 
     JSON bytes | len(JSON) as 8-byte little-endian | TRAILER_MAGIC (8 bytes)
 
-with JSON ``{"format", "fingerprint", "max_token_id", "vocab_size", "num_pairs"}``.
+with JSON ``{"format", "fingerprint", "max_token_id", "vocab_size", "num_pairs"}`` and, since
+tokenizer identities were added, an optional ``"tokenizer"``: the identity of the tokenizer that
+wrote the ids (``tokenizer_identity.py``; versioned inside the string). It is optional both ways:
+an older trailer without it still reads (no identity), and an older megasimpo ignores it, so the
+trailer format stays ``megasimpo-pairs-v1``.
 
 The fingerprint is blake2b (16 bytes) over the dtype code, the sequence lengths, the document
 indices, the ``.bin`` size and the ``.bin`` bytes: all of them up to ``FULL_HASH_LIMIT``, beyond it
@@ -108,10 +112,14 @@ def update_with_file(h, path: str) -> None:
 
 
 def encode_trailer(fingerprint: str, max_token_id: int, vocab_size: Optional[int],
-                   num_pairs: int) -> bytes:
-    """The trailer bytes to append after Megatron's index content."""
-    body = json.dumps({"format": FORMAT, "fingerprint": fingerprint, "max_token_id": max_token_id,
-                       "vocab_size": vocab_size, "num_pairs": num_pairs}, sort_keys=True).encode()
+                   num_pairs: int, tokenizer: Optional[str] = None) -> bytes:
+    """The trailer bytes to append after Megatron's index content; ``tokenizer``: the writing
+    tokenizer's identity (omitted when None)."""
+    fields = {"format": FORMAT, "fingerprint": fingerprint, "max_token_id": max_token_id,
+              "vocab_size": vocab_size, "num_pairs": num_pairs}
+    if tokenizer is not None:
+        fields["tokenizer"] = tokenizer
+    body = json.dumps(fields, sort_keys=True).encode()
     return body + _FRAME.pack(len(body)) + TRAILER_MAGIC
 
 
@@ -141,6 +149,8 @@ def read_trailer(idx_path: str, index: IndexContent) -> Optional[dict]:
                          "megasimpo cannot read it (re-run tools/preprocess_data.py)")
     types = {"fingerprint": (str,), "max_token_id": (int,), "num_pairs": (int,),
              "vocab_size": (int, type(None))}
+    if not isinstance(trailer.get("tokenizer"), (str, type(None))):
+        types["tokenizer"] = (str,)  # optional, but a string where present
     wrong = [key for key, allowed in types.items() if not isinstance(trailer.get(key, ""), allowed)
              or isinstance(trailer.get(key), bool)]
     if wrong:

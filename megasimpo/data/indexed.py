@@ -18,7 +18,7 @@ import operator
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import (
@@ -150,9 +150,10 @@ class PairWriter:
         self.max_token_id = max(self.max_token_id, int(ids.max()))
         self._num_pairs += 1
 
-    def seal(self) -> str:
-        """Complete the temporary files (index and trailer) without publishing them and return
-        the fingerprint; no ``add`` after it. Called by a clean exit when not called before."""
+    def seal(self, tokenizer_identity: Optional[str] = None) -> str:
+        """Complete the temporary files (index and trailer, with ``tokenizer_identity`` when
+        given) without publishing them and return the fingerprint; no ``add`` after it. Called by
+        a clean exit when not called before."""
         if self._builder is None:
             raise RuntimeError("PairWriter.seal called outside its `with` block")
         if self.fingerprint is None:
@@ -163,7 +164,7 @@ class PairWriter:
             fingerprint = compute_fingerprint(read_index(self._tmp_idx), self._tmp_bin)
             with open(self._tmp_idx, "ab") as f:
                 f.write(encode_trailer(fingerprint, self.max_token_id, self.vocab_size,
-                                       self._num_pairs))
+                                       self._num_pairs, tokenizer_identity))
             self.fingerprint = fingerprint
         return self.fingerprint
 
@@ -257,9 +258,10 @@ def _check_summary(prefix: str, fingerprint: str) -> None:
 class PairDataset:
     """Read-only, memory-mapped view of a pair dataset written by ``PairWriter`` (or stamped).
 
-    ``fingerprint``, ``max_token_id`` (-1 for no tokens) and ``vocab_size`` (the writer's; None
-    for a file stamped without ``--vocab-size``) come from the ``.idx`` trailer, whose fingerprint
-    is recomputed on open and must match."""
+    ``fingerprint``, ``max_token_id`` (-1 for no tokens), ``vocab_size`` (the writer's; None
+    for a file stamped without ``--vocab-size``) and ``tokenizer_identity`` (None where not
+    recorded) come from the ``.idx`` trailer, whose fingerprint is recomputed on open and must
+    match."""
 
     def __init__(self, prefix: str):
         self._ds, num_pairs = open_megatron(prefix)
@@ -288,6 +290,8 @@ class PairDataset:
         self.fingerprint: str = fingerprint
         self.max_token_id: int = int(trailer["max_token_id"])
         self.vocab_size: Optional[int] = trailer.get("vocab_size")
+        # None: written before identities, stamped, or only pre-tokenized records.
+        self.tokenizer_identity: Optional[str] = trailer.get("tokenizer")
         self._num_pairs = num_pairs
 
     def __len__(self) -> int:
@@ -310,18 +314,25 @@ class PairDataset:
         return self._ds.sequence_lengths.astype(np.int64).reshape(self._num_pairs, SEQUENCES_PER_PAIR)
 
 
+def dataset_parts(datasets) -> List[PairDataset]:
+    """The ``PairDataset``s of ``datasets``: prefixes, ``PairDataset``s or ``ConcatPairs``, one or
+    a list."""
+    if isinstance(datasets, (str, os.PathLike, PairDataset)) or hasattr(datasets, "parts"):
+        datasets = [datasets]
+    out = []
+    for item in datasets:
+        out += item.parts if hasattr(item, "parts") else [
+            item if isinstance(item, PairDataset) else PairDataset(os.fspath(item))]
+    return out
+
+
 def check_token_range(datasets, vocab_size: int, what: str) -> None:
     """ValueError when a token id of ``datasets`` (prefixes, ``PairDataset``s or ``ConcatPairs``;
     one or a list) is outside the model's vocabulary [0, ``vocab_size``); ``what`` names the model
     (e.g. the checkpoint path). Pass the model's real vocabulary size, not the padded one."""
-    if isinstance(datasets, (str, os.PathLike, PairDataset)) or hasattr(datasets, "parts"):
-        datasets = [datasets]
-    for item in datasets:
-        parts = item.parts if hasattr(item, "parts") else [
-            item if isinstance(item, PairDataset) else PairDataset(os.fspath(item))]
-        for ds in parts:
-            if ds.max_token_id >= vocab_size:
-                raise ValueError(
-                    f"{ds.prefix}: token id {ds.max_token_id} >= the model's vocabulary size "
-                    f"{vocab_size} ({what}): this dataset was tokenized for another model; re-run "
-                    "tools/preprocess_data.py with the checkpoint's tokenizer")
+    for ds in dataset_parts(datasets):
+        if ds.max_token_id >= vocab_size:
+            raise ValueError(
+                f"{ds.prefix}: token id {ds.max_token_id} >= the model's vocabulary size "
+                f"{vocab_size} ({what}): this dataset was tokenized for another model; re-run "
+                "tools/preprocess_data.py with the checkpoint's tokenizer")

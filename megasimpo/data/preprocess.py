@@ -12,9 +12,15 @@ Skips are counted by reason: ``invalid`` (only with ``skip_invalid``; otherwise 
 record raises ``InvalidRecord``), ``empty`` (a blank response), ``identical`` (same response ids),
 ``too_long`` (a response leaves no room for one prompt token within ``max_length``) and ``unscorable``
 (empty prompt and a 1-token response: no response token has a predecessor to be scored from).
-Nothing is published unless the whole run succeeds. Existing outputs (``PREFIX.*``, ``PREFIX_eval.*``)
-are refused unless ``force``; with it they are replaced only once the new ones are complete, and a
-``PREFIX_eval.*`` the new run does not write is removed after that, so it cannot pass for its split.
+Which records go through the chat template is the ``TemplateRule`` of ``chat_template``/
+``chat_template_file``/``turn_separator`` (``data/chat_template.py``; by default TRL's rule); the
+summary records the rule applied (``chat_template``) and the tokenizer's identity
+(``tokenizer_identity``, also in the ``.idx`` trailer; absent when every record was
+pre-tokenized: the tokenizer then made no ids). ``--out`` is checked to be writable before anything
+is tokenized. Nothing is published unless the whole run succeeds. Existing outputs (``PREFIX.*``,
+``PREFIX_eval.*``) are refused unless ``force``; with it they are replaced only once the new ones
+are complete, and a ``PREFIX_eval.*`` the new run does not write is removed after that, so it
+cannot pass for its split.
 """
 
 import contextlib
@@ -30,15 +36,18 @@ from typing import Iterator, List, Optional, Tuple
 import numpy as np
 from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
 
+from megasimpo.atomic import file_mode
+from megasimpo.data.chat_template import TemplateRule
 from megasimpo.data.formats import (
     InvalidRecord, TokenPair, check_token_range, has_empty_response, parse_json_line, parse_record)
-from megasimpo.atomic import file_mode
 from megasimpo.data.indexed import PairWriter
 from megasimpo.data.inputs import Item, open_input
 from megasimpo.data.tokenize import PairEncoder, load_encoder, truncate_prompt
 
 SKIP_REASONS = ("invalid", "empty", "identical", "too_long", "unscorable")
 NUM_EXAMPLES = 5  # locations kept per skip reason in the summary
+_APPLIED_TO = {"all": "every text record", "conversational": "conversational records",
+               "none": "no record"}
 BIAS_THRESHOLD = 0.05  # |mean difference| / mean length below which lengths count as "about the same"
 
 
@@ -56,8 +65,12 @@ class PreprocessConfig:
     seed: int = 1234  # seeds the eval split
     chunk_size: int = 64  # records per task handed to a worker
     force: bool = False  # replace existing outputs (and remove a stale PREFIX_eval.*)
+    chat_template: str = "auto"  # auto | always | never (data/chat_template.py)
+    chat_template_file: Optional[str] = None  # a Jinja template used instead of the tokenizer's
+    turn_separator: Optional[str] = None  # with never: joins a conversation's turn contents
 
     def __post_init__(self):
+        _ = self.rule  # validates the chat-template flags
         if not self.inputs:
             raise ValueError("no --input given")
         if self.max_length is not None and self.max_length < 2:
@@ -68,6 +81,12 @@ class PreprocessConfig:
             raise ValueError(f"split_eval={self.split_eval} must be in [0, 1)")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed} must be >= 0")
+
+    @property
+    def rule(self) -> TemplateRule:
+        """The chat-template rule of these flags."""
+        return TemplateRule(mode=self.chat_template, template_file=self.chat_template_file,
+                            turn_separator=self.turn_separator)
 
     @property
     def eval_prefix(self) -> str:
@@ -90,18 +109,36 @@ def _check_not_overwriting(config: PreprocessConfig) -> None:
                          "removed), or choose another --out")
 
 
+def check_writable(prefix: str) -> None:
+    """ValueError when nothing can be created where ``prefix``'s files go: a real probe (a
+    directory made and removed in the nearest existing ancestor, which is what the writer will
+    need), so a read-only mount or a path through a regular file is caught too, before anything
+    is tokenized."""
+    target = os.path.dirname(os.path.abspath(prefix))
+    existing = target
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{os.path.basename(prefix)}.", suffix=".probe",
+                                  dir=existing))
+    except OSError as err:
+        raise ValueError(f"cannot write {target}: {err.strerror}; choose a writable --out") from None
+
+
 # ---------------------------------------------------------------- encoding (worker processes)
 
 def encode_item(encoder: PairEncoder, max_length: Optional[int], item: Item) -> tuple:
-    """One record -> ``("pair", prompt, chosen, rejected, truncated)`` (int32 arrays) or
-    ``("skip", reason, InvalidRecord | location)``."""
+    """One record -> ``("pair", prompt, chosen, rejected, truncated, from_text)`` (int32 arrays;
+    ``from_text``: the tokenizer made the ids) or ``("skip", reason, InvalidRecord | location)``."""
     where, payload, is_line = item
     if isinstance(payload, InvalidRecord):  # the line could not even be decoded
         return ("skip", "invalid", payload)
     try:
-        record = parse_record(parse_json_line(payload, where) if is_line else payload, where)
+        obj = parse_json_line(payload, where) if is_line else payload
+        record = parse_record(obj, where)
         if isinstance(record, TokenPair):
             check_token_range(record, encoder.vocab_size, where)
+        encoder.check(obj, record, where)
     except InvalidRecord as err:
         return ("skip", "invalid", err)
     if has_empty_response(record):
@@ -117,16 +154,17 @@ def encode_item(encoder: PairEncoder, max_length: Optional[int], item: Item) -> 
     if not kept and min(len(chosen), len(rejected)) == 1:
         return ("skip", "unscorable", where)
     return ("pair", np.asarray(kept, np.int32), np.asarray(chosen, np.int32),
-            np.asarray(rejected, np.int32), len(kept) < len(prompt))
+            np.asarray(rejected, np.int32), len(kept) < len(prompt),
+            not isinstance(record, TokenPair))
 
 
 _WORKER = None  # (encoder, max_length) or the exception loading the tokenizer raised
 
 
-def _init_worker(tokenizer: str, max_length: Optional[int]) -> None:
+def _init_worker(tokenizer: str, rule: TemplateRule, max_length: Optional[int]) -> None:
     global _WORKER
     try:
-        _WORKER = (load_encoder(tokenizer), max_length)
+        _WORKER = (load_encoder(tokenizer, rule), max_length)
     except Exception as err:  # raised from the first task: a failing initializer respawns forever
         _WORKER = err
 
@@ -150,7 +188,7 @@ def _outcomes(config: PreprocessConfig, encoder: PairEncoder, items: Iterator[It
         yield (encode_item(encoder, config.max_length, item) for item in items)
         return
     pool = multiprocessing.get_context().Pool(
-        config.workers, _init_worker, (config.tokenizer, config.max_length))
+        config.workers, _init_worker, (config.tokenizer, config.rule, config.max_length))
 
     def ordered():
         # apply_async with a bounded queue rather than imap: imap's feeder thread would read the
@@ -187,6 +225,7 @@ class _Tally:
     def __init__(self):
         self.pairs_in = 0
         self.truncated = 0
+        self.from_text = 0  # kept pairs whose ids the tokenizer made (not pre-tokenized)
         self.skipped = {reason: 0 for reason in SKIP_REASONS}
         self.examples = {reason: [] for reason in SKIP_REASONS}
 
@@ -197,6 +236,7 @@ class _Tally:
             progress.update()
             if outcome[0] == "pair":
                 self.truncated += int(outcome[4])
+                self.from_text += int(outcome[5])
                 yield outcome[1:4]
                 continue
             reason, detail = outcome[1], outcome[2]
@@ -232,11 +272,14 @@ def length_bias(chosen: np.ndarray, rejected: np.ndarray) -> dict:
 
 
 def build_summary(lengths: np.ndarray, tally: _Tally, config: PreprocessConfig, prefix: str,
-                  split: str, num_per_split: dict) -> dict:
+                  split: str, num_per_split: dict, encoder: PairEncoder) -> dict:
     """The JSON summary of one output prefix; ``lengths`` int [n, 3] (prompt, chosen, rejected)."""
     return {
         "prefix": prefix, "split": split, "inputs": list(config.inputs),
-        "tokenizer": config.tokenizer, "max_length": config.max_length, "seed": config.seed,
+        "tokenizer": config.tokenizer,
+        "tokenizer_identity": encoder.identity() if tally.from_text else None,
+        "chat_template": encoder.template_record(),
+        "max_length": config.max_length, "seed": config.seed,
         "split_eval": config.split_eval, "pairs_in": tally.pairs_in, "pairs_out": len(lengths),
         "pairs_per_split": num_per_split, "pairs_truncated": tally.truncated,
         "skipped": dict(tally.skipped),
@@ -253,7 +296,12 @@ def summary_lines(summary: dict) -> List[str]:
     lens = "; ".join(f"{name} {s['p50']}/{s['p90']}/{s['p99']}/{s['max']}"
                      for name, s in summary["lengths"].items())
     bias, tag = summary["length_bias"], f"[{summary['split']}]"
+    rule = summary["chat_template"]
+    source = {None: "no template", "tokenizer": "the tokenizer's template"}.get(
+        rule["source"], f"template {rule['source']}")
     lines = [f"{tag} {summary['pairs_out']} pairs -> {summary['prefix']}.bin/.idx",
+             f"{tag} chat template: {rule['mode']} ({source}), applied to "
+             f"{_APPLIED_TO[rule['applied_to']]}",
              f"{tag} token lengths p50/p90/p99/max: {lens}",
              f"{tag} length bias: {bias['verdict']} (mean chosen - rejected = "
              f"{bias['mean_chosen_minus_rejected']:+.1f} tokens; chosen longer in "
@@ -284,7 +332,7 @@ def _eval_mask(num_pairs: int, share: float, seed: int) -> np.ndarray:
     return mask
 
 
-def _write(config: PreprocessConfig, vocab_size: int, pairs: Iterator[tuple],
+def _write(config: PreprocessConfig, encoder: PairEncoder, pairs: Iterator[tuple],
            tally: _Tally) -> List[dict]:
     """Write the split(s) and summaries; on any failure nothing is left at the prefixes."""
     splits = ["train", "eval"] if config.split_eval > 0 else ["all"]
@@ -292,7 +340,7 @@ def _write(config: PreprocessConfig, vocab_size: int, pairs: Iterator[tuple],
     tmp_summaries, publishing, mode = [], False, file_mode()
     try:
         with contextlib.ExitStack() as stack:
-            writers = [stack.enter_context(PairWriter(p, vocab_size)) for p in prefixes]
+            writers = [stack.enter_context(PairWriter(p, encoder.vocab_size)) for p in prefixes]
             if config.split_eval > 0:
                 pairs = list(pairs)  # the split needs the number of kept pairs first
                 targets = _eval_mask(len(pairs), config.split_eval, config.seed).astype(int)
@@ -307,10 +355,12 @@ def _write(config: PreprocessConfig, vocab_size: int, pairs: Iterator[tuple],
                                  f"skipped {tally.skipped}")
             counts = {split: len(lens) for split, lens in zip(splits, lengths)}
             summaries = [build_summary(np.asarray(lens, np.int64), tally, config, prefix, split,
-                                       counts) for split, prefix, lens in zip(splits, prefixes, lengths)]
+                                       counts, encoder)
+                         for split, prefix, lens in zip(splits, prefixes, lengths)]
             for summary, writer in zip(summaries, writers):
                 # PairDataset checks the summary's fingerprint against the .idx it sits beside.
-                summary.update(fingerprint=writer.seal(), max_token_id=writer.max_token_id)
+                summary.update(fingerprint=writer.seal(summary["tokenizer_identity"]),
+                               max_token_id=writer.max_token_id)
                 fd, tmp = tempfile.mkstemp(suffix=".summary.json.tmp", dir=os.path.dirname(
                     os.path.abspath(summary["prefix"])))
                 tmp_summaries.append((tmp, f"{summary['prefix']}.summary.json"))
@@ -340,7 +390,8 @@ def run(config: PreprocessConfig, progress: bool = True) -> List[dict]:
     from tqdm import tqdm
 
     _check_not_overwriting(config)
-    encoder = load_encoder(config.tokenizer)
+    check_writable(config.out)
+    encoder = load_encoder(config.tokenizer, config.rule)
     opened = [open_input(path) for path in config.inputs]  # fail on a missing input up front
     totals = [total for total, _ in opened]
     items = itertools.chain.from_iterable(it for _, it in opened)
@@ -348,5 +399,4 @@ def run(config: PreprocessConfig, progress: bool = True) -> List[dict]:
     with tqdm(total=None if None in totals else sum(totals), unit="rec", disable=not progress,
               desc="preprocess", mininterval=1.0) as bar, \
             _outcomes(config, encoder, items) as outcomes:
-        return _write(config, encoder.vocab_size, tally.kept(outcomes, config.skip_invalid, bar),
-                      tally)
+        return _write(config, encoder, tally.kept(outcomes, config.skip_invalid, bar), tally)

@@ -57,6 +57,11 @@ def write_jsonl(path, records):
 
 
 def preprocess(tmp_path, inputs, tokenizer, name="out/ds", **kw):
+    """``run`` at ``tmp_path/name``. With an HF tokenizer, plain-string records are templated
+    (``always``) unless a test says otherwise: the hand-built ids here are the Llama-3 template's,
+    and the default rule (TRL's) has its own tests (test_chat_template.py)."""
+    if os.path.isdir(tokenizer):
+        kw.setdefault("chat_template", "always")
     prefix = str(tmp_path / name)
     config = PreprocessConfig(inputs=tuple(str(i) for i in inputs), tokenizer=tokenizer,
                               out=prefix, **kw)
@@ -347,12 +352,13 @@ def test_cli_bad_input_exits_2_and_writes_nothing(tmp_path, llama3, capsys):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "hi", "chosen": "a", "rejected": "b"},
                                                {"prompt": "hi", "chosen": 5, "rejected": "b"}])
     out = str(tmp_path / "out" / "ds")
-    assert cli.main(["--input", bad, "--tokenizer", llama3, "--out", out, "--no-progress"]) == 2
+    assert cli.main(["--input", bad, "--tokenizer", llama3, "--out", out, "--no-progress",
+                     "--chat-template", "always"]) == 2
     err = capsys.readouterr().err
     assert (f"preprocess_data: error: {bad}: line 2: field 'chosen': expected a string or a list "
             "of messages, got int") in err
     assert os.listdir(tmp_path / "out") == []
     assert cli.main(["--input", bad, "--tokenizer", llama3, "--out", out, "--no-progress",
-                     "--skip-invalid"]) == 0
+                     "--skip-invalid", "--chat-template", "always"]) == 0
     assert "[all] records in: 2; skipped: invalid 1" in capsys.readouterr().out
     assert sorted(os.listdir(tmp_path / "out")) == ["ds.bin", "ds.idx", "ds.summary.json"]

@@ -69,7 +69,7 @@ def test_cli_force_flag(tmp_path, llama3, capsys):
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
     args = ["--input", write_jsonl(tmp_path / "in.jsonl", GOOD), "--tokenizer", llama3,
-            "--out", str(tmp_path / "out" / "ds"), "--no-progress"]
+            "--out", str(tmp_path / "out" / "ds"), "--no-progress", "--chat-template", "always"]
     assert cli.main(args) == 0
     assert cli.main(args) == 2
     assert "already exist" in capsys.readouterr().err

@@ -1,16 +1,19 @@
 """Encoders against independent references: the tokenizer's own ``apply_chat_template``, ids built by
-hand from the tiny word-level vocabulary, and ``sentencepiece`` called directly."""
+hand from the tiny word-level vocabulary, and ``sentencepiece`` called directly. Plain-string
+records are templated here with ``--chat-template always``; the default rule (TRL's) is tested in
+test_chat_template.py."""
 
 import pytest
 import sentencepiece
 from transformers import AutoTokenizer
 
 from megasimpo.data.formats import ChatPair, TextPair, TokenPair
-from megasimpo.data.tokenize import (
-    ChatTemplateEncoder, PlainEncoder, load_encoder, truncate_prompt)
+from megasimpo.data.chat_template import TemplateRule
+from megasimpo.data.tokenize import HFEncoder, load_encoder, truncate_prompt
 from tiny_tokenizers import build_hf_tokenizer, build_spm, word_ids
 
 pytestmark = pytest.mark.fast  # in `make test-fast`
+ALWAYS = TemplateRule(mode="always")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +49,8 @@ MULTI_TURN = ChatPair((("system", "you are a helpful model"), ("user", "tell me 
                                              "berlin it is"), MULTI_TURN])
 def test_prompt_plus_response_equals_template_of_full_conversation(tok_dirs, template, record):
     tok = AutoTokenizer.from_pretrained(tok_dirs[template])
-    enc = load_encoder(tok_dirs[template])
-    assert isinstance(enc, ChatTemplateEncoder) and enc.vocab_size == len(tok)
+    enc = load_encoder(tok_dirs[template], ALWAYS)
+    assert isinstance(enc, HFEncoder) and enc.vocab_size == len(tok)
     prompt, chosen, rejected = enc.encode(record)
     context = (("user", record.prompt),) if isinstance(record, TextPair) else record.context
     assert prompt == _template(tok, context, generation_prompt=True)
@@ -72,7 +75,7 @@ def test_llama3_ids_by_hand_multi_turn_masking(tok_dirs):
 
 
 def test_chatml_ids_by_hand(tok_dirs):
-    prompt, chosen, rejected = load_encoder(tok_dirs["chatml"]).encode(
+    prompt, chosen, rejected = load_encoder(tok_dirs["chatml"], ALWAYS).encode(
         TextPair("how many legs does a cat have", "four", "two legs"))
     assert prompt == word_ids(tok_dirs["chatml"],
                               "<|im_start|> user how many legs does a cat have <|im_end|> "
@@ -82,24 +85,30 @@ def test_chatml_ids_by_hand(tok_dirs):
 
 
 def test_template_that_breaks_the_prefix_is_refused(tok_dirs):
-    enc = load_encoder(tok_dirs["broken"])
+    enc = load_encoder(tok_dirs["broken"], ALWAYS)
     with pytest.raises(ValueError, match="does not render the prompt") as info:
         enc.encode(TextPair("hi", "hello", "no"))
     assert tok_dirs["broken"] in str(info.value)
 
 
-def test_template_less_hf_tokenizer_adds_bos_and_eos(tok_dirs):
+def test_template_less_hf_tokenizer_text_as_trl_and_conversations_refused(tok_dirs):
+    """Plain strings: TRL's rule (this tokenizer's post-processor adds no BOS; EOS text after each
+    response). A conversation without a template is refused unless its turns are joined."""
     enc = load_encoder(tok_dirs[None])
-    assert isinstance(enc, PlainEncoder)
-    prompt, chosen, rejected = enc.encode(TextPair("what is the capital of france", "paris",
-                                                   "berlin"))
+    assert isinstance(enc, HFEncoder) and enc.template is None
+    prompt, chosen, rejected = enc.encode(TextPair("what is the capital of france", " paris",
+                                                   " berlin"))
     d = tok_dirs[None]
-    assert prompt == word_ids(d, "<s> what is the capital of france")
+    assert prompt == word_ids(d, "what is the capital of france")
     assert chosen == word_ids(d, "paris </s>") and rejected == word_ids(d, "berlin </s>")
-    # A conversation's context is joined as plain text.
-    prompt, chosen, _ = enc.encode(ChatPair((("user", "hi"), ("assistant", "hello"),
-                                             ("user", "two plus two")), "four", "five"))
-    assert prompt == word_ids(d, "<s> hi hello two plus two")
+    chat = ChatPair((("user", "hi"), ("assistant", "hello"), ("user", "two plus two")),
+                    "four", "five")
+    with pytest.raises(ValueError, match="no chat template.*--chat-template-file.*"
+                                         "--chat-template never --turn-separator"):
+        enc.encode(chat)
+    joined = load_encoder(d, TemplateRule(mode="never", turn_separator=" "))
+    prompt, chosen, _ = joined.encode(chat)
+    assert prompt == word_ids(d, "hi hello two plus two")
     assert chosen == word_ids(d, "four </s>")
 
 

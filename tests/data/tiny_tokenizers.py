@@ -99,3 +99,30 @@ def build_spm(out_dir: str, bos: bool = True, vocab_size: int = 100) -> str:
         unk_id=0, bos_id=1 if bos else -1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
         minloglevel=2, num_threads=1)
     return prefix + ".model"
+
+
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def build_qwen2_tokenizer(out_dir: str, template: bool = True, extra_text: str = "") -> str:
+    """A Qwen2-style tokenizer saved to ``out_dir``: byte-level BPE (trained here on SPM_TEXT +
+    ``extra_text``, so another ``extra_text`` gives another vocabulary), ``<|endoftext|>`` /
+    ``<|im_start|>`` / ``<|im_end|>`` special tokens, EOS ``<|im_end|>``, no BOS, and the ChatML
+    template (or none). Returns ``out_dir``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=QWEN2_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    core.train_from_iterator((SPM_TEXT + extra_text).split("\n"), trainer=trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>",
+                                  additional_special_tokens=QWEN2_SPECIALS[1:])
+    if template:
+        tok.chat_template = CHATML_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return out_dir
