@@ -92,3 +92,21 @@ def test_every_option_of_every_command_has_a_user_facing_help():
                         + re.findall(r"megasimpo/[\w/]+\.py", text)):
                 problems.append(f"{name} {where}: {bad!r} in {text!r}")
     assert not problems, "\n".join(problems)
+
+
+def test_install_docs_and_gpu_scripts_name_no_path_outside_the_repository(tmp_path):
+    # Prebuilt TE wheels come from the directory MEGASIMPO_TE_WHEELS names, not ../shared/.
+    import subprocess
+
+    files = glob.glob(os.path.join(REPO, "docs", "*.md")) + [os.path.join(REPO, "README.md")] \
+        + glob.glob(os.path.join(REPO, "bench", "gpu", "*"))
+    assert not [f for f in files if "../shared" in open(f).read()]
+    perf = open(os.path.join(REPO, "docs", "performance.md")).read()
+    assert 'pip install -e ".[te]"' in perf and "NGC" in perf and "MEGASIMPO_TE_WHEELS" in perf
+    fetch = os.path.join(REPO, "bench", "gpu", "fetch.sh")  # bash: a subprocess; stops at the check
+    env = {k: v for k, v in os.environ.items() if k not in ("MEGASIMPO_TE_WHEELS", "SHARED_WHEELS")}
+    p = subprocess.run(["bash", fetch], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 1 and "set MEGASIMPO_TE_WHEELS to the directory holding" in p.stderr
+    p = subprocess.run(["bash", fetch], capture_output=True, text=True, timeout=60,
+                       env=dict(env, MEGASIMPO_TE_WHEELS=str(tmp_path)))
+    assert p.returncode == 1 and f"{tmp_path}/transformer_engine_cu13" in p.stderr
