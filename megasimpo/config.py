@@ -187,14 +187,16 @@ class LoraConfig:
 
     rank: int = option(0, "LoRA rank r of every adapter; 0: off (full fine-tuning)", ge=0)
     alpha: Optional[float] = option(None, "LoRA scale numerator: the delta is alpha / r x B A "
-                                          "(default 2r)", gt=0)
+                                          "(default 2r)", ge=0)
     dropout: float = option(0.0, "dropout on each adapter's input", ge=0, lt=1)
     targets: tuple = option(LORA_TARGETS, "projections that get adapters (Megatron names)")
 
     def __post_init__(self):
-        check_options(self)  # before alpha's default, which is 0 when LoRA is off
+        check_options(self)
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(2 * self.rank))
+        if self.rank and self.alpha == 0:  # 0 is the recorded default only when LoRA is off
+            raise ValueError(f"--lora-alpha {self.alpha} must be > 0 with --lora-rank {self.rank}")
         object.__setattr__(self, "targets", tuple(self.targets))
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):

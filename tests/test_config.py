@@ -119,8 +119,10 @@ def test_numeric_ranges_are_declared_with_the_field_and_enforced():
     assert not missing
     with pytest.raises(ValueError, match=r"--alphapo-alpha inf must be a finite number"):
         LossConfig(name="alphapo", alphapo_alpha=float("inf"))
-    with pytest.raises(ValueError, match=r"--lora-alpha 0.0 must be > 0"):
+    with pytest.raises(ValueError, match=r"--lora-alpha -1.0 must be >= 0"):
+        LoraConfig(rank=4, alpha=-1.0)
+    with pytest.raises(ValueError, match=r"--lora-alpha 0.0 must be > 0 with --lora-rank 4"):
         LoraConfig(rank=4, alpha=0.0)
     with pytest.raises(ValueError, match=r"--vpp 0 must be >= 1"):
         Layout(vpp=0)
-    assert LoraConfig().alpha == 0.0  # rank 0: the default alpha is not range-checked
+    assert LoraConfig(alpha=0.0).alpha == 0.0  # rank 0: what config.yaml records
