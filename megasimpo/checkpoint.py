@@ -27,9 +27,12 @@ def read_meta(path: str) -> dict:
     """The metadata of a checkpoint directory; ValueError if ``path`` is not one."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
+        from megasimpo.run_dir import model_of
+
         raise ValueError(
-            f"{path}: not a megasimpo checkpoint (no {META_FILE}); convert an HF model with "
-            "`python tools/convert_hf.py import --hf HF_DIR --out CKPT`"
+            f"{path}: not a megasimpo checkpoint (no {META_FILE}); "
+            + (model_of(path) or "convert an HF model with "
+               "`python tools/convert_hf.py import --hf HF_DIR --out CKPT`")
         )
     with open(meta_path) as f:
         meta = json.load(f)

@@ -7,6 +7,7 @@ value fails at start-up with the value in the message. Values derived from the c
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -38,21 +39,80 @@ LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
 def option(default=dataclasses.MISSING, doc: str = "", *, choices: tuple = (),
-           factory=dataclasses.MISSING):
-    """A run-configuration field with its documentation (the flag's help, megasimpo/flags.py
-    builds the train flags from these) and, for a string, its allowed values."""
+           factory=dataclasses.MISSING, ge=None, gt=None, le=None, lt=None):
+    """A run-configuration field with its documentation (the flag's help: megasimpo/train_flags.py
+    builds the train flags from these), for a string its allowed values, and for a number its
+    range: ``ge``/``le`` inclusive and ``gt``/``lt`` exclusive bounds (checked by
+    ``check_options``, for flags, ``--config`` files and direct construction alike)."""
     return field(default=default, default_factory=factory,
-                 metadata={"doc": doc, "choices": choices})
+                 metadata={"doc": doc, "choices": choices, "range": (ge, gt, le, lt)})
 
 
-def check_choices(cfg) -> None:
-    """ValueError naming the flag when a field declared with ``choices`` holds another value."""
+# Fields whose flag is not their name: LossConfig's name is --loss, LoraConfig's are --lora-*.
+RENAMED_FLAGS = {("LossConfig", "name"): "loss"}
+FLAG_PREFIXES = {"LoraConfig": "lora_"}
+
+
+def flag_name(cls, name: str) -> str:
+    """The flag of field ``name`` of dataclass ``cls`` (``--lora-rank`` for LoraConfig.rank)."""
+    cls_name = cls.__name__ if isinstance(cls, type) else type(cls).__name__
+    name = RENAMED_FLAGS.get((cls_name, name), FLAG_PREFIXES.get(cls_name, "") + name)
+    return "--" + name.replace("_", "-")
+
+
+def range_text(f: dataclasses.Field) -> str:
+    """The allowed range of a numeric field as a user reads it (">= 1", "in [0, 1)"), or ""."""
+    ge, gt, le, lt = f.metadata.get("range", (None,) * 4)
+    low = f"[{ge:g}" if ge is not None else f"({gt:g}" if gt is not None else None
+    high = f"{le:g}]" if le is not None else f"{lt:g})" if lt is not None else None
+    if low and high:
+        return f"in {low}, {high}"
+    if low:
+        return (">= " if ge is not None else "> ") + low[1:]
+    if high:
+        return ("<= " if le is not None else "< ") + high[:-1]
+    return ""
+
+
+def range_problem(f: dataclasses.Field, value) -> str:
+    """Why ``value`` is outside field ``f``'s declared range ("must be >= 0"), or "" when it is
+    inside (or not a number). Non-finite floats are refused for every float field."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return ""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "must be a finite number"
+    ge, gt, le, lt = f.metadata.get("range", (None,) * 4)
+    if ((ge is not None and value < ge) or (gt is not None and value <= gt)
+            or (le is not None and value > le) or (lt is not None and value >= lt)):
+        return f"must be {range_text(f)}"
+    return ""
+
+
+def _range_error(cls, f: dataclasses.Field, value, problem: str) -> ValueError:
+    doc = f.metadata.get("doc")
+    return ValueError(f"{flag_name(cls, f.name)} {value!r} {problem}" + (f" ({doc})" if doc else ""))
+
+
+def check_value(cls, name: str, value) -> None:
+    """ValueError naming the flag, the value and the range when ``value`` is outside the range
+    field ``name`` of ``cls`` declares (for values checked before the dataclass is built)."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    problem = range_problem(f, value)
+    if problem:
+        raise _range_error(cls, f, value, problem)
+
+
+def check_options(cfg) -> None:
+    """ValueError naming the flag when a field declared with ``choices`` holds another value, or
+    a numeric field is outside its declared range."""
     for f in dataclasses.fields(cfg):
         value, choices = getattr(cfg, f.name), f.metadata.get("choices")
         if choices and value is not None and value not in choices:
-            flag = "loss" if (type(cfg).__name__, f.name) == ("LossConfig", "name") else f.name
-            raise ValueError(f"--{flag.replace('_', '-')} {value!r} is not one of "
+            raise ValueError(f"{flag_name(cfg, f.name)} {value!r} is not one of "
                              + ", ".join(choices))
+        problem = range_problem(f, value)
+        if problem:
+            raise _range_error(type(cfg), f, value, problem)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,31 +120,28 @@ class LossConfig:
     """Which preference loss, and its hyper-parameters (paper defaults)."""
 
     name: str = option("simpo", "the preference loss (flag --loss)", choices=LOSSES)
-    beta: Optional[float] = option(None, "reward scale; default per loss (DEFAULT_BETA); IPO's tau, "
-                                         "ORPO's lambda")
+    beta: Optional[float] = option(None, "reward scale, IPO's tau, ORPO's lambda; default per "
+                                         "loss: " + ", ".join(f"{k} {v:g}" for k, v in
+                                                              DEFAULT_BETA.items()), gt=0)
     gamma_beta_ratio: float = option(0.5, "SimPO / AlphaPO target margin over beta (gamma = beta "
-                                          "x ratio)")
+                                          "x ratio)", ge=0)
     label_smoothing: float = option(0.0, "conservative-DPO / SimPO label smoothing in [0, 0.5) "
-                                         "(simpo, dpo, cpo, rdpo, alphapo)")
+                                         "(simpo, dpo, cpo, rdpo, alphapo)", ge=0, lt=0.5)
     loss_type: str = option("sigmoid", "Bradley-Terry term of simpo, dpo, cpo, rdpo",
                             choices=LOSS_TYPES)
-    sft_weight: float = option(0.0, "SimPO: weight of the chosen-response NLL added to the loss")
-    cpo_alpha: float = option(1.0, "CPO: weight of the chosen-response NLL")
-    rdpo_alpha: float = option(0.0, "R-DPO: length-regularisation strength alpha (per token)")
+    sft_weight: float = option(0.0, "SimPO: weight of the chosen-response NLL added to the loss",
+                               ge=0)
+    cpo_alpha: float = option(1.0, "CPO: weight of the chosen-response NLL", ge=0)
+    rdpo_alpha: float = option(0.0, "R-DPO: length-regularisation strength alpha (per token)",
+                               ge=0)
     alphapo_alpha: float = option(0.0, "AlphaPO: reward shape alpha, r = (1 - p^-alpha) / alpha "
                                        "of the per-token average p (TRL's CPOConfig.alpha; 0: "
                                        "log p, SimPO)")
 
     def __post_init__(self):
-        check_choices(self)
+        check_options(self)
         if self.beta is None:
             object.__setattr__(self, "beta", DEFAULT_BETA[self.name])
-        if self.beta <= 0:
-            raise ValueError(f"--beta {self.beta} must be positive")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing {self.label_smoothing} must be in [0, 0.5)")
-        if self.sft_weight < 0:
-            raise ValueError(f"--sft-weight {self.sft_weight} must be >= 0")
         # A setting the chosen loss would silently ignore is a user error, not a no-op.
         if self.loss_type == "hinge" and self.name not in HINGE_LOSSES:
             raise ValueError(f"--loss-type hinge is not defined for --loss {self.name} (only "
@@ -97,8 +154,6 @@ class LossConfig:
                 + ", ".join(LABEL_SMOOTHING_LOSSES) + ")")
         if self.sft_weight > 0 and self.name != "simpo":
             raise ValueError(f"--sft-weight {self.sft_weight} applies to simpo only, not {self.name}")
-        if not math.isfinite(self.alphapo_alpha):
-            raise ValueError(f"--alphapo-alpha {self.alphapo_alpha} must be finite")
         if self.alphapo_alpha != 0 and self.name != "alphapo":
             raise ValueError(f"--alphapo-alpha {self.alphapo_alpha} has no effect for --loss "
                              f"{self.name} (alphapo only)")
@@ -113,26 +168,35 @@ class LossConfig:
         """Whether this loss compares against a reference model."""
         return self.name in REFERENCE_LOSSES
 
+    def check_reference(self, ref: str, ref_logps: tuple) -> None:
+        """ValueError when reference options are given to a loss without a reference (they
+        would be silently ignored)."""
+        if self.needs_reference:
+            return
+        if ref == "precomputed":
+            raise ValueError(f"--ref precomputed has no effect for --loss {self.name}: only "
+                             + ", ".join(REFERENCE_LOSSES) + " use a reference model; drop --ref")
+        if ref_logps:
+            raise ValueError(f"--ref-logps has no effect for --loss {self.name}: only "
+                             + ", ".join(REFERENCE_LOSSES) + " use reference log-probs; drop it")
+
 
 @dataclass(frozen=True, kw_only=True)
 class LoraConfig:
     """Low-rank adapters on the attention and MLP projections (megasimpo/lora.py); rank 0: off."""
 
-    rank: int = option(0, "LoRA rank r of every adapter; 0: off (full fine-tuning)")
+    rank: int = option(0, "LoRA rank r of every adapter; 0: off (full fine-tuning)", ge=0)
     alpha: Optional[float] = option(None, "LoRA scale numerator: the delta is alpha / r x B A "
-                                          "(default 2r)")
-    dropout: float = option(0.0, "dropout on each adapter's input")
+                                          "(default 2r)", ge=0)
+    dropout: float = option(0.0, "dropout on each adapter's input", ge=0, lt=1)
     targets: tuple = option(LORA_TARGETS, "projections that get adapters (Megatron names)")
 
     def __post_init__(self):
-        if self.rank < 0:
-            raise ValueError(f"--lora-rank {self.rank} must be >= 0 (0: no LoRA)")
+        check_options(self)
         if self.alpha is None:
             object.__setattr__(self, "alpha", float(2 * self.rank))
-        if self.rank and self.alpha <= 0:
-            raise ValueError(f"--lora-alpha {self.alpha} must be positive")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--lora-dropout {self.dropout} must be in [0, 1)")
+        if self.rank and self.alpha == 0:  # 0 is the recorded default only when LoRA is off
+            raise ValueError(f"--lora-alpha {self.alpha} must be > 0 with --lora-rank {self.rank}")
         object.__setattr__(self, "targets", tuple(self.targets))
         unknown = [t for t in self.targets if t not in LORA_TARGETS]
         if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
@@ -154,12 +218,18 @@ class LoraConfig:
 class Layout:
     """How one model replica is split over ranks, and how many replicas there are."""
 
-    tp: int = 1  # tensor-parallel size (splits heads, FFN and vocabulary)
-    pp: int = 1  # pipeline-parallel stages
-    vpp: Optional[int] = None  # virtual stages (model chunks) per pipeline rank, interleaved schedule
-    cp: int = 1  # context-parallel size (splits the sequence; needs Transformer Engine attention)
-    dp: int = 1  # data-parallel replicas = world / (tp * pp * cp)
-    sequence_parallel: bool = False  # shard norms/dropout activations over TP (only with tp > 1)
+    tp: int = option(1, "tensor-parallel size (splits heads, FFN and vocabulary)", ge=1)
+    pp: int = option(1, "pipeline-parallel stages", ge=1)
+    vpp: Optional[int] = option(None, "virtual stages (model chunks) per pipeline rank, "
+                                      "interleaved schedule", ge=1)
+    cp: int = option(1, "context-parallel size (splits the sequence; needs Transformer Engine "
+                        "attention)", ge=1)
+    dp: int = option(1, "data-parallel replicas = world / (tp * pp * cp)", ge=1)
+    sequence_parallel: bool = option(False, "shard norms/dropout activations over TP (only with "
+                                            "tp > 1)")
+
+    def __post_init__(self):
+        check_options(self)
 
     @property
     def world_size(self) -> int:
@@ -181,9 +251,8 @@ class Layout:
         group or weight is created. Sequence parallelism is on by default whenever tp > 1 (every
         layer spec supports it, ``layer_spec.TorchRMSNorm`` included).
         """
-        for name, v in (("--tp", tp), ("--pp", pp), ("--cp", cp)):
-            if v < 1:
-                raise ValueError(f"{name} {v} must be >= 1")
+        for name, v in (("tp", tp), ("pp", pp), ("cp", cp)):
+            check_value(cls, name, v)
         model_ranks = tp * pp * cp
         if world_size % model_ranks:
             raise ValueError(
@@ -215,6 +284,15 @@ class Layout:
 
 
 
+def check_prefix(flag: str, prefix: str) -> None:
+    """ValueError when a dataset prefix is given with its .bin/.idx suffix (the files would be
+    looked for as PREFIX.bin.bin): the message names the prefix to pass instead."""
+    stem, ext = os.path.splitext(prefix)
+    if ext in (".bin", ".idx") and not os.path.exists(prefix + ".bin"):
+        raise ValueError(f"{flag} {prefix}: give the dataset prefix without {ext} ({flag} {stem}); "
+                         "PREFIX.bin and PREFIX.idx are found from it")
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """One training run: inputs, outputs, schedule and the requested (partial) layout."""
@@ -230,36 +308,40 @@ class TrainConfig:
     ref_logps: tuple = option((), "--ref precomputed: `megasimpo score` JSONL per --data then "
                                   "--eval-data prefix (default PREFIX.ref_logps.jsonl)")
     # Layout and batch split: None = the planner decides (megasimpo/planner.py); a value fixes it.
-    tp: Optional[int] = option(None, "tensor-parallel size")
-    pp: Optional[int] = option(None, "pipeline-parallel size")
-    vpp: Optional[int] = option(None, "virtual pipeline chunks per rank (interleaved schedule)")
-    cp: Optional[int] = option(None, "context-parallel size")
+    tp: Optional[int] = option(None, "tensor-parallel size", ge=1)
+    pp: Optional[int] = option(None, "pipeline-parallel size", ge=1)
+    vpp: Optional[int] = option(None, "virtual pipeline chunks per rank (interleaved schedule)", ge=1)
+    cp: Optional[int] = option(None, "context-parallel size", ge=1)
     sequence_parallel: Optional[bool] = option(None, "sequence parallelism; default: on when tp > 1")
-    attention_backend: str = option("auto", "core attention (megasimpo/layer_spec.py); auto: te "
-                                            "with TE on a GPU, else sdpa", choices=ATTENTION_BACKENDS)
-    micro_batch_size: Optional[int] = option(None, "pairs per micro-batch per DP rank")
+    attention_backend: str = option("auto", "core attention: te (Transformer Engine), sdpa "
+                                            "(PyTorch scaled_dot_product_attention) or unfused "
+                                            "(Megatron's); auto: te with TE on a GPU, else sdpa",
+                                    choices=ATTENTION_BACKENDS)
+    micro_batch_size: Optional[int] = option(None, "pairs per micro-batch per DP rank", ge=1)
     recompute: Optional[bool] = option(None, "full activation recompute")
     gpu_mem_gb: Optional[float] = option(None, "memory per device the plan may use (default: "
-                                                "queried)")
-    global_batch_size: int = option(128, "pairs per optimizer step, all ranks")
+                                                "queried)", gt=0)
+    global_batch_size: int = option(128, "pairs per optimizer step, all ranks", ge=1)
     seq_length: Optional[int] = option(None, "tokens per sequence; default: the longest pair in "
-                                             "the data (capped by the model)")
-    steps: Optional[int] = option(None, "optimizer steps; default: epochs x steps per epoch")
-    epochs: int = option(1, "passes over the training data when --steps is not given")
-    lr: float = option(6e-7, "peak learning rate (SimPO's Llama-3-8B-Instruct setting)")
-    min_lr: float = option(0.0, "cosine floor")
-    warmup_ratio: float = option(0.1, "share of steps with linear warm-up")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    adam_beta1: float = option(0.9, "Adam beta1")
-    adam_beta2: float = option(0.999, "Adam beta2")
-    clip_grad: float = option(1.0, "global grad-norm clip")
+                                             "the data (capped by the model)", ge=1)
+    steps: Optional[int] = option(None, "optimizer steps; default: epochs x steps per epoch",
+                                  ge=1)
+    epochs: int = option(1, "passes over the training data when --steps is not given", ge=1)
+    lr: float = option(6e-7, "peak learning rate (SimPO's Llama-3-8B-Instruct setting)", gt=0)
+    min_lr: float = option(0.0, "cosine floor (at most --lr)", ge=0)
+    warmup_ratio: float = option(0.1, "share of steps with linear warm-up", ge=0, lt=1)
+    weight_decay: float = option(0.0, "AdamW weight decay", ge=0)
+    adam_beta1: float = option(0.9, "Adam beta1", ge=0, lt=1)
+    adam_beta2: float = option(0.999, "Adam beta2", ge=0, lt=1)
+    clip_grad: float = option(1.0, "global grad-norm clip; 0: no clipping (grad_norm is then "
+                                   "not measured)", ge=0)
     precision: Optional[str] = option(None, "default: bf16 on GPU, fp32 on CPU",
                                       choices=PRECISIONS)
     pack: Optional[bool] = option(None, "pack each micro-batch's sequences into one row (THD); "
                                         "default: with a variable-length attention kernel (TE, "
                                         "or SDPA on a GPU) and cp 1")
     logprob_chunk: int = option(LOGPROB_CHUNK, "tokens per chunk of the fused output layer + "
-                                               "log-probs (no full logits); 0: plain path")
+                                               "log-probs (no full logits); 0: plain path", ge=0)
     overlap_grad_reduce: Optional[bool] = option(None, "reduce-scatter each gradient bucket "
                                                        "during backward (Megatron DDP); default: "
                                                        "on with CUDA, off on CPU")
@@ -268,13 +350,20 @@ class TrainConfig:
                                                         "--overlap-grad-reduce); default: as it")
     eval_data: tuple = option((), "held-out dataset prefix(es)")
     eval_interval: int = option(0, "evaluate every N steps (and at start and end); 0: start and "
-                                   "end only")
-    save_interval: int = option(0, "resumable checkpoint every N steps; 0: final model only")
-    keep_checkpoints: int = option(2, "resumable checkpoints kept in RUN_DIR/checkpoints (0: all)")
-    max_skipped_steps: int = option(10, "stop after this many consecutive non-finite steps")
-    exit_interval: Optional[int] = option(None, "checkpoint and exit 0 after step N")
-    log_interval: int = option(1, "metrics rows every N steps")
-    seed: int = option(1234, "data order and any random init")
+                                   "end only", ge=0)
+    save_interval: int = option(0, "resumable checkpoint every N steps; 0: final model only",
+                                ge=0)
+    keep_checkpoints: int = option(2, "resumable checkpoints kept in RUN_DIR/checkpoints (0: all)",
+                                   ge=0)
+    max_skipped_steps: int = option(10, "stop after this many consecutive non-finite steps", ge=1)
+    exit_interval: Optional[int] = option(None, "checkpoint and exit 0 after step N", ge=1)
+    log_interval: int = option(1, "metrics rows every N steps; without a progress bar, a "
+                                  "console line every N steps, at most about 100 per run",
+                               ge=1)
+    progress: Optional[bool] = option(None, "a progress bar (--no-progress: a plain console line "
+                                            "per --log-interval instead); default: a bar when "
+                                            "stderr is a terminal")
+    seed: int = option(1234, "data order and any random init", ge=0)
     # How this start treats what --out already holds (megasimpo/run_dir.py); not run settings.
     force: bool = option(False, "train into a finished run directory again (replaces its "
                                 "final_model at the end)")
@@ -283,24 +372,18 @@ class TrainConfig:
                                         "printed)")
 
     def __post_init__(self):
-        check_choices(self)
+        check_options(self)
         if not self.data:
             raise ValueError("--data needs at least one dataset prefix")
-        for name in ("micro_batch_size", "global_batch_size", "epochs", "log_interval",
-                     "max_skipped_steps"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)} must be >= 1")
-        if self.logprob_chunk < 0:
-            raise ValueError(f"--logprob-chunk {self.logprob_chunk} must be >= 0 (0: plain path)")
         if self.overlap_param_gather and self.overlap_grad_reduce is False:
             raise ValueError("--overlap-param-gather needs --overlap-grad-reduce (Megatron-Core "
                              "supports the parameter all-gather overlap only with it)")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"--steps {self.steps} must be >= 1")
-        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
-            raise ValueError(f"--lr {self.lr} / --min-lr {self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)")
+        if self.min_lr > self.lr:
+            raise ValueError(f"--min-lr {self.min_lr} must be at most --lr {self.lr}")
+        self.loss.check_reference(self.ref, self.ref_logps)
+        for flag, prefixes in (("--data", self.data), ("--eval-data", self.eval_data)):
+            for prefix in prefixes:
+                check_prefix(flag, prefix)
 
     def to_dict(self) -> dict:
         """Plain dict (for config.yaml)."""

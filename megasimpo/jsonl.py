@@ -7,11 +7,23 @@ import json
 from typing import Any, Iterator, Tuple
 
 
+def json_error(path: str, lineno: int, line: str, err: json.JSONDecodeError) -> ValueError:
+    """``PATH:LINE: not valid JSON (reason, column C): '...text at C...'``: the column counts
+    characters of the line as it is in the file (leading blanks included), and the text shown
+    is the line from that column's neighbourhood, so the two always agree."""
+    line = line.rstrip("\r\n")
+    start = max(0, err.colno - 41)
+    excerpt = ("..." if start else "") + line[start:start + 80] + (
+        "..." if len(line) > start + 80 else "")
+    return ValueError(f"{path}:{lineno}: not valid JSON ({err.msg}, column {err.colno}): "
+                      f"{excerpt!r}")
+
+
 def read_jsonl(path: str) -> Iterator[Tuple[int, Any]]:
     """(1-based line number, parsed value) for every non-blank line of ``path``.
 
     A line that is not valid JSON raises ValueError ``PATH:LINE: not valid JSON (reason, column
-    C): 'the line'``.
+    C): '...'`` (``json_error``).
     """
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
@@ -20,6 +32,5 @@ def read_jsonl(path: str) -> Iterator[Tuple[int, Any]]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno}): "
-                                 f"{line.strip()[:80]!r}") from None
+                raise json_error(path, lineno, line, e) from None
             yield lineno, value

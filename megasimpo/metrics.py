@@ -78,6 +78,13 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
 
 
+def tensorboard_tag(name: str) -> str:
+    """The TensorBoard tag of metric ``name`` as TRL's trainers write it (transformers'
+    ``TensorBoardCallback`` through ``rewrite_logs``): ``eval_x`` -> ``eval/x``, any other ``x``
+    -> ``train/x``. metrics.jsonl keeps the names themselves (the contract)."""
+    return "eval/" + name[len("eval_"):] if name.startswith("eval_") else "train/" + name
+
+
 class MetricsSink:
     """Appends metric rows to metrics.jsonl and TensorBoard (rank 0 only; others no-op)."""
 
@@ -105,7 +112,7 @@ class MetricsSink:
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, (int, float)):
-                    self._tb.add_scalar(k, v, row["step"])
+                    self._tb.add_scalar(tensorboard_tag(k), v, row["step"])
 
     def close(self) -> None:
         """Flushes and closes the files."""

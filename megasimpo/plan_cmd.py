@@ -35,7 +35,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (TP stays inside)")
     p.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory of one GPU, GB (1e9 B)")
     p.add_argument("--seq-length", type=int, default=4096, help="tokens per sequence")
-    p.add_argument("--loss", choices=LOSSES, default="simpo")
+    p.add_argument("--loss", choices=LOSSES, default="simpo",
+                   help="the preference loss (default simpo)")
     p.add_argument("--ref", choices=REFERENCE_SOURCES, default="live",
                    help="reference log-probs of dpo/ipo/rdpo/dpo_norm: live frozen model or `score` files")
     p.add_argument("--global-batch-size", type=int, default=128, help="pairs per optimizer step")
@@ -43,7 +44,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         p.add_argument(f"--{name}", type=int, help="fix this part of the layout, plan the rest")
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
                    help="force full activation recompute on/off")
-    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="sequence parallelism on/off (default: on when tp > 1)")
     p.add_argument("--logprob-chunk", type=int, default=LOGPROB_CHUNK,
                    help="tokens per fused output-layer chunk, as train's (0: full logits)")
     p.add_argument("--attention-backend", choices=("te", "sdpa", "unfused"), default="te",
@@ -96,7 +98,7 @@ def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> s
     lines = [
         f"model   {m.architecture}: {m.num_layers} layers, hidden {m.hidden_size}, "
         f"ffn {m.ffn_hidden_size}, {m.num_attention_heads} heads / {m.num_query_groups} KV heads, "
-        f"vocab {m.vocab_size}, {m.num_parameters / 1e9:.2f} B parameters",
+        f"vocab {m.vocab_size}, {parameter_count(m.num_parameters)} parameters",
         f"train   {_trainable(plan)}",
         f"world   {plan.world_size} GPUs ({gpus_per_node} per node, {plan.gpu_mem_gb:g} GB each), "
         f"seq {plan.seq_length}, loss {plan.loss}, attention {plan.attention_backend}",
@@ -122,6 +124,11 @@ def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> s
     lines.append("why")
     lines.extend(f"  - {r}" for r in plan.reasons)
     return "\n".join(lines)
+
+
+def parameter_count(n: int) -> str:
+    """``n`` parameters as people write them: 8.03 B, 124.44 M, 0.35 M."""
+    return f"{n / 1e9:.2f} B" if n >= 0.9995e9 else f"{n / 1e6:.2f} M"
 
 
 def _trainable(plan: planner.Plan) -> str:

@@ -38,7 +38,7 @@ SAFE_TO_CHANGE = ("steps", "epochs", "eval_data", "eval_interval", "save_interva
                   "exit_interval", "log_interval", "keep_checkpoints", "max_skipped_steps",
                   "tp", "pp", "vpp", "cp", "sequence_parallel", "micro_batch_size", "recompute",
                   "gpu_mem_gb", "attention_backend", "pack", "logprob_chunk",
-                  "overlap_grad_reduce", "overlap_param_gather")
+                  "overlap_grad_reduce", "overlap_param_gather", "progress")
 NOT_RUN_CONFIG = ("out", "force", "resume_anyway")  # how this start behaves, not what it trains
 PATH_FIELDS = ("load", "data", "eval_data", "ref_logps")
 
@@ -256,6 +256,24 @@ def check_not_finished(run_dir: str, force: bool) -> None:
         "replaces its final_model")
 
 
+def model_of(path: str) -> str:
+    """When ``path`` is a run directory, where its model is ("PATH is a run directory: ...");
+    else "". For a --load that names a run instead of a checkpoint."""
+    final = os.path.join(path, FINAL_MODEL)
+    if os.path.isdir(final):
+        return f"{path} is a run directory; its trained model is {final}"
+    if os.path.isfile(os.path.join(path, STATUS_FILE)):
+        from megasimpo import checkpoint
+
+        try:
+            latest = checkpoint.latest_checkpoint(path)
+        except ValueError:  # a broken pointer: say only what is certain
+            latest = None
+        return (f"{path} is a run directory without a final_model yet (unfinished)"
+                + (f"; its latest checkpoint is {latest}" if latest else ""))
+    return ""
+
+
 def truncate_metrics(run_dir: str, start_step: int) -> None:
     """Keeps only the metric rows of steps a resume at ``start_step`` will not redo (none for a
     start from step 0). A torn last line (a crash mid-write) is dropped; any other line that is
@@ -276,8 +294,10 @@ def truncate_metrics(run_dir: str, start_step: int) -> None:
                 print(f"megasimpo train: {path}:{lineno}: dropping an incomplete last row",
                       flush=True)
                 continue
-            raise ValueError(f"{path}:{lineno}: not a JSON metrics row ({e}); fix or delete that "
-                             "line, then run the same command again") from None
+            # json's own message says "line 1" of the one line it was given: name the file's
+            why = f"{e.msg}, column {e.colno}" if isinstance(e, json.JSONDecodeError) else str(e)
+            raise ValueError(f"{path}:{lineno}: not a JSON metrics row ({why}); fix or delete "
+                             "that line, then run the same command again") from None
         if start_step > 0 and row.get("step", 0) <= start_step:
             keep.append(raw.decode() + "\n")
     atomic.write_text(path, "".join(keep))

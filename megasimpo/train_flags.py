@@ -19,11 +19,12 @@ number it spells).
 
 import argparse
 import dataclasses
+import difflib
 import typing
 
 import yaml
 
-from megasimpo.config import LoraConfig, LossConfig, TrainConfig
+from megasimpo.config import LoraConfig, LossConfig, TrainConfig, range_problem
 
 EXTRA_FLAGS = ("gamma", "config")
 # TrainConfig fields holding a dataclass, flattened into options: (class, option-name prefix,
@@ -76,6 +77,30 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
                         help="absolute SimPO margin (sets --gamma-beta-ratio = gamma / beta)")
     parser.add_argument("--config", default=argparse.SUPPRESS,
                         help="YAML file of these options, or a run's config.yaml (flags win)")
+
+
+def _optional(cls, f) -> bool:
+    """Whether field ``f`` of ``cls`` takes None (null in a file: the default, decided later)."""
+    hint = typing.get_type_hints(cls)[f.name]
+    return typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+
+
+def ranged(cls, name: str):
+    """An argparse ``type`` for another command's flag that means field ``name`` of ``cls``
+    (score's --micro-batch-size): the field's type and declared range, so both commands
+    refuse the same values."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    kind = _kind(cls, f)
+
+    def parse(text: str):
+        value = kind(text)
+        problem = range_problem(f, value)
+        if problem:
+            raise argparse.ArgumentTypeError(f"{value} {problem}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in "invalid int value"
+    return parse
 
 
 def _typed(path: str, key: str, value, kind: type):
@@ -135,11 +160,42 @@ def read_config_file(path: str) -> dict:
     for key, value in loaded.items():
         key = str(key).replace("-", "_")
         if key in fields:
-            value = _typed(path, key, value, _kind(*fields[key]))
+            cls, f = fields[key]
+            if value is None and not _optional(cls, f):
+                required = f.default is f.default_factory is dataclasses.MISSING
+                raise ValueError(f"{path}: {key}: null; expected {_EXPECTED[_kind(cls, f)]} "
+                                 + ("(required)" if required else
+                                    "(delete the line to use the default)"))
+            value = _typed(path, key, value, _kind(cls, f))
+            problem = range_problem(f, value)
+            if problem:
+                raise ValueError(f"{path}: {key}: {value!r} {problem}")
         elif key == "gamma":
             value = _typed(path, key, value, float)
+        else:
+            raise ValueError(f"{path}: unknown option {key!r}{_suggestion(key)}")
         options[key] = value
     return options
+
+
+_EXPECTED = {float: "a number", int: "an integer", bool: "true or false", str: "a string",
+             tuple: "a path or a list of paths"}
+
+
+# TRL / transformers TrainingArguments names a config written for them uses, and ours.
+TRL_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "max_steps": "steps",
+             "max_length": "seq_length", "max_grad_norm": "clip_grad",
+             "per_device_train_batch_size": "micro_batch_size", "output_dir": "out",
+             "model_name_or_path": "load", "save_steps": "save_interval",
+             "eval_steps": "eval_interval", "logging_steps": "log_interval",
+             "simpo_gamma": "gamma"}
+
+
+def _suggestion(key: str) -> str:
+    """ " (did you mean 'lr'?)" for the option nearest to ``key`` (or TRL's name for it), or ""."""
+    close = ([TRL_NAMES[key]] if key in TRL_NAMES
+             else difflib.get_close_matches(key, list(_fields()) + list(EXTRA_FLAGS), n=1))
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def train_config(args: dict) -> TrainConfig:
@@ -149,7 +205,7 @@ def train_config(args: dict) -> TrainConfig:
     fields = _fields()
     unknown = sorted(k for k in opts if k not in fields and k != "gamma")
     if unknown:
-        raise ValueError(f"unknown option(s): {', '.join(unknown)}")
+        raise ValueError(f"unknown option(s): {', '.join(unknown)}{_suggestion(unknown[0])}")
     missing = [k for k in ("load", "data", "out") if opts.get(k) is None]
     if missing:
         raise ValueError("train needs " + ", ".join("--" + k for k in missing))

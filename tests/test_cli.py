@@ -46,6 +46,11 @@ def test_torchrun_train_tp2_writes_contract_metrics(inputs, tmp_path):
         assert set(CONTRACT) <= set(r), set(CONTRACT) - set(r)
         assert r["tokens_per_sec"] > 0 and r["lengths/chosen"] > 0
     assert "eval_loss" in rows[0] and rows[0]["step"] == 0 and "eval_loss" in rows[-1]
+    # stdout/stderr are pipes, as in a log file: plain lines, no progress bar, the model named
+    steps = [line for line in p.stdout.splitlines() if line.startswith("megasimpo train: step ")]
+    assert [line.split()[3] for line in steps] == ["1/3", "2/3", "3/3"], p.stdout[-2000:]
+    assert "eval_loss" in steps[-1] and "\r" not in p.stdout + p.stderr
+    assert f"final model: {out / 'final_model'}" in p.stdout.splitlines()[-1]
     assert (out / "config.yaml").exists()
     assert (out / "final_model" / "megasimpo.json").exists()
     assert not (out / "final_model.partial").exists()
@@ -133,3 +138,41 @@ def test_config_file_loss_mapping_and_run_sections(tmp_path):
     path.write_text("- a\n- b\n")
     with pytest.raises(ValueError, match="expected a mapping"):
         train_config({"config": str(path)})
+
+
+def test_config_file_errors_name_the_file_and_the_fix(tmp_path):
+    path = tmp_path / "run.yaml"
+    for body, message in [
+            ("save_intervall: 3\n", "unknown option 'save_intervall' (did you mean "
+                                    "'save_interval'?)"),
+            ("learning_rate: 1.0e-6\n", "unknown option 'learning_rate' (did you mean 'lr'?)"),
+            ("lr: null\n", "lr: null; expected a number (delete the line to use the default)"),
+            ("keep_checkpoints: -1\n", "keep_checkpoints: -1 must be >= 0"),
+            ("data: null\n", "data: null; expected a path or a list of paths (required)")]:
+        path.write_text("load: m\ndata: d\nout: o\n" + body)
+        with pytest.raises(ValueError) as e:
+            train_config({"config": str(path)})
+        assert str(e.value) == f"{path}: {message}"
+    path.write_text("load: m\ndata: d\nout: o\ntp: null\nsteps: 3\n")  # Optional: the default
+    assert train_config({"config": str(path)}).tp is None
+    with pytest.raises(ValueError, match=r"unknown option\(s\): sed \(did you mean 'seed'\?\)"):
+        train_config({"load": "m", "data": ["a"], "out": "o", "sed": 1})
+
+
+def test_plan_prints_small_models_in_millions_and_export_of_a_run_points_to_its_model(
+        tmp_path, capsys):
+    from fixtures import write_tiny_hf_config
+
+    from megasimpo import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["plan", "--hf-config", write_tiny_hf_config(tmp_path / "config.json"),
+                  "--gpus", "1", "--seq-length", "32"])
+    assert e.value.code == 0
+    assert " M parameters" in capsys.readouterr().out
+    run = tmp_path / "run"
+    (run / "final_model").mkdir(parents=True)
+    p = run_main("tools/convert_hf.py", ["export", "--load", str(run), "--out",
+                                         str(tmp_path / "hf")])
+    assert p.returncode == 2
+    assert f"{run} is a run directory; its trained model is {run / 'final_model'}" in p.stderr

@@ -82,3 +82,47 @@ def test_from_hf_refuses_output_biases_and_records_sliding_window(tmp_path):
     llama = dict(base, architectures=["LlamaForCausalLM"], attention_bias=True)
     with pytest.raises(ValueError, match="attention_bias=true"):
         ModelConfig.from_hf_dict(llama)
+
+
+
+def test_numeric_ranges_are_declared_with_the_field_and_enforced():
+    # Negative numbers that used to mean something else (-1: save every step, stop after step 1,
+    # no clipping, keep all) are refused in one line naming the flag, the value and the range;
+    # 0 keeps its documented meaning.
+    import dataclasses
+    import re
+    import typing
+
+    from megasimpo.config import LoraConfig, range_text
+
+    for flag, value, allowed in [
+            ("save_interval", -1, ">= 0"), ("eval_interval", -1, ">= 0"),
+            ("exit_interval", -1, ">= 1"), ("clip_grad", -1.0, ">= 0"),
+            ("keep_checkpoints", -1, ">= 0"), ("warmup_ratio", 1.0, "in [0, 1)"),
+            ("adam_beta2", 1.0, "in [0, 1)"), ("lr", float("nan"), "a finite number"),
+            ("seed", -3, ">= 0"), ("gpu_mem_gb", 0.0, "> 0"), ("logprob_chunk", -1, ">= 0")]:
+        with pytest.raises(ValueError, match=re.escape(f"--{flag.replace('_', '-')} {value!r} "
+                                                       f"must be {allowed}")):
+            TrainConfig(load="m", data=("d",), out="o", **{flag: value})
+    for flag in ("save_interval", "eval_interval", "keep_checkpoints", "clip_grad"):
+        assert getattr(TrainConfig(load="m", data=("d",), out="o", **{flag: 0}), flag) == 0
+    # Every numeric field of the run's dataclasses declares its range.
+    unbounded = {("LossConfig", "alphapo_alpha")}  # any finite alpha is a reward shape
+    missing = []
+    for cls in (TrainConfig, LossConfig, LoraConfig, Layout):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kinds = set(typing.get_args(hints[f.name]) or (hints[f.name],))
+            if kinds & {int, float} and not range_text(f) \
+                    and (cls.__name__, f.name) not in unbounded:
+                missing.append(f"{cls.__name__}.{f.name}")
+    assert not missing
+    with pytest.raises(ValueError, match=r"--alphapo-alpha inf must be a finite number"):
+        LossConfig(name="alphapo", alphapo_alpha=float("inf"))
+    with pytest.raises(ValueError, match=r"--lora-alpha -1.0 must be >= 0"):
+        LoraConfig(rank=4, alpha=-1.0)
+    with pytest.raises(ValueError, match=r"--lora-alpha 0.0 must be > 0 with --lora-rank 4"):
+        LoraConfig(rank=4, alpha=0.0)
+    with pytest.raises(ValueError, match=r"--vpp 0 must be >= 1"):
+        Layout(vpp=0)
+    assert LoraConfig(alpha=0.0).alpha == 0.0  # rank 0: what config.yaml records

@@ -107,8 +107,9 @@ def test_metrics_truncation_drops_a_torn_row_and_names_a_corrupt_one(tmp_path):
     run_dir.truncate_metrics(str(tmp_path), 0)  # a start from step 0 redoes everything
     assert path.read_text() == ""
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON metrics row"):
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON metrics row") as e:
         run_dir.truncate_metrics(str(tmp_path), 1)
+    assert "column 1)" in str(e.value) and "line 1" not in str(e.value)  # the file's line, not json's
 
 
 def test_finished_run_is_not_trained_again_without_force(tmp_path):
@@ -185,3 +186,94 @@ def test_yaml_values_are_typed(tmp_path):
         config.write_text(text)
         with pytest.raises(ValueError, match=f"{config}: {msg}"):
             train_config({"config": str(config), **base})
+
+
+def test_options_a_loss_ignores_are_refused():
+    with pytest.raises(ValueError, match=r"--ref precomputed has no effect for --loss simpo"):
+        TrainConfig(load="m", data=("d",), out="o", ref="precomputed")
+    from megasimpo.config import LossConfig
+
+    with pytest.raises(ValueError, match=r"--ref-logps has no effect for --loss orpo"):
+        TrainConfig(load="m", data=("d",), out="o", loss=LossConfig(name="orpo"),
+                    ref_logps=("s.jsonl",))
+    TrainConfig(load="m", data=("d",), out="o", loss=LossConfig(name="dpo"), ref="precomputed",
+                ref_logps=("s.jsonl",))
+    with pytest.raises(ValueError, match=r"--eval-data e.idx: give the dataset prefix without "
+                                         r"\.idx \(--eval-data e\)"):
+        TrainConfig(load="m", data=("d",), out="o", eval_data=("e.idx",))
+
+
+def test_a_batch_that_drops_many_pairs_says_so():
+    from megasimpo.data.loader import BatchLayout, PairSampler
+
+    def note(pairs, mbs, nmb, dp):
+        return PairSampler(pairs, BatchLayout(micro_batch_size=mbs, num_microbatches=nmb,
+                                              dp_rank=0, dp_size=dp), 0).dropped_note()
+
+    # The issue's case: 216 pairs at the default global batch 128 is 1 step and 88 dropped.
+    assert note(216, 1, 128, 1) == (
+        "--global-batch-size 128 drops 88 of the 216 training pairs (41%) in every epoch (1 "
+        "step(s) per epoch); --global-batch-size 108 drops 0 (or add pairs)")
+    assert "--global-batch-size 16 drops 8" in note(216, 4, 8, 4)  # a multiple of mbs x dp
+    assert note(64, 2, 4, 1) == "" and note(1090, 1, 128, 1) == ""  # 0 and 66 of 1090 (6%)
+
+
+def _run_with_probes(rank, world, ckpt, data, out):
+    """``megasimpo train`` in this rank, reading status.json before every step (what a requeue
+    script would find if the run died there) and capturing the console."""
+    import contextlib
+    import io
+    from unittest import mock
+
+    from megasimpo import cli
+    from megasimpo.trainer import Trainer
+
+    seen, real = [], Trainer.train_step
+
+    def probe(self, step):
+        seen.append(run_dir.read_status(out))
+        return real(self, step)
+
+    console = io.StringIO()
+    with mock.patch.object(Trainer, "train_step", probe), contextlib.redirect_stdout(console):
+        cli.main(["train", "--load", ckpt, "--data", data, "--out", out, "--steps", "3",
+                  "--global-batch-size", "24", "--micro-batch-size", "4", "--save-interval", "1",
+                  "--precision", "fp32"])
+    return seen, console.getvalue()
+
+
+def test_a_run_reports_each_commit_its_progress_and_its_final_model(shared_inputs, tmp_path):
+    """status.json names every committed checkpoint while the run goes on (kill -9 after a
+    commit leaves it saying so); off a terminal the console gets plain lines and a last line
+    naming final_model; the batch that drops a quarter of the pairs says so; TensorBoard tags
+    are TRL's."""
+    from multirank import run_ranks
+
+    ckpt, data, _ = shared_inputs()
+    out = str(tmp_path / "run")
+    seen, console = run_ranks(_run_with_probes, 1, ckpt, data, out)[0]
+    assert [(s["step"], s["state"]) for s in seen] == [(0, "running"), (1, "running"),
+                                                       (2, "running")]
+    assert seen[0]["checkpoint"] is None
+    assert seen[1]["checkpoint"] == os.path.join(out, "checkpoints", "step_0000001")
+    assert seen[2]["checkpoint"] == os.path.join(out, "checkpoints", "step_0000002")
+    # 64 pairs in global batches of 24: 2 steps per epoch, 16 pairs (25%) dropped each epoch
+    assert ("--global-batch-size 24 drops 16 of the 64 training pairs (25%) in every epoch"
+            in console), console
+    assert "--global-batch-size 20 drops 4" in console
+    lines = [line for line in console.splitlines() if "megasimpo train: step " in line]
+    assert [line.split()[3] for line in lines] == ["1/3", "2/3", "3/3"], console
+    for part in ("loss ", "acc ", "tokens/s ", "MFU -", "ETA 0:"):
+        assert part in lines[-1], lines[-1]
+    final = os.path.join(out, "final_model")
+    assert console.splitlines()[-1].startswith(f"megasimpo train: finished 3 steps; final model: "
+                                               f"{final} ")
+    assert "\r" not in console
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(os.path.join(out, "tensorboard")).Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/rewards/chosen", "train/rewards/accuracies"} <= tags, tags
+    assert not any(t == "loss" or t.startswith("rewards/") for t in tags)
+    rows = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
+    assert "loss" in rows[0] and "rewards/chosen" in rows[0]  # metrics.jsonl keeps TRL's names

@@ -1,4 +1,4 @@
-"""Review a training run from its metrics (issue #7): early vs late table, flags, plots.
+"""Review a training run from its metrics: early vs late table, flags, plots.
 
     python tools/review_run.py RUN_DIR [--out DIR]
     python tools/review_run.py RUN_A RUN_B ... [--out DIR]

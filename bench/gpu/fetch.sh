@@ -12,7 +12,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
-SHARED=${SHARED_WHEELS:-../shared/wheels}  # prebuilt sm_90 TE wheels (see its README.md)
+# Prebuilt Transformer Engine wheels (sm_90 core + torch extension), where someone has built them:
+# the directory MEGASIMPO_TE_WHEELS names (SHARED_WHEELS, its older name, still works). A user
+# without such wheels installs TE itself instead (docs/performance.md, "Installing Transformer
+# Engine"): pip install -e ".[te]", or an NGC PyTorch container.
+SHARED=${MEGASIMPO_TE_WHEELS:-${SHARED_WHEELS:-}}
 TE_WHEELS=(transformer_engine_cu13-2.11.0-py3-none-manylinux_2_28_x86_64.whl
            transformer_engine_torch-2.11.0-cp312-cp312-linux_x86_64.whl)
 PINS=(megatron-core==0.16.1
@@ -22,8 +26,10 @@ PINS=(megatron-core==0.16.1
       pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
       einops==0.8.2)
 
+[ -n "$SHARED" ] || { echo "fetch.sh: set MEGASIMPO_TE_WHEELS to the directory holding" \
+    "${TE_WHEELS[*]}" >&2; exit 1; }
 for w in "${TE_WHEELS[@]}"; do
-    [ -f "$SHARED/$w" ] || { echo "fetch.sh: $SHARED/$w missing (set SHARED_WHEELS)" >&2; exit 1; }
+    [ -f "$SHARED/$w" ] || { echo "fetch.sh: $SHARED/$w missing (MEGASIMPO_TE_WHEELS=$SHARED)" >&2; exit 1; }
 done
 rm -rf .whl .te && mkdir -p .whl  # .te/: the old runbook's TE parts, never carried now
 # Wheels only (no sdist is built anywhere), for the device's CPython 3.12 on x86-64 Linux.

@@ -61,6 +61,21 @@ class PairSampler:
         self._cached_epoch = -1  # memo only: recomputable from (seed, epoch), not iterator state
         self._cached_perm = None
 
+    def dropped_note(self, most: float = 0.1) -> str:
+        """One line when the trailing partial batch drops more than ``most`` of the pairs in
+        every epoch, naming a --global-batch-size (a multiple of micro-batch x DP, so the plan
+        still holds) that drops at most that share; "" otherwise."""
+        n, g, dropped = self.num_pairs, self.layout.global_batch_size, self.dropped_per_epoch
+        if dropped <= most * n:
+            return ""
+        unit = self.layout.micro_batch_size * self.layout.dp_size
+        better = next((c for c in range(g - unit, 0, -unit) if n % c <= most * n), None)
+        fix = (f"--global-batch-size {better} drops {n % better}" if better else
+               "a smaller --global-batch-size drops fewer")
+        return (f"--global-batch-size {g} drops {dropped} of the {n} training pairs "
+                f"({dropped / n:.0%}) in every epoch ({self.steps_per_epoch} step(s) per epoch); "
+                f"{fix} (or add pairs)")
+
     def epoch_permutation(self, epoch: int) -> np.ndarray:
         """int64 [num_pairs]: the order of pair indices in ``epoch``."""
         if epoch != self._cached_epoch:
