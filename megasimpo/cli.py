@@ -43,6 +43,8 @@ def main(argv=None) -> None:
     sc.add_argument("--micro-batch-size", type=int, default=4)
     sc.add_argument("--seq-length", type=int)
     sc.add_argument("--precision", choices=PRECISIONS)
+    sc.add_argument("--force", action="store_true",
+                    help="replace --out (and its .meta.json) if it exists")
     plan_cmd.add_parser(sub)
     demo = sub.add_parser("demo", help="tiny model + bundled data, SimPO at TP=2 on CPU")
     demo.add_argument("--out", default="demo_run")
@@ -62,7 +64,7 @@ def main(argv=None) -> None:
             try:
                 score(args.load, args.data, args.out, tp=args.tp, pp=args.pp,
                       micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
-                      precision=args.precision)
+                      precision=args.precision, force=args.force)
             finally:
                 destroy()
         elif args.command == "demo":
