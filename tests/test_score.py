@@ -247,8 +247,6 @@ def test_reference_file_of_another_model_is_refused(identities, tmp_path):
 
 
 def test_score_out_is_checked_before_any_work(inputs, tmp_path):
-    from megasimpo.atomic import check_output
-
     ckpt, train, _ = inputs
     missing = str(tmp_path / "no-such-checkpoint")  # the output is refused before --load is read
     existing = tmp_path / "s.jsonl"
@@ -259,6 +257,8 @@ def test_score_out_is_checked_before_any_work(inputs, tmp_path):
         assert p.returncode == 2 and why in p.stderr, p.stderr[-2000:]
         assert p.stderr.strip().count("\n") == 0, p.stderr  # one line
     assert existing.read_text() == "kept\n"
+    from megasimpo.atomic import check_output
+
     check_output(str(existing), force=True)  # --force: replaced once the new one is complete
     if os.geteuid() != 0:  # root may write in a read-only directory
         locked = tmp_path / "locked"
