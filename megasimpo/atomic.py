@@ -103,3 +103,29 @@ def save_figure(fig, path: str, dpi: int = 100) -> str:
 def write_json(path: str, obj) -> None:
     """``write_text`` of ``obj`` as indented JSON."""
     write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def check_output(path: str, force: bool, flag: str = "--out") -> None:
+    """ValueError, before any work, when ``path`` cannot be written as a new output: it exists
+    and ``force`` is not set (nothing is overwritten silently), or the directory it goes in is
+    not a writable directory. The nearest existing ancestor must be a directory that a probe
+    file can be created in: ``os.access`` alone says yes to root even on a read-only mount."""
+    if os.path.lexists(path) and not force:
+        raise ValueError(f"{flag} {path} already exists; pass --force to replace it, or choose "
+                         "another path")
+    if os.path.isdir(path) and not os.path.islink(path):
+        raise ValueError(f"{flag} {path} is a directory; name a file")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{flag} {path}: {parent} is not a directory; choose another path")
+    try:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError("no write permission")
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", dir=parent)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {parent} ({e.strerror or e}); choose "
+                         "a writable directory") from None

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megasimpo import atomic, lora_checkpoint
+from megasimpo import atomic, lora, lora_checkpoint
 from megasimpo.config import LoraConfig, ModelConfig
 from megasimpo.model import unwrap
 from megasimpo.parallel import groups as pgroups
@@ -51,6 +51,14 @@ def sharded_model_state(chunks: list) -> dict:
     is referenced by the checkpoint, not saved: megasimpo/lora_checkpoint.py)."""
     states = {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
     return lora_checkpoint.adapter_states(states) if lora_checkpoint.config_of(chunks) else states
+
+
+def weights_dtype(chunks: list) -> str:
+    """The dtype the chunks' weights are saved in, as HF names it ("float32" after an fp32 run
+    of a bf16 model); a LoRA model's adapters' (its base is not saved with it)."""
+    found = lora.adapters(chunks)
+    param = found[0].lora_a if found else next(unwrap(chunks[0]).parameters())
+    return str(param.dtype).replace("torch.", "")
 
 
 def _restore(chunks: list, state: dict, path: str) -> None:
@@ -164,7 +172,7 @@ def save_model(chunks: list, model: ModelConfig, path: str, *, source: str = "",
                tokenizer_dir: Optional[str] = None, base: Optional[dict] = None) -> None:
     """Saves model weights only (what ``--load`` and HF export read); a LoRA model's adapters
     only, with ``base`` (``lora_checkpoint.base_record`` of the frozen base) in its metadata."""
-    meta = {"model": model.to_dict(), "source": source,
+    meta = {"model": model.to_dict(), "source": source, "weights_dtype": weights_dtype(chunks),
             **lora_checkpoint.meta_for(chunks, base, path)}
     atomic_save(path, sharded_model_state(chunks), meta, tokenizer_dir=tokenizer_dir)
 
@@ -347,6 +355,7 @@ def save_training_state(run_dir: str, step: int, chunks: list, optimizer, schedu
                                                       metadata=OPTIMIZER_SHARDING)
     rank = dist.get_rank() if dist.is_initialized() else 0
     atomic_save(path, state, {"model": model.to_dict(), "step": step, "layout": layout,
+                              "weights_dtype": weights_dtype(chunks),
                               **({"run": run} if run is not None else {}),
                               **lora_checkpoint.meta_for(chunks, base, path)},
                 common={"scheduler": scheduler.state_dict(), "train": {"step": step}},

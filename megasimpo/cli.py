@@ -55,6 +55,8 @@ def main(argv=None) -> None:
                     help="tokens per sequence; default: the longest pair in the data (capped by "
                          "the model); give train's value so that prompts are cut alike")
     sc.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on GPU, fp32 on CPU")
+    sc.add_argument("--force", action="store_true",
+                    help="replace --out (and its .meta.json) if it exists")
     plan_cmd.add_parser(sub)
     demo = sub.add_parser("demo", help="tiny model + bundled data, SimPO at TP=2 on CPU")
     demo.add_argument("--out", default="demo_run",
@@ -77,7 +79,7 @@ def main(argv=None) -> None:
             try:
                 score(args.load, args.data, args.out, tp=args.tp, pp=args.pp,
                       micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
-                      precision=args.precision)
+                      precision=args.precision, force=args.force)
             finally:
                 destroy()
         elif args.command == "demo":

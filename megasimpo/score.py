@@ -4,6 +4,8 @@ Output, one JSON object per pair in dataset order (DESIGN.md contract):
 ``{"index", "chosen_logps", "rejected_logps", "chosen_tokens", "rejected_tokens"}``; then the
 likelihood-ranking accuracy (share of pairs whose chosen response has the higher AVERAGE log-prob,
 the quantity generation follows). The same files are DPO's precomputed reference log-probs.
+Beside ``FILE`` goes ``FILE.meta.json``: the scoring model's identity and the data's fingerprint
+(megasimpo/score_meta.py), which ``--ref precomputed`` checks.
 """
 
 import json
@@ -13,7 +15,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from megasimpo import atomic, checkpoint
+from megasimpo import atomic, checkpoint, score_meta
 from megasimpo.config import LOGPROB_CHUNK, Layout, LossConfig
 from megasimpo.data.batches import ConcatPairs, full_pass_windows
 from megasimpo.data.indexed import check_token_range
@@ -32,14 +34,25 @@ def default_scores_path(prefix: str) -> str:
 
 
 def read_scores(path: str, dataset) -> np.ndarray:
-    """Reference log-probs [n, 2] (chosen, rejected) from a score file that matches ``dataset``.
+    """Reference log-probs [n, 2] (chosen, rejected) from a score file that matches ``dataset``
+    (``read_reference`` without its sidecar)."""
+    return read_reference(path, dataset)[0]
 
-    Each line must carry its index in order and the dataset's response token counts, so a file
-    scored for other data fails here, naming the file, line and field.
+
+def read_reference(path: str, dataset) -> tuple:
+    """(reference log-probs [n, 2] (chosen, rejected), sidecar or None) of a score file that
+    matches ``dataset`` (a ``ConcatPairs`` of one prefix).
+
+    Its sidecar, when there is one, must belong to the file and name the dataset's fingerprint
+    (``score_meta.check_data``; the model is checked later, ``score_meta.check_model``). Each line
+    must carry its index in order and the dataset's response token counts, so a file scored for
+    other data fails here, naming the file, line and field.
     """
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no scored reference log-probs; create it with `megasimpo score "
                          f"--load REFERENCE_CKPT --data PREFIX --out {path}`")
+    meta = score_meta.read(path, dataset.prefixes[0])
+    score_meta.check_data(meta, path, dataset)
     lengths = dataset.lengths()
     out = np.zeros((len(dataset), 2), dtype=np.float64)
     n = 0
@@ -61,7 +74,7 @@ def read_scores(path: str, dataset) -> np.ndarray:
         n += 1
     if n != len(dataset):
         raise ValueError(f"{path}: {n} scored pairs, the dataset has {len(dataset)}")
-    return out
+    return out, meta
 
 
 def ranking_accuracy(scores: np.ndarray) -> float:
@@ -70,11 +83,24 @@ def ranking_accuracy(scores: np.ndarray) -> float:
 
 
 def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_batch_size: int = 4,
-          seq_length: Optional[int] = None, precision: Optional[str] = None) -> dict:
-    """Scores every pair of ``data`` with the model at ``load``; writes ``out`` atomically."""
+          seq_length: Optional[int] = None, precision: Optional[str] = None,
+          force: bool = False) -> dict:
+    """Scores every pair of ``data`` with the model at ``load``; writes ``out`` and its sidecar
+    atomically. An existing ``out`` is refused unless ``force``, and an unwritable one before
+    anything is built."""
     from tqdm import tqdm
 
     rank, world = pgroups.init_distributed()
+    error = None
+    if rank == 0:
+        try:
+            for path in (out, score_meta.meta_path(out)):
+                atomic.check_output(path, force)
+        except ValueError as e:
+            error = str(e)
+    error = pgroups.from_rank0(error)
+    if error:
+        raise ValueError(error)
     model_cfg = checkpoint.model_config(load)
     layout = Layout.resolve(model_cfg, world, tp=tp, pp=pp)
     prec = Precision(name=precision) if precision else Precision.default()
@@ -89,6 +115,7 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
     step = PairStep(LossConfig(), groups, model_cfg.vocab_size, logprob_chunk=LOGPROB_CHUNK)
     chunks = build_chunks(model_cfg, layout, prec)
     checkpoint.load_model(chunks, load)
+    identity = score_meta.weights_identity(chunks)
     model = wrap_frozen(step.prepare_model(chunks), prec)
     table = torch.zeros(len(dataset), 4, dtype=torch.float64)
     windows = full_pass_windows(dataset, groups.dp_rank, layout.dp, micro_batch_size, seq_length)
@@ -106,7 +133,10 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
     summary = {"pairs": len(dataset), "ranking_accuracy": ranking_accuracy(scores),
                "prompt_truncated": truncated, "seq_length": seq_length}
     if rank == 0:
-        write_scores(out, scores)
+        write_scores(out, scores, score_meta.build(
+            load=load, identity=identity, prefix=data, dataset=dataset, seq_length=seq_length,
+            prompt_truncated=truncated, precision=prec.name,
+            layout={"tp": layout.tp, "pp": layout.pp, "dp": layout.dp}))
         print(f"megasimpo score: {len(dataset)} pairs -> {out}; likelihood-ranking accuracy "
               f"{summary['ranking_accuracy']:.4f} (avg chosen log-prob > avg rejected)"
               + (f"; {truncated} prompts cut to fit --seq-length {seq_length}" if truncated else ""),
@@ -114,11 +144,21 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
     return summary
 
 
-def write_scores(path: str, scores: np.ndarray) -> None:
-    """``scores`` [n, 4] in FIELDS order as the score JSONL, in dataset order; published by one
-    rename (``atomic.replacing``)."""
+def write_scores(path: str, scores: np.ndarray, meta: Optional[dict] = None) -> None:
+    """``scores`` [n, 4] in FIELDS order as the score JSONL, in dataset order, and ``meta`` as
+    its sidecar with the JSONL's hash. Each is published by one rename (``atomic.replacing``),
+    the sidecar first: a death between the two leaves a sidecar whose hash does not match the
+    (older or missing) JSONL, which a reader refuses, never a pair that disagrees silently."""
+    import hashlib
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    h = hashlib.blake2b(digest_size=16)
     with atomic.replacing(path) as f:
         for i, (cl, rl, ct, rt) in enumerate(scores):
-            f.write(json.dumps({"index": i, "chosen_logps": float(cl), "rejected_logps": float(rl),
-                                "chosen_tokens": int(ct), "rejected_tokens": int(rt)}) + "\n")
+            line = json.dumps({"index": i, "chosen_logps": float(cl), "rejected_logps": float(rl),
+                               "chosen_tokens": int(ct), "rejected_tokens": int(rt)}) + "\n"
+            f.write(line)
+            h.update(line.encode())
+        if meta is not None:  # published before the JSONL's rename (module docstring)
+            atomic.write_json(score_meta.meta_path(path), dict(
+                meta, scores={"pairs": len(scores), "blake2b": h.hexdigest()}))

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from megasimpo import checkpoint, lora, run_dir
+from megasimpo import checkpoint, lora, run_dir, score_meta
 from megasimpo.config import ModelConfig, TrainConfig
 from megasimpo.data.batches import WINDOW, ConcatPairs, full_pass_windows, make_batch
 from megasimpo.data.indexed import check_token_range
@@ -185,7 +185,7 @@ class Trainer:
 
     def _load_reference_logps(self):
         """Reference log-probs scored ahead by ``megasimpo score`` (one file per prefix)."""
-        from megasimpo.score import read_scores, default_scores_path
+        from megasimpo.score import default_scores_path, read_reference
 
         cfg = self.cfg
         if self.num_truncated:
@@ -198,8 +198,10 @@ class Trainer:
         if len(paths) != len(prefixes):
             raise ValueError(f"--ref-logps: {len(paths)} files for {len(prefixes)} dataset prefixes "
                              "(--data then --eval-data; one scored file each)")
-        arrays = [read_scores(path, ConcatPairs([prefix]))
-                  for path, prefix in zip(paths, prefixes)]
+        read = [read_reference(path, ConcatPairs([prefix])) for path, prefix in zip(paths, prefixes)]
+        arrays = [a for a, _ in read]
+        self.reference_metas = [(path, prefix, meta)  # their model is checked in _setup_model
+                                for path, prefix, (_, meta) in zip(paths, prefixes, read)]
         import numpy as np
 
         self.train_ref = np.concatenate(arrays[:len(cfg.data)])
@@ -228,6 +230,10 @@ class Trainer:
         self.model = wrap_for_training(weights(self.plan.recompute), self.precision,
                                        overlap_grad_reduce=self.overlap_grad_reduce,
                                        overlap_param_gather=self.overlap_param_gather)
+        if self.train_ref is not None and any(m for _, _, m in self.reference_metas):
+            # --load's weights (the base of a LoRA run) before a resume replaces them
+            score_meta.check_model(self.reference_metas, score_meta.weights_identity(self.model),
+                                   (self.lora_base or {}).get("path", cfg.load))
         self.live_reference = cfg.loss.needs_reference and cfg.ref == "live"  # LoRA: adapters off
         self.reference = None
         if self.live_reference and not cfg.lora.enabled:

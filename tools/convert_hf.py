@@ -3,9 +3,12 @@
     python tools/convert_hf.py import --hf HF_DIR --out CKPT [--force]
     python tools/convert_hf.py import --hf BASE --adapter PEFT_DIR --out CKPT [--ignore-base-name]
     python tools/convert_hf.py export --load CKPT --out HF_DIR [--force] [--max-shard-size 5GB]
+        [--dtype bf16|fp32|fp16]
     python tools/convert_hf.py export --load LORA_CKPT --out PEFT_DIR --adapter-only
 
-A LoRA checkpoint exports merged (W + alpha/r B A, in the model's dtype), or with --adapter-only
+export writes the weights in the dtype the checkpoint records for them (fp32 after an fp32 run;
+the model's own dtype for a checkpoint that records none) unless --dtype says otherwise.
+A LoRA checkpoint exports merged (W + alpha/r B A), or with --adapter-only
 as a PEFT adapter directory (``peft.PeftModel.from_pretrained(base, PEFT_DIR)``). import
 --adapter writes the base to CKPT/base and, in CKPT, a LoRA checkpoint of the adapter over it.
 
@@ -36,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, help="HF directory to write")
     exp.add_argument("--max-shard-size", default="5GB",
                      help="largest safetensors file (bytes or 5GB, 500MB, ...; default 5GB)")
+    exp.add_argument("--dtype", choices=("bf16", "fp32", "fp16"),
+                     help="dtype of the exported weights (default: the one the checkpoint records "
+                          "for its weights, fp32 after an fp32 run; bf16 rounds them)")
     exp.add_argument("--adapter-only", action="store_true",
                      help="a LoRA checkpoint's adapters as a PEFT directory, not merged weights")
     for sp in (imp, exp):
@@ -59,7 +65,8 @@ def main(argv=None) -> int:
         else:
             model = export_hf(args.load, args.out, force=args.force,
                               max_shard_size=parse_size(args.max_shard_size),
-                              progress=not args.no_progress, adapter_only=args.adapter_only)
+                              progress=not args.no_progress, adapter_only=args.adapter_only,
+                              dtype=args.dtype)
     except (ValueError, OSError) as e:  # user errors: bad input, existing output, disk
         print(f"convert_hf: error: {e}", file=sys.stderr)
         return 2

@@ -36,6 +36,7 @@ TOKENIZER_DIRS = ("additional_chat_templates",)
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 _SAFE_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16,
                 "F16": torch.float16}
+EXPORT_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}  # export --dtype
 
 
 # ----- reading HF weights --------------------------------------------------------------------
@@ -222,7 +223,8 @@ def import_hf(hf_dir: str, out: str, *, force: bool = False, progress: bool = Tr
         _copy_tokenizer(hf_dir, os.path.join(partial, "tokenizer"))
         with open(os.path.join(partial, checkpoint.META_FILE), "w") as f:
             json.dump({"format": checkpoint.FORMAT, "model": model.to_dict(),
-                       "source": os.path.abspath(hf_dir)}, f, indent=2)
+                       "source": os.path.abspath(hf_dir), "weights_dtype": model.dtype}, f,
+                      indent=2)
         _commit(partial, out)
     except BaseException:
         atomic.delete(partial)
@@ -307,24 +309,52 @@ def _read_target(p: mapping.Piece, model: ModelConfig, dtype: torch.dtype):
                          axis_fragmentations=None, replica_id=0)
 
 
+def export_dtype(ckpt: str, model: ModelConfig, dtype: Optional[str]) -> str:
+    """The HF name of the dtype ``export`` writes: ``dtype`` (``--dtype``: bf16, fp32, fp16) when
+    given, else the one the checkpoint's ``megasimpo.json`` records its weights in
+    (``weights_dtype``: float32 after an fp32 run, a LoRA checkpoint's adapters' dtype), else,
+    for checkpoints saved before that was recorded, the model's (``model.dtype``, as before)."""
+    if dtype is not None:
+        if dtype not in EXPORT_DTYPES:
+            raise ValueError(f"--dtype {dtype!r} must be one of {', '.join(EXPORT_DTYPES)}")
+        return EXPORT_DTYPES[dtype]
+    return checkpoint.read_meta(ckpt).get("weights_dtype") or model.dtype
+
+
+def _note_unrecorded(ckpt: str, chosen: str, stored: dict) -> None:
+    """One line when a checkpoint recording no ``weights_dtype`` stores another dtype than the
+    one it is exported in (an fp32 run saved before the dtype was recorded)."""
+    kinds = sorted({str(t).replace("torch.", "") for t in stored.values()} - {chosen})
+    if kinds and "weights_dtype" not in checkpoint.read_meta(ckpt):
+        print(f"convert_hf: note: {ckpt} stores {'/'.join(kinds)} weights but records no "
+              f"weights_dtype (saved by an older megasimpo): exporting {chosen}, its model's "
+              "dtype; pass --dtype to choose", flush=True)
+
+
 def export_hf(ckpt: str, out: str, *, force: bool = False,
               max_shard_size: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
-              adapter_only: bool = False) -> ModelConfig:
+              adapter_only: bool = False, dtype: Optional[str] = None) -> ModelConfig:
     """Converts a checkpoint saved at any layout to an HF directory loadable by transformers.
 
-    Weights are cast to the model's own dtype (a bf16 model trained in fp32 exports as bf16),
-    vocabulary padding rows are dropped; config.json is regenerated from the ModelConfig over the
-    original config.json (kept in CKPT/tokenizer/ by import) and the tokenizer files copied back.
-    A LoRA checkpoint exports merged (its base's weights + alpha/r B A), or with ``adapter_only``
-    as a PEFT adapter directory (megasimpo/hf/lora_export.py).
+    Weights are written in ``export_dtype`` (by default the dtype the checkpoint records for its
+    weights: an fp32-trained model exports as fp32, bit for bit; ``dtype`` "bf16" rounds it), and
+    config.json's ``dtype``/``torch_dtype`` say that dtype. Vocabulary padding rows are dropped;
+    config.json is regenerated from the ModelConfig over the original config.json (kept in
+    CKPT/tokenizer/ by import) and the tokenizer files copied back. A LoRA checkpoint exports
+    merged (its base's weights + alpha/r B A), or with ``adapter_only`` as a PEFT adapter
+    directory (megasimpo/hf/lora_export.py). Returns the ModelConfig as exported.
     """
     from megasimpo.hf import lora_export
 
     if adapter_only:
+        if dtype is not None:
+            raise ValueError("--dtype applies to merged weights; --adapter-only writes the "
+                             "adapters in the model's dtype: drop --dtype")
         return lora_export.export_adapter(ckpt, out, force=force)
     if max_shard_size <= 0:
         raise ValueError(f"--max-shard-size {max_shard_size} must be positive")
     model = checkpoint.model_config(ckpt)
+    model = dataclasses.replace(model, dtype=export_dtype(ckpt, model, dtype))
     lora = lora_export.source(ckpt)
     weights = lora.base if lora else ckpt  # where the (base) weights are
     from megatron.core import dist_checkpointing
@@ -338,6 +368,7 @@ def export_hf(ckpt: str, out: str, *, force: bool = False,
                 (safe_load.guard(weights) if lora else contextlib.nullcontext()):
             stored = _stored_tensors(weights, model)
             adapters_stored = lora_export.stored_adapters(lora) if lora else None
+            _note_unrecorded(ckpt, model.dtype, adapters_stored or stored)
             bar = _progress(sum(len(g) for g in groups), "export", progress)
             for group in groups:
                 state = {f"piece{n}": _read_target(p, model, stored[p.key])

@@ -265,26 +265,59 @@ def _train(rank, world, ckpt, root):
     return [r["loss"] for r in Trainer(cfg).run()]
 
 
-def test_trained_model_exports_and_generates(tmp_path):
-    """bf16 model -> import -> 2 SimPO steps at TP=2 in fp32 -> export (bf16) -> transformers."""
+def _stored(rank, world, ckpt, keys):
+    """Tensors of checkpoint ``ckpt`` as stored (Megatron names, whole, padded vocabulary)."""
+    from megatron.core import dist_checkpointing
+
+    loaded = dist_checkpointing.load_plain_tensors(ckpt)
+    return {k: loaded[k] for k in keys}
+
+
+def test_trained_model_exports_and_generates(tmp_path, capsys):
+    """bf16 model -> import -> 2 SimPO steps at TP=2 in fp32 -> export (fp32, the trained
+    weights bit for bit; --dtype bf16 rounds them) -> transformers."""
+    from megasimpo.checkpoint import read_meta
+
     hf = build("llama_tied", str(tmp_path / "hf"), dtype=torch.bfloat16, seed=7)
     ckpt = str(tmp_path / "ckpt")
     assert "wrote" in cli("import", "--hf", hf, "--out", ckpt).stdout
+    assert read_meta(ckpt)["weights_dtype"] == "bfloat16"
     losses = run_ranks(_train, 2, ckpt, str(tmp_path))[0]
     assert len(losses) == 2
     final = str(tmp_path / "run" / "final_model")
-    out = str(tmp_path / "trained_hf")
+    meta = read_meta(final)  # the model is a bf16 one, its trained weights are fp32
+    assert (meta["model"]["dtype"], meta["weights_dtype"]) == ("bfloat16", "float32")
+    out, rounded = str(tmp_path / "trained_hf"), str(tmp_path / "trained_bf16")
     proc = cli("export", "--load", final, "--out", out)
-    assert "wrote" in proc.stdout
-    src, got = safetensors_dir(hf), safetensors_dir(out)
-    assert src.keys() == got.keys()
-    assert all(t.dtype == torch.bfloat16 for t in got.values())
-    moved = [k for k in src if not torch.equal(src[k], got[k])]
+    assert "wrote" in proc.stdout and "float32)" in proc.stdout
+    export_hf(final, rounded, dtype="bf16")
+    src, got, bf16 = safetensors_dir(hf), safetensors_dir(out), safetensors_dir(rounded)
+    assert src.keys() == got.keys() == bf16.keys()
+    assert all(t.dtype == torch.float32 for t in got.values())
+    stored = run_ranks(_stored, 1, final, ["embedding.word_embeddings.weight",
+                                           "decoder.final_layernorm.weight"])[0]
+    emb = got["model.embed_tokens.weight"]
+    assert torch.equal(emb, stored["embedding.word_embeddings.weight"][:emb.shape[0]])
+    assert torch.equal(got["model.norm.weight"], stored["decoder.final_layernorm.weight"])
+    assert all(t.dtype == torch.bfloat16 and torch.equal(t, got[k].to(torch.bfloat16))
+               for k, t in bf16.items())
+    assert any(not torch.equal(t.float(), got[k]) for k, t in bf16.items())  # rounded
+    for path, dtype in ((out, "float32"), (rounded, "bfloat16")):
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+        assert (config["dtype"], config["torch_dtype"]) == (dtype, dtype)
+    moved = [k for k in src if not torch.equal(src[k], bf16[k])]
     assert len(moved) > len(src) // 2, "training did not change the exported weights"
+    # Saved before the dtype was recorded: the model's dtype, as before, and a note saying so.
+    with open(os.path.join(final, "megasimpo.json"), "w") as f:
+        json.dump({k: v for k, v in meta.items() if k != "weights_dtype"}, f)
+    capsys.readouterr()
+    assert export_hf(final, str(tmp_path / "old"), force=True).dtype == "bfloat16"
+    assert "stores float32 weights but records no weights_dtype" in capsys.readouterr().out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert model.dtype == torch.bfloat16
+    assert model.dtype == torch.float32
     tok = AutoTokenizer.from_pretrained(out)
     ids = torch.tensor([tok.encode("w5 w6 w7")])
     gen = model.generate(ids, max_new_tokens=4, do_sample=False,
