@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megasimpo import lora_targets
 # The architecture's config lives in model_config.py; imported here too, where callers look for it.
 from megasimpo.model_config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling  # noqa: F401
 
@@ -33,8 +34,9 @@ ATTENTION_BACKENDS = ("auto", "te", "sdpa", "unfused")
 LOSS_TYPES = ("sigmoid", "hinge")
 REFERENCE_SOURCES = ("live", "precomputed")
 PRECISIONS = ("bf16", "fp8", "fp32")
-# Projections LoRA can adapt (Megatron names): attention QKV and output, MLP fc1 (gate+up) and fc2.
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# Projections LoRA can adapt (Megatron names): attention QKV and output, MLP fc1 (gate+up) and fc2;
+# the per-projection (PEFT) names and their mapping: megasimpo/lora_targets.py.
+LORA_TARGETS = lora_targets.FUSED
 
 
 def option(default=dataclasses.MISSING, doc: str = "", *, choices: tuple = (),
@@ -122,7 +124,10 @@ class LoraConfig:
     alpha: Optional[float] = option(None, "LoRA scale numerator: the delta is alpha / r x B A "
                                           "(default 2r)")
     dropout: float = option(0.0, "dropout on each adapter's input")
-    targets: tuple = option(LORA_TARGETS, "projections that get adapters (Megatron names)")
+    targets: tuple = option(LORA_TARGETS, "projections that get adapters: Megatron's fused ones, "
+                            "or per projection as PEFT names them (q_proj k_proj v_proj o_proj "
+                            "gate_proj up_proj down_proj, or all-linear)")
+    rslora: bool = option(False, "rsLoRA: scale B A by alpha / sqrt(r) instead of alpha / r")
 
     def __post_init__(self):
         if self.rank < 0:
@@ -133,11 +138,7 @@ class LoraConfig:
             raise ValueError(f"--lora-alpha {self.alpha} must be positive")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"--lora-dropout {self.dropout} must be in [0, 1)")
-        object.__setattr__(self, "targets", tuple(self.targets))
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
-        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"--lora-targets {' '.join(self.targets) or '(none)'}: each must be "
-                             "one of " + ", ".join(LORA_TARGETS) + ", once")
+        object.__setattr__(self, "targets", lora_targets.normalize(self.targets))
 
     @property
     def enabled(self) -> bool:
@@ -146,8 +147,8 @@ class LoraConfig:
 
     @property
     def scale(self) -> float:
-        """alpha / r, the factor of B A."""
-        return self.alpha / self.rank
+        """alpha / r, the factor of B A (rsLoRA: alpha / sqrt(r))."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 @dataclass(frozen=True, kw_only=True)
