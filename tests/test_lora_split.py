@@ -71,6 +71,7 @@ def _merged_by_hand(chunk, ids, pos):
     for layer in chunk.decoder.layers:
         attn, mlp = layer.self_attention, layer.mlp
         parts = attn.linear_qkv_lora.parts
+        before = attn.linear_qkv.weight.clone(), mlp.linear_fc1.weight.clone()
         for j in range(g):  # group j's rows: its q heads, then its k head, then its v head
             base = j * (per + 2 * d)
             for name, lo, n, src in (("q_proj", base, per, j * per),
@@ -80,6 +81,9 @@ def _merged_by_hand(chunk, ids, pos):
                     (a.lora_b[src:src + n] @ a.lora_a) * a.scale
         gate = mlp.linear_fc1_lora.parts["gate_proj"]
         mlp.linear_fc1.weight[:TINY.ffn_hidden_size] += gate.lora_b @ gate.lora_a * gate.scale
+        for w, old, a in ((attn.linear_qkv.weight, before[0], attn.linear_qkv_lora),
+                          (mlp.linear_fc1.weight, before[1], mlp.linear_fc1_lora)):
+            torch.testing.assert_close(a.weight_delta(), w - old)  # what lora.merge_ adds
         for base, a in ((attn.linear_proj, attn.linear_proj_lora),
                         (mlp.linear_fc2, mlp.linear_fc2_lora)):
             base.weight += a.lora_b @ a.lora_a * a.scale

@@ -3,7 +3,8 @@ Llama, random nonzero B, ``save_pretrained``; one on q_proj + v_proj, one on all
 rsLoRA. Each imports (``import --adapter``: per-projection targets, a separate A per module),
 scores like ``peft.PeftModel`` over the HF base, trains 2 steps at TP=2, and exports
 (``--adapter-only``) to a PEFT adapter that ``peft`` loads and that scores like ``megasimpo
-score`` of the trained checkpoint. (TP=2 against TP=1 for these adapters: tests/test_lora_split.py.)"""
+score`` of the trained checkpoint, as its merged export does. (TP=2 against TP=1 for these
+adapters: tests/test_lora_split.py.)"""
 
 import json
 import os
@@ -13,7 +14,7 @@ import torch
 
 from hf_models import MODELS, build, load
 from multirank import run_ranks
-from test_convert import cli
+from test_convert import cli, export_hf
 from test_lora_roundtrip import _megasimpo, _pairs, _rel, _scored, _sums
 
 VOCAB = MODELS["llama3"][1]["vocab_size"]
@@ -109,3 +110,5 @@ def test_peft_adapter_imports_trains_and_exports(tree, case, tmp_path):
     assert sorted(cfg["target_modules"]) == sorted(given["target_modules"])
     assert cfg["use_rslora"] == given["use_rslora"] and cfg["r"] == 4
     assert _rel(_peft_sums(hf, out, pairs), scored) <= 1e-5
+    export_hf(trained, str(tmp_path / "merged"))  # each member's B A added at its rows
+    assert _rel(_sums(load(str(tmp_path / "merged")), pairs), scored) <= 1e-5
