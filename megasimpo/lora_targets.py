@@ -27,6 +27,7 @@ PROJECTION = {t: next(p for p in FUSED if t == p or t in SPLIT.get(p, ())) for t
 # The HF (PEFT) module each target adapts; a fused target adapts several (SPLIT).
 HF_MODULE = {**{t: t for s in SPLIT.values() for t in s},
              **{v: k for k, v in ALIASES.items()}}
+PEFT_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COLUMN = ("linear_qkv", "linear_fc1") + tuple(t for s in SPLIT.values() for t in s)
 
 
@@ -39,10 +40,9 @@ def normalize(targets) -> tuple:
     for name in targets:
         names = ALL_LINEAR if name == "all-linear" else (ALIASES.get(name, name),)
         if names[0] not in ORDER:
-            raise ValueError(f"--lora-targets {given}: {name!r} is none of "
-                             f"{', '.join(FUSED)} (fused), {', '.join(ALIASES)}, "
-                             + ", ".join(t for s in SPLIT.values() for t in s)
-                             + " (PEFT's names) or all-linear")
+            raise ValueError(f"--lora-targets {given}: each must be one of {', '.join(FUSED)} "
+                             f"(fused), {', '.join(PEFT_NAMES)} (per projection, PEFT's names) "
+                             f"or all-linear, not {name!r}")
         out += names
     if not out or len(set(out)) != len(out):
         raise ValueError(f"--lora-targets {given}: name each projection once")

@@ -124,7 +124,7 @@ def test_target_names_are_mapped():
 
 
 @pytest.mark.parametrize("targets,msg", [
-    (("qkv_proj",), "'qkv_proj' is none of linear_qkv, .* or all-linear"),
+    (("qkv_proj",), "each must be one of linear_qkv, .*q_proj, .* or all-linear, not 'qkv_proj'"),
     (("linear_qkv", "k_proj"), "linear_qkv .* and k_proj both adapt the same projection"),
     (("o_proj", "linear_proj"), "name each projection once"),
 ])
