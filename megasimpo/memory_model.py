@@ -181,7 +181,11 @@ def lora_saved_per_token(model: ModelConfig, lora: LoraConfig, attention_backend
     for t in lora.targets:
         n_in = lora_targets.gemm(shapes, t)[0]
         if t in LORA_COLUMN_TARGETS:
-            replicated += ((4 if attention_backend == "te" else 0) + keep) * n_in
+            # per-projection members of one projection share its input (and its TE
+            # re-normalisation); only dropout gives each its own copy
+            first = lora_targets.members(lora_targets.PROJECTION[t], lora.targets)[0] == t
+            replicated += ((4 if attention_backend == "te" and first else 0)
+                           + (keep if first or lora.dropout else 0)) * n_in
             whole += 2 * r
         else:  # proj's input (the attention output) is saved by attention anyway
             sharded += (keep if t == "linear_fc2" or lora.dropout else 0) * n_in
