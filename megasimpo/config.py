@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megasimpo import lora_targets
 # The architecture's config lives in model_config.py; imported here too, where callers look for it.
 from megasimpo.model_config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling  # noqa: F401
 
@@ -34,8 +35,9 @@ ATTENTION_BACKENDS = ("auto", "te", "sdpa", "unfused")
 LOSS_TYPES = ("sigmoid", "hinge")
 REFERENCE_SOURCES = ("live", "precomputed")
 PRECISIONS = ("bf16", "fp8", "fp32")
-# Projections LoRA can adapt (Megatron names): attention QKV and output, MLP fc1 (gate+up) and fc2.
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+# Projections LoRA can adapt (Megatron names): attention QKV and output, MLP fc1 (gate+up) and fc2;
+# the per-projection (PEFT) names and their mapping: megasimpo/lora_targets.py.
+LORA_TARGETS = lora_targets.FUSED
 
 
 def option(default=dataclasses.MISSING, doc: str = "", *, choices: tuple = (),
@@ -189,7 +191,10 @@ class LoraConfig:
     alpha: Optional[float] = option(None, "LoRA scale numerator: the delta is alpha / r x B A "
                                           "(default 2r)", ge=0)
     dropout: float = option(0.0, "dropout on each adapter's input", ge=0, lt=1)
-    targets: tuple = option(LORA_TARGETS, "projections that get adapters (Megatron names)")
+    targets: tuple = option(LORA_TARGETS, "projections that get adapters: Megatron's fused ones, "
+                            "or per projection as PEFT names them (q_proj k_proj v_proj o_proj "
+                            "gate_proj up_proj down_proj, or all-linear)")
+    rslora: bool = option(False, "rsLoRA: scale B A by alpha / sqrt(r) instead of alpha / r")
 
     def __post_init__(self):
         check_options(self)
@@ -197,11 +202,7 @@ class LoraConfig:
             object.__setattr__(self, "alpha", float(2 * self.rank))
         if self.rank and self.alpha == 0:  # 0 is the recorded default only when LoRA is off
             raise ValueError(f"--lora-alpha {self.alpha} must be > 0 with --lora-rank {self.rank}")
-        object.__setattr__(self, "targets", tuple(self.targets))
-        unknown = [t for t in self.targets if t not in LORA_TARGETS]
-        if unknown or not self.targets or len(set(self.targets)) != len(self.targets):
-            raise ValueError(f"--lora-targets {' '.join(self.targets) or '(none)'}: each must be "
-                             "one of " + ", ".join(LORA_TARGETS) + ", once")
+        object.__setattr__(self, "targets", lora_targets.normalize(self.targets))
 
     @property
     def enabled(self) -> bool:
@@ -210,8 +211,8 @@ class LoraConfig:
 
     @property
     def scale(self) -> float:
-        """alpha / r, the factor of B A."""
-        return self.alpha / self.rank
+        """alpha / r, the factor of B A (rsLoRA: alpha / sqrt(r))."""
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 @dataclass(frozen=True, kw_only=True)

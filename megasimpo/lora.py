@@ -24,6 +24,13 @@ gated ``linear_fc1`` as the checkpoint stores fc1: all gate rows, then all up ro
 checkpoints reshard to any layout. ``A`` is drawn from a generator seeded by (seed, layer, target)
 over its global shape and then sliced, so every layout starts from the same adapters; ``B`` starts
 at zero, so step 0 is the base model exactly.
+
+Per-projection targets (PEFT's layout, ``lora_targets``: ``q_proj`` ... ``up_proj``) put a
+:class:`SplitAdapter` next to the fused projection instead: one column adapter per member, each
+with its own ``A`` and its ``B`` split over TP as the member's rows are (q, k and v rows of this
+rank's query groups; gate and up rows of this rank's slice), whose outputs are laid out as this
+rank's fused output (QKV interleaved per local query group, ``hf.mapping.qkv_to_mcore``; fc1 gate
+then up). A member that is not a target adds zeros.
 """
 
 import contextlib
@@ -33,9 +40,10 @@ import zlib
 import torch
 import torch.nn.functional as F
 
+from megasimpo import lora_targets
 from megasimpo.config import LoraConfig
 
-COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
+COLUMN_TARGETS = lora_targets.COLUMN  # fused column projections and the per-projection members
 ROW_TARGETS = ("linear_proj", "linear_fc2")
 SUFFIX = "_lora"  # the adapter of ``linear_qkv`` is the sibling ``linear_qkv_lora``
 
@@ -52,7 +60,7 @@ class LoraAdapter(torch.nn.Module):
     """The adapter of one projection ``base`` (a Megatron Column/RowParallelLinear, or TE's)."""
 
     def __init__(self, base, target: str, cfg: LoraConfig, *, tp_group, layer: int, seed: int,
-                 gated: bool = False):
+                 gated: bool = False, out_features: int = 0):
         super().__init__()
         self.target, self.column, self.gated = target, target in COLUMN_TARGETS, gated
         self.config = cfg
@@ -67,6 +75,8 @@ class LoraAdapter(torch.nn.Module):
         weight = base.weight
         dtype, device = weight.dtype, weight.device
         out_local, in_local = weight.shape
+        if out_features:  # a per-projection member: its rows of the fused (column) output
+            out_local = out_features // self.tp
         r = cfg.rank
         if self.column:
             full_a = _global_a(r, in_local, seed, layer, target)
@@ -95,13 +105,19 @@ class LoraAdapter(torch.nn.Module):
             w = w + 1
         return F.rms_norm(x, (x.shape[-1],), w, self.norm.eps)
 
+    def inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """What the projection's GEMM sees of its input ``x`` (after TE's fused norm, if any)."""
+        return self._normed(x) if self.column and self.norm is not None else x
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: the projection's input ([s(/tp), b, in(/tp)]); returns the delta of its output."""
+        return self.delta(self.inputs(x))
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``scale * B A x`` of the GEMM's input ``x`` (:meth:`inputs`)."""
         from megatron.core.tensor_parallel import mappings
 
         if self.column:
-            if self.norm is not None:
-                x = self._normed(x)
             a = F.linear(self.dropout(x), self.lora_a)
             if self.sequence_parallel:  # [s/tp, b, r] -> [s, b, r]; backward sums B's parts
                 a = mappings.gather_from_sequence_parallel_region(a, group=self.tp_group)
@@ -136,6 +152,66 @@ class LoraAdapter(torch.nn.Module):
         return out
 
 
+class SplitAdapter(torch.nn.Module):
+    """The per-projection adapters of one fused column projection ``base`` (``linear_qkv``:
+    q/k/v, ``linear_fc1``: gate/up): the targeted members of ``cfg.targets``, each a column
+    :class:`LoraAdapter` over its rows (global widths ``widths``, member -> out features)."""
+
+    def __init__(self, base, projection: str, cfg: LoraConfig, *, tp_group, layer: int,
+                 seed: int, widths: dict, groups: int):
+        super().__init__()
+        self.projection, self.config = projection, cfg
+        self.members = lora_targets.SPLIT[projection]
+        self.parts = torch.nn.ModuleDict({
+            m: LoraAdapter(base, m, cfg, tp_group=tp_group, layer=layer, seed=seed,
+                           out_features=widths[m])
+            for m in lora_targets.members(projection, cfg.targets)})
+        first = next(iter(self.parts.values()))
+        self.tp = first.tp
+        self.local = {m: widths[m] // self.tp for m in self.members}  # this rank's rows of each
+        self.groups = groups // self.tp  # query groups on this rank (QKV's interleave unit)
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any member adds its delta (``disabled`` switches them all)."""
+        return any(p.enabled for p in self.parts.values())
+
+    def assemble(self, outs: list) -> torch.Tensor:
+        """The members' outputs (last dim: each member's local rows) -> this rank's fused
+        output rows: QKV interleaved per local query group, fc1 gate then up."""
+        from megasimpo.hf.mapping import qkv_to_mcore
+
+        if self.projection == "linear_qkv":
+            return qkv_to_mcore(*(o.movedim(-1, 0) for o in outs), self.groups).movedim(0, -1)
+        return torch.cat(outs, dim=-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: the projection's input; returns the delta of its (local, fused) output."""
+        x = next(iter(self.parts.values())).inputs(x)  # TE's fused norm once for all members
+        outs = {m: p.delta(x) for m, p in self.parts.items() if p.enabled}
+        ref = next(iter(outs.values()))
+        return self.assemble([outs[m] if m in outs else ref.new_zeros(*ref.shape[:-1],
+                                                                      self.local[m])
+                              for m in self.members])
+
+    @torch.no_grad()
+    def weight_delta(self) -> torch.Tensor:
+        """``scale * B A`` of every member as the fused weight's local rows [out, in] (fp32)."""
+        ref = next(iter(self.parts.values())).lora_a
+        rows = [(self.parts[m].lora_b.float() @ self.parts[m].lora_a.float()
+                 * self.parts[m].scale) if m in self.parts
+                else ref.new_zeros(self.local[m], ref.shape[1], dtype=torch.float32)
+                for m in self.members]
+        return self.assemble([r.t() for r in rows]).t()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """Each member's ``A``/``B`` under ``{prefix}parts.{member}.`` (B split on axis 0)."""
+        out = {}
+        for m, part in self.parts.items():
+            out.update(part.sharded_state_dict(f"{prefix}parts.{m}.", sharded_offsets, metadata))
+        return out
+
+
 def _hook(adapter: LoraAdapter):
     def add_delta(module, args, output):
         if not adapter.enabled:
@@ -157,9 +233,9 @@ def check_fits(cfg: LoraConfig, model) -> None:
     """ValueError when the rank exceeds a target's width (in or out features), naming it."""
     from megasimpo.shapes import layer_shapes
 
-    gemms = layer_shapes(model).gemms
+    shapes = layer_shapes(model)
     for target in cfg.targets:
-        n_in, n_out = gemms[target.removeprefix("linear_")]
+        n_in, n_out = lora_targets.gemm(shapes, target)
         if cfg.rank > min(n_in, n_out):
             raise ValueError(f"--lora-rank {cfg.rank} exceeds {target}'s width ({n_in} in, "
                              f"{n_out} out): use a rank <= {min(n_in, n_out)}")
@@ -174,15 +250,24 @@ def apply(chunks: list, cfg: LoraConfig, *, seed: int, tp_group=None) -> list:
     for chunk in chunks:
         for p in chunk.parameters():
             p.requires_grad_(False)
-        gated = chunk.config.gated_linear_unit
+        c = chunk.config
+        gated, d = c.gated_linear_unit, c.kv_channels
+        widths = {"q_proj": c.num_attention_heads * d, "k_proj": c.num_query_groups * d,
+                  "v_proj": c.num_query_groups * d, "gate_proj": c.ffn_hidden_size,
+                  "up_proj": c.ffn_hidden_size}
         for layer in chunk.decoder.layers:
             for target, (parent, name) in _targets(layer).items():
-                if target not in cfg.targets:
-                    continue
                 base = getattr(parent, name)
-                adapter = LoraAdapter(base, target, cfg, tp_group=tp_group,
-                                      layer=layer.layer_number, seed=seed,
-                                      gated=gated and target == "linear_fc1")
+                if lora_targets.is_split(cfg.targets, target):
+                    adapter = SplitAdapter(base, target, cfg, tp_group=tp_group,
+                                           layer=layer.layer_number, seed=seed, widths=widths,
+                                           groups=c.num_query_groups)
+                elif target in cfg.targets:
+                    adapter = LoraAdapter(base, target, cfg, tp_group=tp_group,
+                                          layer=layer.layer_number, seed=seed,
+                                          gated=gated and target == "linear_fc1")
+                else:
+                    continue
                 parent.add_module(name + SUFFIX, adapter)
                 base.register_forward_hook(_hook(adapter))
     return chunks
@@ -226,6 +311,11 @@ def merge_(chunks: list) -> None:
                 if adapter.tp != 1:
                     raise ValueError("merging LoRA adapters needs the model at TP=1")
                 base = getattr(parent, name)
-                delta = adapter.lora_b.float() @ adapter.lora_a.float() * adapter.scale
+                if isinstance(adapter, SplitAdapter):
+                    delta = adapter.weight_delta()
+                    for part in adapter.parts.values():
+                        part.enabled = False
+                else:
+                    delta = adapter.lora_b.float() @ adapter.lora_a.float() * adapter.scale
+                    adapter.enabled = False
                 base.weight.add_(delta.to(base.weight.dtype))
-                adapter.enabled = False

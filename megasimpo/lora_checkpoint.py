@@ -107,6 +107,12 @@ def config_of(chunks: list) -> Optional[LoraConfig]:
     return found[0].config if found else None
 
 
+def config_record(cfg: LoraConfig) -> dict:
+    """The ``"lora"`` entry of ``megasimpo.json``: what rebuilds the adapters (``LoraConfig(**it)``)."""
+    return {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
+            "targets": list(cfg.targets), "rslora": cfg.rslora}
+
+
 def meta_for(chunks: list, base: Optional[dict], path: str) -> dict:
     """The ``megasimpo.json`` entries of a checkpoint of ``chunks`` saved at ``path``: {} without
     adapters; else the LoRA options and the base record, ``located`` at ``path``."""
@@ -115,8 +121,7 @@ def meta_for(chunks: list, base: Optional[dict], path: str) -> dict:
         return {}
     if base is None:
         raise ValueError("a LoRA checkpoint needs its base record (lora_checkpoint.base_record)")
-    return {META_KEY: {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
-                       "targets": list(cfg.targets)}, BASE_KEY: located(base, path)}
+    return {META_KEY: config_record(cfg), BASE_KEY: located(base, path)}
 
 
 def adapter_states(states: dict) -> dict:
@@ -148,16 +153,17 @@ def with_lora(chunks: list, cfg, model, base: Optional[dict], *,
     if base is not None:
         have = config_of(chunks)
         same = f"--lora-rank {have.rank} --lora-alpha {have.alpha:g} --lora-targets " \
-               + " ".join(have.targets)
+               + " ".join(have.targets) + (" --lora-rslora" if have.rslora else "")
         if not cfg.lora.enabled:
             raise ValueError(f"--load {cfg.load} is a LoRA checkpoint: pass {same} to go on "
                              "training its adapters, or export it merged (tools/convert_hf.py "
                              "export) and import that to fine-tune the whole model")
-        if (have.rank, have.alpha, tuple(have.targets)) != \
-                (cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets)):
+        if (have.rank, have.alpha, tuple(have.targets), have.rslora) != \
+                (cfg.lora.rank, cfg.lora.alpha, tuple(cfg.lora.targets), cfg.lora.rslora):
             raise ValueError(f"--load {cfg.load} holds adapters of {same}; this run asks for "
                              f"--lora-rank {cfg.lora.rank} --lora-alpha {cfg.lora.alpha:g} "
-                             f"--lora-targets {' '.join(cfg.lora.targets)}")
+                             f"--lora-targets {' '.join(cfg.lora.targets)}"
+                             + (" --lora-rslora" if cfg.lora.rslora else ""))
         for adapter in lora.adapters(chunks):  # dropout is a training choice: this run's
             adapter.config = cfg.lora
             adapter.dropout = (torch.nn.Dropout(cfg.lora.dropout) if cfg.lora.dropout

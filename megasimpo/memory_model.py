@@ -58,6 +58,7 @@ GB are 1e9 bytes, like ``mem_peak_gb`` in the metrics.
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from megasimpo import lora_targets
 from megasimpo.config import LOGPROB_CHUNK, REFERENCE_LOSSES, LoraConfig, ModelConfig
 from megasimpo.shapes import layer_shapes, padded_vocab_size
 
@@ -66,7 +67,7 @@ OVERHEAD_GB = 4.0  # CUDA context + workspaces + NCCL buffers + fragmentation
 LOGIT_BYTES = 10  # per element of [2*mbs, s, v/tp], see the module docstring
 # lora.py's column-parallel targets (output split over TP: A whole, B split); the rest are row
 # targets (input split over TP: A split, B whole). lora.py imports torch, this module must not.
-LORA_COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
+LORA_COLUMN_TARGETS = lora_targets.COLUMN
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,9 @@ def lora_layer_parameters(model: ModelConfig, lora: Optional[LoraConfig], tp: in
     TP 1 the sum over targets of r x (in + out), ``LayerShapes.lora_parameters``."""
     if not lora_on(lora):
         return 0.0
-    gemms, r = layer_shapes(model).gemms, lora.rank
+    shapes, r = layer_shapes(model), lora.rank
     return sum(r * (n_in + n_out / tp) if t in LORA_COLUMN_TARGETS else r * (n_in / tp + n_out)
-               for t in lora.targets for n_in, n_out in [gemms[t.removeprefix("linear_")]])
+               for t in lora.targets for n_in, n_out in [lora_targets.gemm(shapes, t)])
 
 
 def model_parameters(model: ModelConfig, lora: Optional[LoraConfig] = None) -> tuple[int, int]:
@@ -174,13 +175,17 @@ def lora_saved_per_token(model: ModelConfig, lora: LoraConfig, attention_backend
     result, 6 B; dropout: its output and mask, 3 B, instead) and the bf16 [s, b, r] product its B
     needs, gathered over the whole sequence for column targets (the third part, already divided
     by SP where SP splits it)."""
-    gemms, r = layer_shapes(model).gemms, lora.rank
+    shapes, r = layer_shapes(model), lora.rank
     keep = 3 if lora.dropout else 2
     replicated, sharded, whole = 4.0 * model.hidden_size, 0.0, 0.0  # the two norm inputs
     for t in lora.targets:
-        n_in = gemms[t.removeprefix("linear_")][0]
+        n_in = lora_targets.gemm(shapes, t)[0]
         if t in LORA_COLUMN_TARGETS:
-            replicated += ((4 if attention_backend == "te" else 0) + keep) * n_in
+            # per-projection members of one projection share its input (and its TE
+            # re-normalisation); only dropout gives each its own copy
+            first = lora_targets.members(lora_targets.PROJECTION[t], lora.targets)[0] == t
+            replicated += ((4 if attention_backend == "te" and first else 0)
+                           + (keep if first or lora.dropout else 0)) * n_in
             whole += 2 * r
         else:  # proj's input (the attention output) is saved by attention anyway
             sharded += (keep if t == "linear_fc2" or lora.dropout else 0) * n_in

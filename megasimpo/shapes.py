@@ -57,8 +57,11 @@ class LayerShapes:
         return self.sharded_parameters + self.replicated_parameters
 
     def lora_parameters(self, rank: int, targets) -> int:
-        """Adapter parameters of the layer: r x (in + out) per adapted GEMM (``linear_qkv`` ...)."""
-        return sum(rank * sum(self.gemms[t.removeprefix("linear_")]) for t in targets)
+        """Adapter parameters of the layer: r x (in + out) per target (``linear_qkv``, ``q_proj``
+        ...: ``lora_targets.gemm``)."""
+        from megasimpo.lora_targets import gemm
+
+        return sum(rank * sum(gemm(self, t)) for t in targets)
 
 
 def layer_shapes(model) -> LayerShapes:

@@ -116,7 +116,7 @@ def test_tp2_equals_single_rank(sp):
 
 @pytest.mark.parametrize("kw,msg", [
     (dict(rank=-1), "--lora-rank -1 must be >= 0"),
-    (dict(rank=4, targets=("q_proj",)), "--lora-targets q_proj: each must be one of linear_qkv"),
+    (dict(rank=4, targets=("qkv",)), "--lora-targets qkv: each must be one of linear_qkv"),
     (dict(rank=4, dropout=1.0), "--lora-dropout 1.0 must be in"),
 ])
 def test_bad_options(kw, msg):

@@ -380,7 +380,7 @@ def export_hf(ckpt: str, out: str, *, force: bool = False,
                     if lora and layer is not None else {}
                 for n, p in enumerate(group):
                     block = loaded[f"piece{n}"].view(p.shape)
-                    add = lora_export.delta(p, adapters, lora.cfg) if adapters else None
+                    add = lora_export.delta(p, adapters, lora.cfg, lora.model) if adapters else None
                     block = (block.float() + add if add is not None else block).to(dtype)
                     for name, t in mapping.to_hf(p, block, model).items():
                         writer.add(name, t)

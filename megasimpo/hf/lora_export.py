@@ -3,11 +3,14 @@
 A LoRA checkpoint (megasimpo/lora_checkpoint.py) holds its adapters under stacked layer keys
 (``decoder.layers.self_attention.linear_qkv_lora.lora_a`` [L, r, in], ``...lora_b`` [L, out, r],
 B's rows laid out as the adapted weight's: Megatron's interleaved QKV rows, fc1's gate rows then
-up rows) and names its base checkpoint by path and fingerprint.
+up rows; a per-projection target under its projection's: ``...linear_qkv_lora.parts.q_proj.lora_a``
+[L, r, h], ``...lora_b`` [L, q rows in HF order, r]) and names its base checkpoint by path and
+fingerprint.
 
 * merged export (``export_hf`` of a LoRA checkpoint): the base is streamed piece by piece as
   for any checkpoint and each adapted weight piece gets ``alpha / r * B A`` (the piece's rows of
-  B) added in fp32 before the cast to the model's dtype (:func:`delta`);
+  B; per-projection targets: each member's ``B A`` at its rows) added in fp32 before the cast to
+  the model's dtype (:func:`delta`);
 * ``--adapter-only``: a PEFT directory (megasimpo/hf/peft_adapter.py) in the model's dtype;
 * ``import --adapter``: the base imported to ``CKPT/base`` and, in ``CKPT``, a LoRA checkpoint of
   the PEFT adapter referencing it, by its real path and by ``base`` relative to ``CKPT``, so
@@ -21,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from megasimpo import atomic, checkpoint, lora_checkpoint, safe_load
+from megasimpo import atomic, checkpoint, lora_checkpoint, lora_targets, safe_load
 from megasimpo.config import LoraConfig, ModelConfig
 from megasimpo.hf import mapping, peft_adapter
 from megasimpo.lora import SUFFIX
@@ -44,12 +47,14 @@ class LoraSource:
 
 def adapter_key(target: str, which: str) -> str:
     """The stacked checkpoint key of ``target``'s ``lora_a`` / ``lora_b``."""
-    return f"{mapping.LAYERS}{MODULES[target]}{SUFFIX}.{which}"
+    projection = lora_targets.PROJECTION[target]
+    part = "" if target == projection else f".parts.{target}"
+    return f"{mapping.LAYERS}{MODULES[projection]}{SUFFIX}{part}.{which}"
 
 
 def adapter_shapes(m: ModelConfig, target: str, rank: int) -> tuple:
     """(A, B) shapes of one layer's ``target`` adapter: [r, in], [out, r]."""
-    n_in, n_out = layer_shapes(m).gemms[target.removeprefix("linear_")]
+    n_in, n_out = lora_targets.gemm(layer_shapes(m), target)
     return (rank, n_in), (n_out, rank)
 
 
@@ -114,16 +119,29 @@ def read_layer(src: LoraSource, layer: int, stored: dict) -> dict:
             for t in src.cfg.targets}
 
 
-def delta(p: mapping.Piece, adapters: dict, cfg: LoraConfig) -> Optional[torch.Tensor]:
+def delta(p: mapping.Piece, adapters: dict, cfg: LoraConfig,
+          m: Optional[ModelConfig] = None) -> Optional[torch.Tensor]:
     """``alpha / r * B A`` for weight piece ``p`` (fp32; B's rows of the piece), or None when
-    ``p`` is not an adapted weight."""
+    ``p`` is not an adapted weight (``m``: the model, needed for per-projection QKV targets)."""
     target = next((t for t, mod in MODULES.items()
                    if p.key == f"{mapping.LAYERS}{mod}.weight"), None)
-    if target not in adapters:
+    if target is None:
         return None
-    a, b = adapters[target]
-    rows = p.shape[0]
-    return (b[p.part[0] * rows:(p.part[0] + 1) * rows] @ a) * cfg.scale
+    if target in adapters:
+        a, b = adapters[target]
+        rows = p.shape[0]
+        return (b[p.part[0] * rows:(p.part[0] + 1) * rows] @ a) * cfg.scale
+    members = lora_targets.SPLIT.get(target, ())
+    if not any(t in adapters for t in members):
+        return None
+    if target == "linear_fc1":  # piece 0: the gate rows, piece 1: the up rows
+        member = members[p.part[0]]
+        return adapters[member][1] @ adapters[member][0] * cfg.scale if member in adapters \
+            else None
+    shapes = peft_adapter.module_shapes(m)
+    parts = [adapters[t][1] @ adapters[t][0] * cfg.scale if t in adapters
+             else torch.zeros(shapes[t][1], shapes[t][0]) for t in members]
+    return mapping.qkv_to_mcore(*parts, m.num_query_groups)
 
 
 def base_name(base: Optional[str]) -> Optional[str]:
@@ -226,8 +244,7 @@ def import_adapter(hf_dir: str, adapter_dir: str, out: str, *, force: bool = Fal
         record = lora_checkpoint.located(  # relative "base": CKPT and CKPT/base move together
             {"path": os.path.join(os.path.realpath(out.rstrip("/")), BASE_DIR),
              "fingerprint": lora_checkpoint.base_fingerprint(base_partial)}, out)
-        lora = {"rank": cfg.rank, "alpha": cfg.alpha, "dropout": cfg.dropout,
-                "targets": list(cfg.targets)}
+        lora = lora_checkpoint.config_record(cfg)
         with open(os.path.join(partial, checkpoint.META_FILE), "w") as f:
             json.dump({"format": checkpoint.FORMAT, "model": model.to_dict(),
                        "source": os.path.abspath(adapter_dir), lora_checkpoint.META_KEY: lora,

@@ -2,21 +2,20 @@
 
 A PEFT directory is ``adapter_config.json`` + ``adapter_model.safetensors`` holding, per adapted
 HF module, ``base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_A.weight`` [r, in]
-and ``lora_B.weight`` [out, r]; PEFT adds ``lora_alpha / r * B A`` to the module's output.
-megasimpo adapts Megatron's fused projections, so one of its adapters covers several HF modules:
+and ``lora_B.weight`` [out, r]; PEFT adds ``lora_alpha / r * B A`` (rsLoRA: ``/ sqrt(r)``) to the
+module's output. megasimpo's targets (megasimpo/lora_targets.py) map to HF modules so:
 
-  linear_qkv  -> q_proj, k_proj, v_proj  one A shared by the three; their B are the q/k/v row
-                                         blocks of the fused B (Megatron's per-KV-group rows,
+  linear_qkv  -> q_proj, k_proj, v_proj  fused: one A shared by the three; their B are the q/k/v
+                                         row blocks of the fused B (Megatron's per-KV-group rows,
                                          ``mapping.qkv_from_mcore``)
-  linear_proj -> o_proj
-  linear_fc1  -> gate_proj, up_proj      one A shared; B's gate rows, then its up rows
-  linear_fc2  -> down_proj
+  linear_fc1  -> gate_proj, up_proj      fused: one A shared; B's gate rows, then its up rows
+  q_proj ... up_proj                     per projection: each its own A and B, as PEFT has them
+  linear_proj -> o_proj,  linear_fc2 -> down_proj
 
-Writing splits exactly. Reading fuses exactly only when the modules of one fused projection share
-A (what megasimpo writes); adapters made elsewhere draw a separate A per module, which would need
-rank 3r on QKV while the others keep r (one rank per checkpoint here), so they are refused with
-the two ways out. A fused projection's member that is not adapted (PEFT's common q_proj + v_proj)
-gets a zero B, which is exact.
+Writing splits exactly. Reading picks, per fused projection, the fused target when every layer
+has all its members with one shared A (what megasimpo writes of fused targets), else the
+per-projection targets of the members present (what ``peft`` writes: a separate A per module,
+often only some members, e.g. q_proj + v_proj).
 """
 
 import json
@@ -26,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from megasimpo import lora_targets
 from megasimpo.config import LORA_TARGETS, LoraConfig, ModelConfig
 from megasimpo.hf import mapping
 
@@ -37,18 +37,25 @@ MODULES = {"linear_qkv": ("self_attn", ("q_proj", "k_proj", "v_proj")),
            "linear_fc2": ("mlp", ("down_proj",))}
 TARGET_OF = {mod: target for target, (_, mods) in MODULES.items() for mod in mods}
 HF_ORDER = tuple(mod for target in LORA_TARGETS for mod in MODULES[target][1])
+UNIT_OF = {mod: lora_targets.ALIASES.get(mod, mod) for mod in HF_ORDER}  # per-projection target
 _KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight")
-_FIX = ("either train the adapter with megasimpo (its `export --adapter-only` writes adapters "
-        "this import takes back), or merge it into its base with peft (`PeftModel.from_pretrained"
-        "(...).merge_and_unload().save_pretrained(DIR)`) and import the merged model")
+_FIX = ("merge it into its base with peft (`PeftModel.from_pretrained(...).merge_and_unload()"
+        ".save_pretrained(DIR)`) and import the merged model")
 # adapter_config.json options that change what the adapter computes or trains (each is off when
-# absent, false, null or empty), and those written (known to PEFT since 0.9) with their off values
-_UNSUPPORTED = ("use_dora", "use_rslora", "lora_bias", "fan_in_fan_out", "use_qalora",
-                "use_bdlora", "modules_to_save", "rank_pattern", "alpha_pattern",
-                "layer_replication", "target_parameters", "trainable_token_indices",
-                "alora_invocation_tokens", "arrow_config")
-_WRITTEN_OFF = {"use_dora": False, "use_rslora": False, "fan_in_fan_out": False,
-                "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+# absent, false, null or empty), with why megasimpo refuses each; then those written (known to
+# PEFT since 0.9) with their off values
+_UNSUPPORTED = {
+    "use_dora": "DoRA's magnitude vector and weight norm are not in megasimpo's adapters",
+    "rank_pattern": "megasimpo's adapters have one rank (r) for every module",
+    "alpha_pattern": "megasimpo's adapters have one lora_alpha for every module",
+    "modules_to_save": "it trains those modules whole, which megasimpo's LoRA checkpoints do "
+                       "not hold",
+    "lora_bias": "megasimpo's adapters have no bias"}
+_UNSUPPORTED.update({k: "megasimpo's adapters are plain LoRA" for k in (
+    "fan_in_fan_out", "use_qalora", "use_bdlora", "layer_replication", "target_parameters",
+    "trainable_token_indices", "alora_invocation_tokens", "arrow_config")})
+_WRITTEN_OFF = {"use_dora": False, "fan_in_fan_out": False, "modules_to_save": None,
+                "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def key(layer: int, module: str, which: str) -> str:
@@ -67,7 +74,9 @@ def module_shapes(m: ModelConfig) -> dict:
 
 def split(target: str, a: torch.Tensor, b: torch.Tensor, m: ModelConfig) -> dict:
     """One megasimpo adapter (A [r, in], B [out, r] in Megatron's row layout) -> {HF module:
-    (A, B)}; the members of a fused projection share A."""
+    (A, B)}; the members of a fused projection share A; a per-projection target is its module."""
+    if target not in MODULES:
+        return {lora_targets.HF_MODULE[target]: (a, b)}
     mods = MODULES[target][1]
     if target == "linear_qkv":
         bs = mapping.qkv_from_mcore(b, m.num_attention_heads, m.num_query_groups, m.head_dim)
@@ -78,20 +87,11 @@ def split(target: str, a: torch.Tensor, b: torch.Tensor, m: ModelConfig) -> dict
     return {mod: (a, part) for mod, part in zip(mods, bs)}
 
 
-def fuse(target: str, layer: int, parts: dict, m: ModelConfig, source: str) -> tuple:
-    """Inverse of :func:`split`: {HF module: (A, B)} (a fused projection's members that are
-    present) -> (A, B); ValueError when the members' A differ."""
+def fuse(target: str, parts: dict, m: ModelConfig) -> tuple:
+    """Inverse of :func:`split`: {HF module: (A, B)} (a fused projection's members, sharing A;
+    one that is absent gets a zero B, which is exact) -> (A, B)."""
     mods = MODULES[target][1]
-    present = [mod for mod in mods if mod in parts]
-    a = parts[present[0]][0]
-    for mod in present[1:]:
-        if not torch.equal(parts[mod][0], a):
-            raise ValueError(
-                f"{source}: layer {layer}'s {present[0]} and {mod} adapters have different "
-                f"lora_A, but megasimpo's {target} adapter is one A [r, in] shared by "
-                f"{', '.join(mods)} (the fused projection), and fusing separate A exactly needs "
-                f"rank {len(mods)}r there while the other projections keep r (a checkpoint has "
-                f"one rank): {_FIX}")
+    a = next(iter(parts.values()))[0]
     shapes, r = module_shapes(m), a.shape[0]
     bs = [parts[mod][1] if mod in parts else a.new_zeros(shapes[mod][1], r) for mod in mods]
     if target == "linear_qkv":
@@ -99,13 +99,30 @@ def fuse(target: str, layer: int, parts: dict, m: ModelConfig, source: str) -> t
     return a, torch.cat(bs) if len(bs) > 1 else bs[0]
 
 
+def _layout(found: dict, m: ModelConfig) -> list:
+    """The targets of {(layer, HF module): {"A", "B"}}: per fused projection, itself when every
+    layer has all its members and they share A, else the per-projection targets present."""
+    targets = []
+    for target, (_, mods) in MODULES.items():
+        present = [mod for mod in mods if any(mod == k for _, k in found)]
+        if not present:
+            continue
+        shared = len(mods) > 1 and len(present) == len(mods) and all(
+            (i, mod) in found and torch.equal(found[(i, mod)]["A"], found[(i, mods[0])]["A"])
+            for i in range(m.num_layers) for mod in mods)
+        targets += [target] if shared or len(mods) == 1 else [UNIT_OF[mod] for mod in present]
+    return list(lora_targets.normalize(targets))
+
+
 def adapter_config(cfg: LoraConfig, base_name: Optional[str]) -> dict:
     """adapter_config.json of ``cfg``'s adapters (HF module names)."""
     alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
-    modules = [mod for mod in HF_ORDER if TARGET_OF[mod] in cfg.targets]
+    modules = [mod for mod in HF_ORDER if TARGET_OF[mod] in cfg.targets
+               or UNIT_OF[mod] in cfg.targets]
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_name,
             "r": cfg.rank, "lora_alpha": alpha, "lora_dropout": cfg.dropout,
             "target_modules": modules, "bias": "none", "inference_mode": True,
+            "use_rslora": cfg.rslora,
             "init_lora_weights": True, "layers_to_transform": None, "layers_pattern": None,
             "revision": None, **_WRITTEN_OFF}
 
@@ -147,12 +164,11 @@ def read_config(adapter_dir: str) -> dict:
     if cfg.get("bias", "none") != "none":
         raise ValueError(f"{path}: bias {cfg['bias']!r} trains the base biases, which megasimpo's "
                          "adapters do not hold; only bias \"none\" imports")
-    for name in _UNSUPPORTED:
+    for name, why in _UNSUPPORTED.items():
         value = cfg.get(name)
         if value:
-            raise ValueError(f"{path}: {name} = {json.dumps(value)} is not supported (megasimpo's "
-                             f"adapters are plain LoRA: alpha / r * B A, one rank and alpha for "
-                             f"every module, nothing else trained): {_FIX}")
+            raise ValueError(f"{path}: {name} = {json.dumps(value)} is not supported ({why}): "
+                             f"{_FIX}")
     r, alpha = cfg.get("r"), cfg.get("lora_alpha")
     if not isinstance(r, int) or r <= 0 or not isinstance(alpha, (int, float)) or alpha <= 0:
         raise ValueError(f"{path}: r {r!r} and lora_alpha {alpha!r} must be positive numbers")
@@ -162,6 +178,8 @@ def read_config(adapter_dir: str) -> dict:
         if unknown:
             raise ValueError(f"{path}: target module(s) {', '.join(unknown)} unknown to megasimpo, "
                              f"which adapts only {', '.join(HF_ORDER)}: {_FIX}")
+    if cfg.get("use_rslora") not in (None, False, True):
+        raise ValueError(f"{path}: use_rslora {cfg['use_rslora']!r} must be true or false")
     return cfg
 
 
@@ -200,9 +218,10 @@ def _other_base(cfg: dict, hf_dir: Optional[str]) -> str:
 
 
 def read(adapter_dir: str, m: ModelConfig, *, hf_dir: Optional[str] = None) -> tuple:
-    """(LoraConfig with Megatron targets, {(layer, target): (A, B)} fused, stored dtype, the
-    adapter config) of a PEFT directory over a base of config ``m`` (read from ``hf_dir``, which
-    errors name); ValueError on anything that does not fit that base."""
+    """(LoraConfig with megasimpo's targets, {(layer, target): (A, B)} (fused or per projection,
+    :func:`_layout`), stored dtype, the adapter config) of a PEFT directory over a base of config
+    ``m`` (read from ``hf_dir``, which errors name); ValueError on anything that does not fit
+    that base."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -239,10 +258,9 @@ def read(adapter_dir: str, m: ModelConfig, *, hf_dir: Optional[str] = None) -> t
     for (layer, module), ab in found.items():
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{path}: layer {layer}'s {module} has lora_{''.join(ab)} only")
-    targets = [t for t in LORA_TARGETS
-               if any(TARGET_OF[mod] == t for _, mod in found)]
+    targets = _layout(found, m)
     for target in targets:
-        mods = MODULES[target][1]
+        mods = MODULES[target][1] if target in MODULES else (lora_targets.HF_MODULE[target],)
         layers = {i for i, mod in found if mod in mods}
         if len(layers) != m.num_layers:
             raise ValueError(f"{path}: {'/'.join(mods)} adapted in layers {sorted(layers)} only, "
@@ -251,10 +269,15 @@ def read(adapter_dir: str, m: ModelConfig, *, hf_dir: Optional[str] = None) -> t
     adapters = {}
     for layer in range(m.num_layers):
         for target in targets:
-            parts = {mod: (found[(layer, mod)]["A"], found[(layer, mod)]["B"])
-                     for mod in MODULES[target][1] if (layer, mod) in found}
-            adapters[(layer, target)] = fuse(target, layer, parts, m, path)
+            if target in MODULES:
+                parts = {mod: (found[(layer, mod)]["A"], found[(layer, mod)]["B"])
+                         for mod in MODULES[target][1] if (layer, mod) in found}
+                adapters[(layer, target)] = fuse(target, parts, m)
+            else:
+                ab = found[(layer, lora_targets.HF_MODULE[target])]
+                adapters[(layer, target)] = (ab["A"], ab["B"])
     dtype = next(iter(tensors.values())).dtype
     lora = LoraConfig(rank=r, alpha=float(cfg["lora_alpha"]),
-                      dropout=float(cfg.get("lora_dropout") or 0.0), targets=tuple(targets))
+                      dropout=float(cfg.get("lora_dropout") or 0.0), targets=tuple(targets),
+                      rslora=bool(cfg.get("use_rslora")))
     return lora, adapters, dtype, cfg

@@ -209,9 +209,10 @@ def test_run_moved_with_its_base_finds_it_without_edits(tree, tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--lora-rank", "65"], "--lora-rank 65 exceeds linear_qkv's width (64 in, 128 out): use a "
                             "rank <= 64"),
-    (["--lora-rank", "4", "--lora-targets", "q_proj", "v_proj"],
-     "--lora-targets q_proj v_proj: each must be one of linear_qkv, linear_proj, linear_fc1, "
-     "linear_fc2"),
+    (["--lora-rank", "4", "--lora-targets", "q", "v_proj"],
+     "--lora-targets q v_proj: each must be one of linear_qkv, linear_proj, linear_fc1, "
+     "linear_fc2 (fused), q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj (per "
+     "projection, PEFT's names) or all-linear, not 'q'"),
 ], ids=["rank_too_wide", "unknown_target"])
 def test_bad_lora_flags_are_refused(tree, tmp_path, flags, message):
     out = tmp_path / "run"
