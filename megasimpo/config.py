@@ -30,6 +30,7 @@ DEFAULT_BETA = {"simpo": 2.0, "dpo": 0.1, "ipo": 0.1, "cpo": 0.1, "orpo": 0.1, "
 LOGPROB_CHUNK = 1024
 # Core attention implementations (megasimpo/layer_spec.py); "auto" resolves to te or sdpa.
 ATTENTION_BACKENDS = ("auto", "te", "sdpa", "unfused")
+CP_BACKENDS = ("auto", "te", "sdpa")  # those with context parallelism (auto: te or sdpa)
 LOSS_TYPES = ("sigmoid", "hinge")
 REFERENCE_SOURCES = ("live", "precomputed")
 PRECISIONS = ("bf16", "fp8", "fp32")
@@ -157,7 +158,7 @@ class Layout:
     tp: int = 1  # tensor-parallel size (splits heads, FFN and vocabulary)
     pp: int = 1  # pipeline-parallel stages
     vpp: Optional[int] = None  # virtual stages (model chunks) per pipeline rank, interleaved schedule
-    cp: int = 1  # context-parallel size (splits the sequence; needs Transformer Engine attention)
+    cp: int = 1  # context-parallel size (splits the sequence; te or sdpa attention)
     dp: int = 1  # data-parallel replicas = world / (tp * pp * cp)
     sequence_parallel: bool = False  # shard norms/dropout activations over TP (only with tp > 1)
 
@@ -301,6 +302,9 @@ class TrainConfig:
             raise ValueError(f"--lr {self.lr} / --min-lr {self.min_lr}: need 0 <= min_lr <= lr, lr > 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio {self.warmup_ratio} must be in [0, 1)")
+        if (self.cp or 1) > 1 and self.attention_backend not in CP_BACKENDS:
+            raise ValueError(f"--attention-backend {self.attention_backend} has no context "
+                             f"parallelism (--cp {self.cp}); use --attention-backend sdpa or te")
 
     def to_dict(self) -> dict:
         """Plain dict (for config.yaml)."""

@@ -116,7 +116,8 @@ def _dot_product_attention():
 
         With context parallelism (the CP group of Megatron's attention, ``pg_collection.cp``)
         each rank holds its load-balanced share of the sequence (of each packed segment) and
-        attends over K and V all-gathered from the CP group (``parallel/cp_attention.py``).
+        attends over K and V all-gathered from the CP group (``parallel/cp_attention.py``);
+        ``attention_mask`` is then ``model.context_parallel_mask``'s additive [s/cp, s] mask.
         """
 
         def __init__(self, config, *args, **kwargs):
@@ -132,11 +133,10 @@ def _dot_product_attention():
                     attention_bias=None, packed_seq_params=None):
             assert attention_bias is None, "SdpaAttention takes no attention bias"
             gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
-            if self.cp_group is not None:
-                assert attention_mask is None, "context parallelism takes no attention mask"
-                cu = None if packed_seq_params is None else packed_seq_params.cu_seqlens_q
-                out = context_parallel_attention(query, key, value, cp_group=self.cp_group,
-                                                 scale=self.softmax_scale, cu_seqlens=cu)
+            if self.cp_group is not None:  # the mask: model.context_parallel_mask
+                assert attention_mask is not None, "context parallelism needs its global mask"
+                out = context_parallel_attention(query, key, value, attention_mask,
+                                                 cp_group=self.cp_group, scale=self.softmax_scale)
                 return out.reshape(*out.shape[:-2], self.hidden_size_per_partition)
             if packed_seq_params is not None:  # THD: [t, heads, hn]
                 t = query.shape[0]

@@ -17,7 +17,8 @@ import torch
 from megasimpo.config import LossConfig
 from megasimpo.data.batches import MicroBatch
 from megasimpo.losses import PairLogps, metric_names, preference_loss
-from megasimpo.model import emit_hidden_states, output_weight, packed_attention, unwrap
+from megasimpo.model import (context_parallel_mask, emit_hidden_states, output_weight,
+                             packed_attention, unwrap)
 from megasimpo.parallel.fused_logprobs import fused_vocab_parallel_logprobs
 from megasimpo.parallel.cp_attention import cp_positions, thd_cp_positions
 from megasimpo.parallel.groups import ProcessGroups, all_reduce_host
@@ -130,6 +131,9 @@ class PairStep:
         gpt = unwrap(model)
         mask, packed = (None, None) if batch.packed is None else \
             packed_attention(batch.packed, gpt.attention_backend)
+        if self.groups.layout.cp > 1:
+            mask = context_parallel_mask(batch, self.groups.cp_rank, self.groups.layout.cp,
+                                         gpt.attention_backend, gpt.config.params_dtype)
         output = model(batch.tokens, batch.position_ids, mask, packed_seq_params=packed)
         weight = None
         if getattr(gpt, "emits_hidden", False):

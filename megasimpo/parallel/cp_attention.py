@@ -48,9 +48,24 @@ def thd_cp_positions(segments: Sequence[int], cp_rank: int, cp_size: int, device
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64, device=device)
 
 
-def _segment_lengths(cu_seqlens: Tensor) -> list:
-    """Host ints from [n + 1] boundaries (one small device read per forward under packing)."""
-    return cu_seqlens.diff().tolist()
+def cp_attention_mask(cp_rank: int, cp_size: int, *, length: Optional[int] = None,
+                      segments: Optional[Sequence[int]] = None, device=None) -> Tensor:
+    """[L/cp, L] bool, True = may attend, for ``context_parallel_attention`` on CP rank
+    ``cp_rank``: rows are this rank's query positions, columns the keys as the all-gather
+    returns them (rank 0's positions, then rank 1's, ...). Causal by global positions; with
+    ``segments`` (a packed row, host ints) also inside each segment. Give ``length`` (padded
+    rows of L positions) or ``segments``. One mask serves every layer of a micro-batch."""
+    if segments is None:
+        positions = [cp_positions(length, r, cp_size, device) for r in range(cp_size)]
+    else:
+        positions = [thd_cp_positions(segments, r, cp_size, device) for r in range(cp_size)]
+    q_pos, k_pos = positions[cp_rank], torch.cat(positions)
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if segments is not None:
+        seg = torch.repeat_interleave(torch.arange(len(segments), device=device),
+                                      torch.tensor(list(segments), device=device))
+        allowed &= seg[q_pos][:, None] == seg[k_pos][None, :]
+    return allowed
 
 
 class _AllGatherSequence(torch.autograd.Function):
@@ -74,49 +89,28 @@ class _AllGatherSequence(torch.autograd.Function):
         return out, None
 
 
-def _allowed(q_pos: Tensor, k_pos: Tensor, seg: Optional[Tensor]) -> Tensor:
-    """[sq, sk] bool, True = may attend: key position <= query position (global positions), and
-    in the same packed segment when ``seg`` (segment id per global position) is given."""
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if seg is not None:
-        allowed &= seg[q_pos][:, None] == seg[k_pos][None, :]
-    return allowed
-
-
-def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, *,
-                               cp_group: ProcessGroup, scale: float,
-                               cu_seqlens: Optional[Tensor] = None) -> Tensor:
+def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, allowed: Tensor, *,
+                               cp_group: ProcessGroup, scale: float) -> Tensor:
     """Causal attention of this CP rank's queries over the whole sequence's keys and values.
 
-    Padded rows (``cu_seqlens`` None): query [s/cp, b, np, hn], key/value [s/cp, b, ng, hn]
-    (this rank's ``cp_positions`` of each row; np/ng heads of this TP rank, np a multiple of ng)
-    -> [s/cp, b, np, hn]. Packed row (THD): query [t/cp, np, hn], key/value [t/cp, ng, hn]
-    (``thd_cp_positions``), ``cu_seqlens`` [n + 1] the segment boundaries of the WHOLE row (each
-    segment a multiple of 2cp) -> [t/cp, np, hn]; attention stays inside each segment.
+    Padded rows: query [s/cp, b, np, hn], key/value [s/cp, b, ng, hn] (this rank's
+    ``cp_positions`` of each row; np/ng heads of this TP rank, np a multiple of ng) ->
+    [s/cp, b, np, hn]. A packed row (THD): query [t/cp, np, hn], key/value [t/cp, ng, hn]
+    (``thd_cp_positions``) -> [t/cp, np, hn]. ``allowed``: [s/cp, s], ``cp_attention_mask``
+    (bool, True = may attend) or its additive form (0 / -inf, the query's dtype).
 
     K and V are all-gathered over ``cp_group`` (differentiable: dK/dV are reduce-scattered);
     the mask compares global positions, so the gathered keys need no reordering. Every query
     sees at least itself, so no row of the softmax is empty.
     """
-    cp_size, cp_rank = dist.get_world_size(group=cp_group), dist.get_rank(group=cp_group)
     k_all = _AllGatherSequence.apply(key, cp_group)
     v_all = _AllGatherSequence.apply(value, cp_group)
-    local, device = query.shape[0], query.device
-    if cu_seqlens is None:
-        positions = [cp_positions(local * cp_size, r, cp_size, device) for r in range(cp_size)]
-        seg = None
-    else:
-        segments = _segment_lengths(cu_seqlens)
-        positions = [thd_cp_positions(segments, r, cp_size, device) for r in range(cp_size)]
-        seg = torch.repeat_interleave(torch.arange(len(segments), device=device),
-                                      cu_seqlens.diff().to(device).long())
-    mask = _allowed(positions[cp_rank], torch.cat(positions), seg)
     gqa = query.shape[-2] != key.shape[-2]
-    if cu_seqlens is None:  # [s, b, heads, hn] -> [b, heads, s, hn]
+    if query.dim() == 4:  # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, k_all, v_all))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale,
                                              enable_gqa=gqa)
         return out.permute(2, 0, 1, 3)
     q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (query, k_all, v_all))  # [1, heads, t, hn]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1)

@@ -5,8 +5,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from megasimpo.parallel.cp_attention import (context_parallel_attention, cp_positions,
-                                             thd_cp_positions)
+from megasimpo.parallel.cp_attention import (context_parallel_attention, cp_attention_mask,
+                                             cp_positions, thd_cp_positions)
 from multirank import run_ranks
 
 HEADS, GROUPS, HN = 4, 2, 8  # grouped-query attention: 2 query heads per K/V head
@@ -44,7 +44,7 @@ def _reference(q, k, v, w, mask):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _worker(rank, world, packed):
+def _worker(rank, world, packed, additive):
     if packed:  # THD [t, heads, hn]
         t = sum(SEGMENTS)
         q, k, v, w = _inputs((t, HEADS, HN), (t, GROUPS, HN))
@@ -53,7 +53,7 @@ def _worker(rank, world, packed):
         sdpa = [x.transpose(0, 1).unsqueeze(0) for x in (q, k, v, w)]  # [1, heads, t, hn]
         ref = [x[0].transpose(0, 1) for x in _reference(*sdpa, mask)]
         idx = thd_cp_positions(SEGMENTS, rank, world)
-        cu = torch.tensor((0,) + SEGMENTS).cumsum(0).to(torch.int32)
+        allowed = cp_attention_mask(rank, world, segments=SEGMENTS)
     else:  # padded rows [s, b, heads, hn]
         s, b = 16, 2
         q, k, v, w = _inputs((s, b, HEADS, HN), (s, b, GROUPS, HN))
@@ -61,17 +61,18 @@ def _worker(rank, world, packed):
         mask = torch.ones(s, s, dtype=torch.bool).tril()
         ref = [x.permute(2, 0, 1, 3) for x in _reference(*sdpa, mask)]
         idx = cp_positions(s, rank, world)
-        cu = None
+        allowed = cp_attention_mask(rank, world, length=s)
     local = [x[idx].clone().requires_grad_(True) for x in (q, k, v)]
-    out = context_parallel_attention(*local, cp_group=dist.group.WORLD, scale=SCALE,
-                                     cu_seqlens=cu)
+    if additive:  # the form model.context_parallel_mask hands every layer
+        allowed = torch.zeros(allowed.shape, dtype=q.dtype).masked_fill(~allowed, float("-inf"))
+    out = context_parallel_attention(*local, allowed, cp_group=dist.group.WORLD, scale=SCALE)
     (out * w[idx]).sum().backward()
     got = [out.detach()] + [x.grad for x in local]
     return [(g - r[idx]).abs().max().item() for g, r in zip(got, ref)]
 
 
 def test_cp2_matches_full_sequence_sdpa_padded_and_packed():
-    for packed in (False, True):
-        for errors in run_ranks(_worker, 2, packed):
+    for packed, additive in ((False, False), (True, False), (True, True)):
+        for errors in run_ranks(_worker, 2, packed, additive):
             # output, dq, dk, dv of this rank's positions (dk/dv summed over both ranks' queries)
-            assert max(errors) < 1e-12, (packed, errors)
+            assert max(errors) < 1e-12, (packed, additive, errors)
