@@ -299,7 +299,7 @@ class Trainer:
         is on (decided once, ``_packing``), and their token and FLOP totals (host lengths)."""
         lay = self.layout  # under CP each packed segment splits in 2cp chunks (cp_attention)
         batches = prepare(batches, math.lcm(PACK_MULTIPLE, lay.tp * lay.cp, 2 * lay.cp)
-                          if self.pack else None, segment_multiple=2 * lay.cp)
+                          if self.pack else None, segment_multiple=2 * lay.cp if lay.cp > 1 else 1)
         return batches, host_totals(batches, partial(batch_forward_flops, self.model_cfg))
 
     def _attach_reference(self, batches: list) -> list:

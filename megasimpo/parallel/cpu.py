@@ -5,8 +5,7 @@ Megatron-Core 0.16 assumes CUDA in a handful of places that are not numerics: fa
 a device argument, the CUDA RNG helpers used by its RNG tracker, ``torch.cuda.synchronize`` and
 the optimizer's dtype asserts on ``Tensor.type()`` names. :func:`enable` redirects exactly those
 to the CPU. It is a no-op when CUDA is available, and it never changes what any kernel computes:
-every redirected call lands on the same
-CPU op it would have run had the caller asked for the CPU.
+every redirected call lands on the same CPU op it would have run had the caller asked for the CPU.
 """
 
 import torch
