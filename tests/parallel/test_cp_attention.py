@@ -76,3 +76,25 @@ def test_cp2_matches_full_sequence_sdpa_padded_and_packed():
         for errors in run_ranks(_worker, 2, packed, additive):
             # output, dq, dk, dv of this rank's positions (dk/dv summed over both ranks' queries)
             assert max(errors) < 1e-12, (packed, additive, errors)
+
+
+def test_packed_rows_are_padded_and_split_per_segment():
+    # The data path (pack_batch + step.cp_slice) hands each CP rank the positions the attention
+    # mask and Megatron's THD RoPE assume: each segment padded to 2cp, split chunk r / 2cp-1-r.
+    from megasimpo.data.batches import MicroBatch
+    from megasimpo.data.packing import pack_step
+    from megasimpo.step import cp_slice
+
+    tokens = torch.tensor([[11, 12, 13, 14, 15, 0, 0, 0], [21, 22, 23, 0, 0, 0, 0, 0]])
+    batch = MicroBatch(tokens=tokens, labels=tokens, loss_mask=(tokens > 0).float(),
+                       position_ids=torch.arange(8).expand(2, 8), lengths=(5, 3),
+                       weights=torch.ones(1))
+    packed = pack_step([batch], 4, segment_multiple=4)[0]
+    assert packed.packed.segments == (8, 4) and packed.packed.cu_seqlens.tolist() == [0, 8, 12]
+    assert packed.tokens.tolist() == [[11, 12, 13, 14, 15, 0, 0, 0, 21, 22, 23, 0]]
+    assert packed.loss_mask.sum() == 8 and packed.position_ids[0, 8:].tolist() == [0, 1, 2, 3]
+    rank0, rank1 = (cp_slice(packed, r, 2) for r in (0, 1))
+    assert rank0.tokens.tolist() == [[11, 12, 0, 0, 21, 0]]
+    assert rank1.tokens.tolist() == [[13, 14, 15, 0, 22, 23]]
+    assert rank1.packed.segment_ids.tolist() == [[0, 0, 0, 0, 1, 1]]
+    assert rank1.packed.cu_seqlens.tolist() == [0, 8, 12]  # global: attention and RoPE
