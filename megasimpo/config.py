@@ -32,6 +32,7 @@ DEFAULT_BETA = {"simpo": 2.0, "dpo": 0.1, "ipo": 0.1, "cpo": 0.1, "orpo": 0.1, "
 LOGPROB_CHUNK = 1024
 # Core attention implementations (megasimpo/layer_spec.py); "auto" resolves to te or sdpa.
 ATTENTION_BACKENDS = ("auto", "te", "sdpa", "unfused")
+CP_BACKENDS = ("auto", "te", "sdpa")  # those with context parallelism (auto: te or sdpa)
 LOSS_TYPES = ("sigmoid", "hinge")
 REFERENCE_SOURCES = ("live", "precomputed")
 PRECISIONS = ("bf16", "fp8", "fp32")
@@ -223,8 +224,8 @@ class Layout:
     pp: int = option(1, "pipeline-parallel stages", ge=1)
     vpp: Optional[int] = option(None, "virtual stages (model chunks) per pipeline rank, "
                                       "interleaved schedule", ge=1)
-    cp: int = option(1, "context-parallel size (splits the sequence; needs Transformer Engine "
-                        "attention)", ge=1)
+    cp: int = option(1, "context-parallel size (splits the sequence; te or sdpa attention)",
+                     ge=1)
     dp: int = option(1, "data-parallel replicas = world / (tp * pp * cp)", ge=1)
     sequence_parallel: bool = option(False, "shard norms/dropout activations over TP (only with "
                                             "tp > 1)")
@@ -385,6 +386,9 @@ class TrainConfig:
         for flag, prefixes in (("--data", self.data), ("--eval-data", self.eval_data)):
             for prefix in prefixes:
                 check_prefix(flag, prefix)
+        if (self.cp or 1) > 1 and self.attention_backend not in CP_BACKENDS:
+            raise ValueError(f"--attention-backend {self.attention_backend} has no context "
+                             f"parallelism (--cp {self.cp}); use --attention-backend sdpa or te")
 
     def to_dict(self) -> dict:
         """Plain dict (for config.yaml)."""

@@ -6,8 +6,9 @@
 * ``sdpa``: Megatron's local (pure PyTorch) spec with :class:`SdpaAttention`, a core attention
   on ``torch.nn.functional.scaled_dot_product_attention`` (flash / cuDNN / memory-efficient
   kernels on GPU, the fused flash kernel on CPU): no [b, heads, s, s] score matrix is kept;
+  context parallelism by K/V all-gather (``parallel/cp_attention.py``);
 * ``unfused``: the local spec with Megatron's own ``DotProductAttention`` (baddbmm + softmax +
-  bmm: the score matrix is materialised and saved for backward);
+  bmm: the score matrix is materialised and saved for backward); no context parallelism;
 * ``auto`` (default): ``te`` when Transformer Engine imports on a GPU, else ``sdpa``.
 
 The local spec's norms (:class:`TorchRMSNorm`) and SwiGLU come from ``local_kernels.py``: they save
@@ -17,6 +18,7 @@ weight ``sequence_parallel`` makes Megatron's ``finalize_model_grads`` all-reduc
 it does for TE's and apex's norms). Both local variants save the TE spec's checkpoint keys.
 """
 
+import copy
 import functools
 import inspect
 from dataclasses import replace
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 
 from megasimpo.config import ATTENTION_BACKENDS
 from megasimpo.local_kernels import SwiGLU, rms_norm
+from megasimpo.parallel.cp_attention import context_parallel_attention
 
 
 def have_te() -> bool:
@@ -110,12 +113,31 @@ def _dot_product_attention():
         ``cu_seqlens``): on CUDA they go to the variable-length flash kernel, elsewhere to SDPA
         with a block-diagonal causal mask. A boolean ``attention_mask`` (True = masked, Megatron's
         convention) replaces the causal mask.
+
+        With context parallelism (the CP group of Megatron's attention, ``pg_collection.cp``)
+        each rank holds its load-balanced share of the sequence (of each packed segment) and
+        attends over K and V all-gathered from the CP group (``parallel/cp_attention.py``);
+        ``attention_mask`` is then ``model.context_parallel_mask``'s additive [s/cp, s] mask.
         """
+
+        def __init__(self, config, *args, **kwargs):
+            # Megatron's DotProductAttention refuses CP in its constructor (only TE had it);
+            # this class brings its own, so the parent sees a copy of the config without CP.
+            parent = copy.copy(config)
+            parent.context_parallel_size = 1
+            super().__init__(parent, *args, **kwargs)
+            self.config = config
+            self.cp_group = self.pg_collection.cp if config.context_parallel_size > 1 else None
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                     attention_bias=None, packed_seq_params=None):
             assert attention_bias is None, "SdpaAttention takes no attention bias"
             gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+            if self.cp_group is not None:  # the mask: model.context_parallel_mask
+                assert attention_mask is not None, "context parallelism needs its global mask"
+                out = context_parallel_attention(query, key, value, attention_mask,
+                                                 cp_group=self.cp_group, scale=self.softmax_scale)
+                return out.reshape(*out.shape[:-2], self.hidden_size_per_partition)
             if packed_seq_params is not None:  # THD: [t, heads, hn]
                 t = query.shape[0]
                 if query.is_cuda:

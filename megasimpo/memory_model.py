@@ -142,10 +142,11 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> float:
 
 def layer_activation_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence_parallel: bool,
                            recompute: bool, seq: int = 0, attention_backend: str = "te",
-                           lora: Optional[LoraConfig] = None) -> float:
+                           lora: Optional[LoraConfig] = None, cp: int = 1) -> float:
     """Saved activations of one layer for ``tokens`` = ``seq`` (s/cp) x sequences, bytes on one
     GPU. ``attention_backend`` "unfused" adds Megatron's saved score matrices (see
-    :func:`attention_score_bytes`), ``lora`` the adapters' (see :func:`lora_saved_per_token`)."""
+    :func:`attention_score_bytes`), "sdpa" with ``cp`` > 1 the all-gathered K and V (see
+    :func:`cp_gather_bytes`), ``lora`` the adapters' (see :func:`lora_saved_per_token`)."""
     h, f = model.hidden_size, model.ffn_hidden_size
     split = tp if sequence_parallel else 1
     if recompute:
@@ -163,7 +164,17 @@ def layer_activation_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence
     saved = tokens * (replicated / split + sharded / tp + whole)
     if attention_backend == "unfused":
         saved += attention_score_bytes(model, tokens=tokens, seq=seq, tp=tp)
+    if attention_backend == "sdpa" and cp > 1:
+        saved += cp_gather_bytes(model, tokens=tokens, seq=seq, tp=tp, cp=cp)
     return saved
+
+
+def cp_gather_bytes(model: ModelConfig, *, tokens: int, seq: int, tp: int, cp: int) -> float:
+    """What SDPA's context parallelism (``parallel/cp_attention.py``) saves beyond this rank's
+    own K and V, per layer: K and V of the other cp-1 ranks (all-gathered, bf16, KV heads / tp).
+    (Its [s/cp, s] mask is one per micro-batch, shared by the layers: ``stage_memory``.)"""
+    kv = model.num_query_groups / tp * model.head_dim
+    return 2 * 2 * (cp - 1) * tokens * kv
 
 
 def lora_saved_per_token(model: ModelConfig, lora: LoraConfig, attention_backend: str,
@@ -226,12 +237,14 @@ def stage_memory(model: ModelConfig, *, tp: int, pp: int, vpp: Optional[int], cp
     trainable = adapters if lora_on(lora) else params
     tokens = seq_length // cp * 2 * micro_batch_size
     per_layer = dict(tokens=tokens, tp=tp, sequence_parallel=sequence_parallel,
-                     seq=seq_length // cp, attention_backend=attention_backend, lora=lora)
+                     seq=seq_length // cp, attention_backend=attention_backend, lora=lora, cp=cp)
     stored = layer_activation_bytes(model, recompute=recompute, **per_layer)
     working = layer_activation_bytes(model, recompute=False, **per_layer)
     layers_per_chunk = model.num_layers // (pp * (vpp or 1))
     chunks = in_flight_chunks(pp, vpp, stage, num_microbatches)
     activations = chunks * layers_per_chunk * stored + working
+    if attention_backend == "sdpa" and cp > 1:  # model.context_parallel_mask: bf16 [s/cp, s]
+        activations += chunks * 2 * seq_length // cp * seq_length
     logits = 0.0
     if stage == pp - 1:
         vocab = padded_vocab_size(model.vocab_size) / tp

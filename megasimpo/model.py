@@ -183,6 +183,29 @@ def packed_attention(packed, attention_backend: str) -> tuple:
     return ~allowed.view(1, 1, n, n), None
 
 
+def context_parallel_mask(batch, cp_rank: int, cp_size: int, attention_backend: str,
+                          dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """The ``attention_mask`` of this CP rank's share of a micro-batch (``step.cp_slice``) for
+    the ``sdpa`` backend's context parallelism (``parallel/cp_attention.py``): [s/cp, s]
+    additive in ``dtype`` (0 = may attend, -inf = masked), causal by global positions and, for a
+    packed row, inside each segment (from the host-known segment lengths). Built once per
+    micro-batch and shared by every layer, so SDPA keeps one copy for backward. None for cp 1
+    and for ``te`` (Transformer Engine's own context parallelism)."""
+    if cp_size == 1 or attention_backend != "sdpa":
+        return None
+    from megasimpo.parallel.cp_attention import cp_attention_mask
+
+    device = batch.tokens.device
+    if batch.packed is None:
+        allowed = cp_attention_mask(cp_rank, cp_size, length=batch.tokens.shape[1] * cp_size,
+                                    device=device)
+    else:
+        allowed = cp_attention_mask(cp_rank, cp_size, segments=batch.packed.segments,
+                                    device=device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed,
+                                                                              float("-inf"))
+
+
 DDP_BUCKET_SIZE = None  # parameters per overlapped gradient bucket; None: Megatron's default
 
 

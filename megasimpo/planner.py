@@ -24,8 +24,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-from megasimpo.config import (LOGPROB_CHUNK, LOSSES, REFERENCE_SOURCES, Layout, LoraConfig,
-                              ModelConfig)
+from megasimpo.config import (CP_BACKENDS, LOGPROB_CHUNK, LOSSES, REFERENCE_SOURCES, Layout,
+                              LoraConfig, ModelConfig)
 from megasimpo.memory_model import (OVERHEAD_GB, MemoryBreakdown, lora_on, memory_breakdown,
                                     model_parameters, stage_breakdowns)
 from megasimpo.planner_reasons import describe, reasons
@@ -109,17 +109,18 @@ def _divisors(n: int) -> list:
 
 
 def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq_length: int,
-             global_batch_size: int, fixed: dict, lean: bool = False):
+             global_batch_size: int, fixed: dict, lean: bool = False, cp_ok: bool = True):
     """Every valid layout as a dict (without memory). ``gpus`` None: any world size whose DP
     divides the global batch. ``lean``: only the least-memory variant of each split (no
-    interleaving, smallest micro-batch, recompute unless fixed off) for the minimum-GPU search."""
+    interleaving, smallest micro-batch, recompute unless fixed off) for the minimum-GPU search.
+    ``cp_ok`` False: CP=1 only (an attention backend without context parallelism)."""
     L, heads, kv = model.num_layers, model.num_attention_heads, model.num_query_groups
     tps = [fixed["tp"]] if "tp" in fixed else [
         t for t in (2 ** i for i in range(8)) if t <= gpus_per_node and heads % t == 0
         and kv % t == 0 and (gpus is None or t <= gpus)]
     pps = [fixed["pp"]] if "pp" in fixed else _divisors(L)
     cps = [fixed["cp"]] if "cp" in fixed else [
-        c for c in CP_SIZES if c == 1 or seq_length // c >= MIN_TOKENS_PER_CP_RANK]
+        c for c in CP_SIZES if c == 1 or (cp_ok and seq_length // c >= MIN_TOKENS_PER_CP_RANK)]
     mbss = [fixed["micro_batch_size"]] if "micro_batch_size" in fixed else (
         MICRO_BATCH_SIZES[:1] if lean else MICRO_BATCH_SIZES)
     rcs = [fixed["recompute"]] if "recompute" in fixed else ([True] if lean else [False, True])
@@ -286,10 +287,14 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
         raise ValueError(f"attention backend {attention_backend!r} must be te, sdpa or unfused "
                          "(resolve auto first)")
     fixed = _check_overrides(model, gpus, dict(overrides or {}))
+    cp_ok = attention_backend in CP_BACKENDS
+    if fixed.get("cp", 1) > 1 and not cp_ok:
+        raise ValueError(f"--attention-backend {attention_backend} has no context parallelism "
+                         f"(--cp {fixed['cp']}); use --attention-backend sdpa or te")
     lora = lora if lora_on(lora) else None
     budget = MEMORY_FRACTION * gpu_mem_gb
     search = dict(gpus_per_node=gpus_per_node, seq_length=seq_length,
-                  global_batch_size=global_batch_size)
+                  global_batch_size=global_batch_size, cp_ok=cp_ok)
     work = dict(seq_length=seq_length, loss=loss, ref=ref, logprob_chunk=logprob_chunk,
                 attention_backend=attention_backend, lora=lora)
     candidates = [c for c in _layouts(model, gpus, fixed=fixed, **search)
@@ -302,7 +307,8 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
     best = min(feasible, key=lambda c: _rank(c, seq_length))
     why = reasons(model, best, candidates, fixed, gpus=gpus, gpus_per_node=gpus_per_node,
                   budget=budget, gpu_mem_gb=gpu_mem_gb, seq_length=seq_length, loss=loss, ref=ref,
-                  global_batch_size=global_batch_size, long_sequence=LONG_SEQUENCE, lora=lora)
+                  global_batch_size=global_batch_size, long_sequence=LONG_SEQUENCE, lora=lora,
+                  cp_backend=None if cp_ok else attention_backend)
     trainable, total = model_parameters(model, lora)
     layout = {k: v for k, v in best.items() if k != "memory"}
     split = {k: layout.pop(k) for k in ("tp", "pp", "vpp", "cp", "dp", "sequence_parallel")}

@@ -32,9 +32,10 @@ def leanest(candidates: list, keep) -> Optional[dict]:
 def reasons(model: ModelConfig, best: dict, candidates: list, fixed: dict, *, gpus: int,
             gpus_per_node: int, budget: float, gpu_mem_gb: float, seq_length: int, loss: str,
             ref: str, global_batch_size: int, long_sequence: int,
-            lora: Optional[LoraConfig] = None) -> list:
+            lora: Optional[LoraConfig] = None, cp_backend: Optional[str] = None) -> list:
     """One line per choice of ``best``, saying why (``long_sequence``: the planner's
-    long_sequence, from which on CP is preferred)."""
+    long_sequence, from which on CP is preferred; ``cp_backend``: the attention backend that
+    ruled context parallelism out, if one did)."""
     tp, pp, vpp, cp, dp = (best[k] for k in ("tp", "pp", "vpp", "cp", "dp"))
     mbs, nm = best["micro_batch_size"], best["num_microbatches"]
     rc, mem = best["recompute"], best["memory"]
@@ -76,6 +77,8 @@ def reasons(model: ModelConfig, best: dict, candidates: list, fixed: dict, *, gp
         out.append(f"CP={cp}{tag('cp')}: each rank holds {seq_length // cp} of the {seq_length} "
                    "tokens of a sequence" + (" (long sequence)" if seq_length >= long_sequence
                                              else "; without it the activations do not fit"))
+    elif cp_backend:
+        out.append(f"CP=1: the {cp_backend} attention has no context parallelism")
     else:
         out.append(f"CP=1{tag('cp')}: " + ("the activations fit without splitting sequences"
                                            if seq_length < long_sequence else

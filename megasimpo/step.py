@@ -17,8 +17,10 @@ import torch
 from megasimpo.config import LossConfig
 from megasimpo.data.batches import MicroBatch
 from megasimpo.losses import PairLogps, metric_names, preference_loss
-from megasimpo.model import emit_hidden_states, output_weight, packed_attention, unwrap
+from megasimpo.model import (context_parallel_mask, emit_hidden_states, output_weight,
+                             packed_attention, unwrap)
 from megasimpo.parallel.fused_logprobs import fused_vocab_parallel_logprobs
+from megasimpo.parallel.cp_attention import cp_positions, thd_cp_positions
 from megasimpo.parallel.groups import ProcessGroups, all_reduce_host
 from megasimpo.parallel.logprobs import (packed_sequence_logps, sequence_logps,
                                          vocab_parallel_logprobs)
@@ -32,23 +34,27 @@ TOTAL_KEYS = ("num_pairs",) + HOST_KEYS  # reported as totals, not per pair
 
 
 def cp_split(t: torch.Tensor, cp_rank: int, cp_size: int) -> torch.Tensor:
-    """This CP rank's share of a [rows, s] tensor: chunks r and 2cp-1-r of 2cp (load balance).
-
-    Megatron's context-parallel attention expects exactly this split of the causal sequence.
-    """
+    """This CP rank's share of a [rows, s] tensor: chunks r and 2cp-1-r of 2cp (load balance,
+    ``parallel/cp_attention.cp_positions``: the split Megatron's RoPE and our attention expect)."""
     if cp_size == 1:
         return t
-    chunks = t.view(t.shape[0], 2 * cp_size, t.shape[1] // (2 * cp_size))
-    return torch.cat([chunks[:, cp_rank], chunks[:, 2 * cp_size - 1 - cp_rank]], 1)
+    return t[:, cp_positions(t.shape[1], cp_rank, cp_size, t.device)]
 
 
 def cp_slice(batch: MicroBatch, cp_rank: int, cp_size: int) -> MicroBatch:
-    """This CP rank's share of a padded micro-batch's per-position tensors (``cp_split``)."""
+    """This CP rank's share of a micro-batch's per-position tensors: each padded row split by
+    ``cp_split``; a packed row split segment by segment (``thd_cp_positions``; its segments are
+    multiples of 2cp, ``data/packing.py``), its ``segment_ids`` too. The packed layout's
+    ``cu_seqlens`` stay those of the whole row: attention and RoPE work in global positions."""
     if cp_size == 1:
         return batch
-    assert batch.packed is None, "packed micro-batches do not support context parallelism"
-    return replace(batch, **{k: cp_split(getattr(batch, k), cp_rank, cp_size)
-                             for k in MicroBatch.TENSORS})
+    if batch.packed is None:
+        return replace(batch, **{k: cp_split(getattr(batch, k), cp_rank, cp_size)
+                                 for k in MicroBatch.TENSORS})
+    idx = thd_cp_positions(batch.packed.segments, cp_rank, cp_size, batch.tokens.device)
+    packed = replace(batch.packed, segment_ids=batch.packed.segment_ids[:, idx])
+    return replace(batch, packed=packed, **{k: getattr(batch, k)[:, idx]
+                                            for k in MicroBatch.TENSORS})
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int) -> torch.Tensor:
@@ -105,7 +111,7 @@ class PairStep:
             token_logps = self._fused_logps(batch, output, output_weight)
         if batch.packed is not None:  # one [1, T] row, one segment per sequence
             return packed_sequence_logps(token_logps, batch.loss_mask, batch.packed.segment_ids,
-                                         len(batch.lengths))
+                                         len(batch.lengths), self.groups.cp)
         return sequence_logps(token_logps, batch.loss_mask, self.groups.cp)
 
     def _fused_logps(self, batch: MicroBatch, hidden: torch.Tensor, weight: torch.Tensor):
@@ -125,6 +131,9 @@ class PairStep:
         gpt = unwrap(model)
         mask, packed = (None, None) if batch.packed is None else \
             packed_attention(batch.packed, gpt.attention_backend)
+        if self.groups.layout.cp > 1:
+            mask = context_parallel_mask(batch, self.groups.cp_rank, self.groups.layout.cp,
+                                         gpt.attention_backend, gpt.config.params_dtype)
         output = model(batch.tokens, batch.position_ids, mask, packed_seq_params=packed)
         weight = None
         if getattr(gpt, "emits_hidden", False):

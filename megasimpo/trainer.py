@@ -138,9 +138,9 @@ class Trainer:
         """Whether micro-batches are packed: --pack/--no-pack, else whenever a variable-length
         attention kernel serves the THD rows (Transformer Engine, or SDPA on a GPU) and there is
         no context parallelism."""
-        if self.cfg.pack and self.layout.cp > 1:
-            raise ValueError(f"--pack does not support context parallelism (cp={self.layout.cp}); "
-                             "use --no-pack or --cp 1")
+        if self.cfg.pack and self.layout.cp > 1 and self.attention_backend != "sdpa":
+            raise ValueError(f"--pack with context parallelism (cp={self.layout.cp}) needs "
+                             "--attention-backend sdpa; use --no-pack or --cp 1")
         if self.cfg.pack is not None:
             return self.cfg.pack
         thd_kernel = self.attention_backend == "te" or (
@@ -307,7 +307,9 @@ class Trainer:
     def _prepare(self, batches: list) -> tuple:
         """One schedule call's CPU micro-batches on the device, packed to one length when packing
         is on (decided once, ``_packing``), and their token and FLOP totals (host lengths)."""
-        batches = prepare(batches, math.lcm(PACK_MULTIPLE, self.layout.tp) if self.pack else None)
+        lay = self.layout  # under CP each packed segment splits in 2cp chunks (cp_attention)
+        batches = prepare(batches, math.lcm(PACK_MULTIPLE, lay.tp * lay.cp, 2 * lay.cp)
+                          if self.pack else None, segment_multiple=2 * lay.cp if lay.cp > 1 else 1)
         return batches, host_totals(batches, partial(batch_forward_flops, self.model_cfg))
 
     def _attach_reference(self, batches: list) -> list:

@@ -69,3 +69,14 @@ def test_tp2_sequence_parallel_equals_tp1(runs, pack):
     assert tp2[2]["sp"] is True
     _close(tp2[0], runs[1][("sdpa", pack)][0], rel=1e-4)
     _close(tp2[1], runs[1][("sdpa", pack)][1], rel=1e-4)
+
+
+def test_unfused_with_context_parallelism_is_refused_in_one_line():
+    # Megatron's unfused DotProductAttention has no context parallelism (sdpa and te have).
+    from megasimpo.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"^--attention-backend unfused has no context "
+                                         r"parallelism \(--cp 2\); use --attention-backend sdpa"):
+        TrainConfig(load="ckpt", data=("d",), out="o", attention_backend="unfused", cp=2)
+    TrainConfig(load="ckpt", data=("d",), out="o", attention_backend="sdpa", cp=2)
+    TrainConfig(load="ckpt", data=("d",), out="o", attention_backend="unfused", cp=1)

@@ -81,6 +81,32 @@ def test_long_sequences_use_context_parallelism():
     assert p.layout.cp > 1
 
 
+def test_context_parallelism_only_with_a_backend_that_has_it():
+    # sdpa has CP (parallel/cp_attention.py) and plans it like te; unfused has none: CP=1 and
+    # a reason saying why, and a fixed --cp is refused in one line.
+    assert planner.plan(LLAMA3_8B, 16, seq_length=32768, attention_backend="sdpa").layout.cp > 1
+    p = planner.plan(LLAMA3_8B, 16, seq_length=32768, attention_backend="unfused",
+                     gpu_mem_gb=1000.0)
+    check_consistent(p, LLAMA3_8B, 16, gpu_mem_gb=1000.0)
+    assert p.layout.cp == 1
+    assert "CP=1: the unfused attention has no context parallelism" in p.reasons
+    with pytest.raises(ValueError, match="--attention-backend unfused has no context "
+                                         "parallelism \\(--cp 2\\)"):
+        planner.plan(LLAMA3_8B, 16, attention_backend="unfused", overrides={"cp": 2})
+
+
+def test_sdpa_context_parallelism_keeps_the_gathered_keys_and_values():
+    layout = dict(tp=8, pp=1, cp=2, dp=1, micro_batch_size=1, num_microbatches=8)
+    te = memory_model.memory_breakdown(LLAMA3_8B, seq_length=8192, **layout)
+    sdpa = memory_model.memory_breakdown(LLAMA3_8B, seq_length=8192, attention_backend="sdpa",
+                                         **layout)
+    # Per layer: the other rank's K and V (2 x 4096 tokens x 2 sequences x 1 KV head x 128 x
+    # 2 B), 32 layers held plus the working one; once: the bf16 [4096, 8192] mask.
+    per_layer = 2 * 2 * 4096 * 2 * 128
+    assert sdpa.activations - te.activations == pytest.approx(
+        (33 * per_layer + 2 * 4096 * 8192) / 1e9)
+
+
 def test_smaller_gpus_get_a_leaner_plan():
     big = planner.plan(LLAMA3_8B, 8, seq_length=4096)
     small = planner.plan(LLAMA3_8B, 8, seq_length=4096, gpu_mem_gb=40)

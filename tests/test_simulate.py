@@ -88,9 +88,11 @@ def test_simulation_responds_to_what_matters():
 
 
 def test_plan_simulate_cli_json(tmp_path):
+    # A CP=2 plan (sdpa's context parallelism, its K/V all-gather in the fake world) at PP=2:
+    # until sdpa had CP, `plan --simulate` of such a plan died in Megatron's TE-only assertion.
     config = write_tiny_hf_config(tmp_path / "config.json")
     out = run_main("megasimpo", ["plan", "--hf-config", str(config), "--gpus", "4",
-                                 "--gpus-per-node", "2", "--pp", "2", "--tp", "2", "--seq-length",
+                                 "--gpus-per-node", "2", "--pp", "2", "--cp", "2", "--seq-length",
                                  "32", "--global-batch-size", "8", "--attention-backend", "sdpa",
                                  "--simulate", "--json"], timeout=600)
     assert out.returncode == 0, out.stderr
@@ -98,7 +100,7 @@ def test_plan_simulate_cli_json(tmp_path):
     sim = d["simulated_memory_gb"]
     assert set(d["simulated_memory_gb_by_rank"]) == {"0", "2"}  # first and last stage
     assert sim["rank"] in (0, 2) and sim["total"] == pytest.approx(sim["tensors"] + 4.0)
-    assert sim["weights"] > 0 and sim["optimizer"] > 0
+    assert sim["weights"] > 0 and sim["optimizer"] > 0 and d["cp"] == 2
 
 
 def test_a_simulated_peak_over_budget_is_refused_with_the_next_layout():

@@ -1,11 +1,11 @@
 """Running Megatron-Core on CPU with gloo (tests, the demo, machines without CUDA).
 
 Megatron-Core 0.16 assumes CUDA in a handful of places that are not numerics: factory calls with
-``device="cuda"``, ``Tensor.cuda()``, ``torch.cuda.current_device()`` as a device argument, the CUDA
-RNG helpers used by its RNG tracker, ``torch.cuda.synchronize`` and the optimizer's dtype asserts on
-``Tensor.type()`` names. :func:`enable` redirects exactly those to the CPU. It is a no-op when CUDA is
-available, and it never changes what any kernel computes: every redirected call lands on the same
-CPU op it would have run had the caller asked for the CPU.
+``device="cuda"`` or ``pin_memory=True``, ``Tensor.cuda()``, ``torch.cuda.current_device()`` as
+a device argument, the CUDA RNG helpers used by its RNG tracker, ``torch.cuda.synchronize`` and
+the optimizer's dtype asserts on ``Tensor.type()`` names. :func:`enable` redirects exactly those
+to the CPU. It is a no-op when CUDA is available, and it never changes what any kernel computes:
+every redirected call lands on the same CPU op it would have run had the caller asked for the CPU.
 """
 
 import torch
@@ -36,6 +36,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):  # staging for a CUDA copy (Megatron's CP RoPE index)
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.to:

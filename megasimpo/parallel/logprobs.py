@@ -155,14 +155,16 @@ def sequence_logps(
 
 
 def packed_sequence_logps(token_logps: Tensor, loss_mask: Tensor, segment_ids: Tensor,
-                          num_sequences: int) -> tuple[Tensor, Tensor]:
+                          num_sequences: int,
+                          cp_group: Optional[ProcessGroup] = None) -> tuple[Tensor, Tensor]:
     """Masked per-sequence sums of a packed row (``data/packing.py``). token_logps [1, T] fp32,
     loss_mask [1, T], segment_ids [1, T] int64 (sequence i's positions hold i; a padding tail
     holds ``num_sequences``) -> (sums [num_sequences] fp32 with autograd, counts, no grad).
 
     Same masking rule as ``sequence_logps`` (masked positions get a zero gradient even where the
-    log-prob is not finite). Context parallelism is not supported with packing (the trainer
-    refuses the combination), so there is no CP reduction here.
+    log-prob is not finite). With context parallelism the row is this rank's share of every
+    segment (``step.cp_slice``): sums and counts are all-reduced over ``cp_group`` as in
+    ``sequence_logps`` (identity backward).
     """
     if not token_logps.shape == loss_mask.shape == segment_ids.shape:
         raise ValueError(f"token_logps, loss_mask and segment_ids must have one shape, got "
@@ -174,4 +176,7 @@ def packed_sequence_logps(token_logps: Tensor, loss_mask: Tensor, segment_ids: T
     size = num_sequences + 1  # the padding tail's segment, dropped below
     sums = values.new_zeros(size).index_add(0, seg, values)[:num_sequences]
     counts = values.new_zeros(size).index_add(0, seg, keep.float())[:num_sequences]
+    if _rank_and_size(cp_group)[1] > 1:
+        sums = _AllReduceSumIdentityBackward.apply(sums, cp_group)
+        dist.all_reduce(counts, op=dist.ReduceOp.SUM, group=cp_group)
     return sums, counts
