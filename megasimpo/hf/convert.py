@@ -347,10 +347,7 @@ def export_hf(ckpt: str, out: str, *, force: bool = False,
     from megasimpo.hf import lora_export
 
     if adapter_only:
-        if dtype is not None:
-            raise ValueError("--dtype applies to merged weights; --adapter-only writes the "
-                             "adapters in the model's dtype: drop --dtype")
-        return lora_export.export_adapter(ckpt, out, force=force)
+        return lora_export.export_adapter(ckpt, out, force=force, dtype=dtype)
     if max_shard_size <= 0:
         raise ValueError(f"--max-shard-size {max_shard_size} must be positive")
     model = checkpoint.model_config(ckpt)

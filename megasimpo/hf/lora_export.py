@@ -11,7 +11,7 @@ fingerprint.
   for any checkpoint and each adapted weight piece gets ``alpha / r * B A`` (the piece's rows of
   B; per-projection targets: each member's ``B A`` at its rows) added in fp32 before the cast to
   the model's dtype (:func:`delta`);
-* ``--adapter-only``: a PEFT directory (megasimpo/hf/peft_adapter.py) in the model's dtype;
+* ``--adapter-only``: a PEFT directory (megasimpo/hf/peft_adapter.py) in the adapters' dtype;
 * ``import --adapter``: the base imported to ``CKPT/base`` and, in ``CKPT``, a LoRA checkpoint of
   the PEFT adapter referencing it, by its real path and by ``base`` relative to ``CKPT``, so
   the pair moves as one directory.
@@ -164,8 +164,10 @@ def base_name(base: Optional[str]) -> Optional[str]:
     return None
 
 
-def export_adapter(ckpt: str, out: str, *, force: bool = False) -> ModelConfig:
-    """Writes LoRA checkpoint ``ckpt``'s adapters as a PEFT directory ``out``."""
+def export_adapter(ckpt: str, out: str, *, force: bool = False,
+                   dtype: Optional[str] = None) -> ModelConfig:
+    """Writes LoRA checkpoint ``ckpt``'s adapters as a PEFT directory ``out``, in ``dtype``
+    (default: the dtype the adapters were trained and saved in, as a merged export)."""
     from megasimpo.hf import convert
 
     src = source(ckpt, need_base=False)
@@ -173,7 +175,7 @@ def export_adapter(ckpt: str, out: str, *, force: bool = False) -> ModelConfig:
         raise ValueError(f"--adapter-only: {ckpt} is not a LoRA checkpoint (its "
                          f"{checkpoint.META_FILE} has no \"lora\" entry): it holds full weights, "
                          "so there is no adapter to write; export it without --adapter-only")
-    dtype = checkpoint.torch_dtype(src.model.dtype)
+    dtype = checkpoint.torch_dtype(convert.export_dtype(ckpt, src.model, dtype))
     partial = convert._begin(out, force, ckpt)
     try:
         tensors = {}

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from hf_models import MODELS, build, load
 from multirank import run_ranks
@@ -110,5 +111,10 @@ def test_peft_adapter_imports_trains_and_exports(tree, case, tmp_path):
     assert sorted(cfg["target_modules"]) == sorted(given["target_modules"])
     assert cfg["use_rslora"] == given["use_rslora"] and cfg["r"] == 4
     assert _rel(_peft_sums(hf, out, pairs), scored) <= 1e-5
+    assert {t.dtype for t in load_file(os.path.join(out, "adapter_model.safetensors")).values()} \
+        == {torch.float32}  # the adapters' saved dtype; --dtype chooses another
+    cli("export", "--load", trained, "--out", out + "16", "--adapter-only", "--dtype", "bf16")
+    halved = load_file(os.path.join(out + "16", "adapter_model.safetensors"))
+    assert {t.dtype for t in halved.values()} == {torch.bfloat16}, "--dtype ignored"
     export_hf(trained, str(tmp_path / "merged"))  # each member's B A added at its rows
     assert _rel(_sums(load(str(tmp_path / "merged")), pairs), scored) <= 1e-5
