@@ -138,8 +138,11 @@ def atomic_save(path: str, sharded_state: dict, meta: dict,
     _check(_sharding_error(state), path, partial)
     try:
         from megasimpo.parallel.processes import sync_save_strategy  # leaves no process behind
-        dist_checkpointing.save(state, partial, sharded_strategy=sync_save_strategy(),
-                                validate_access_integrity=False)  # done by _sharding_error
+        from megasimpo.torch_compat import checksummed_writes  # a checksum per stored item
+
+        with checksummed_writes():
+            dist_checkpointing.save(state, partial, sharded_strategy=sync_save_strategy(),
+                                    validate_access_integrity=False)  # done by _sharding_error
         for name, obj in (per_rank or {}).items():
             torch.save(obj, os.path.join(partial, name))
     except Exception as e:  # noqa: BLE001 - every cause gets the same clean-up and one line
@@ -209,6 +212,10 @@ def _load(sharded_state: dict, path: str) -> dict:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # torch's CheckpointException derives from BaseException
+            from megasimpo import checksums
+
+            if checksums.failure_in(e) is not None:  # names the file and the item already
+                raise checksums.failure_in(e) from None
             failures = getattr(e, "failures", None) or {}
             inner = next(iter(failures.values()), (e,))[0] if failures else e
             text = str(inner).strip() or type(inner).__name__
