@@ -370,6 +370,10 @@ def load_training_state(path: str, chunks: list, optimizer, scheduler, layout: d
 
     RNG states are restored only when the layout is unchanged (they are per rank)."""
     meta = read_meta(path)
+    from megasimpo.run_dir import FINAL_MODEL  # late: run_dir uses this module
+
+    lora_checkpoint.check_resume(meta, lora_checkpoint.config_of(chunks), path, os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(path))), FINAL_MODEL))
     prepare_optimizer_for_load(optimizer)
     model_state = sharded_model_state(chunks)
     sharded = dict(model_state)
