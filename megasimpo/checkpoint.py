@@ -221,6 +221,10 @@ def _load(sharded_state: dict, path: str) -> dict:
             text = str(inner).strip() or type(inner).__name__
             hint = ("its tensors have other shapes than the model its megasimpo.json describes"
                     if "shape mismatch" in text else "a shard is unreadable or corrupted")
+            from megasimpo.torch_compat import item_being_read
+
+            if item_being_read():  # the tensor whose bytes torch could not deserialise
+                hint += f" at {item_being_read()}"
             raise ValueError(f"{path}: cannot load the checkpoint: {hint} ({text}); use another "
                              "checkpoint or convert the model again") from None
 

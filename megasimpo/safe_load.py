@@ -255,7 +255,8 @@ def preflight(path: str):
         with open(shard, "rb") as f:
             f.seek(info.offset)
             data = f.read(info.length)
-        checksums.verify(data, info, file=shard, item=checksums.item_name(index), checkpoint=path)
+        checksums.verify(checksums.bytes_digest(data), info, file=shard,
+                         item=checksums.item_name(index), checkpoint=path)
         try:
             torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:

@@ -9,7 +9,8 @@ re-check. (``safe_load`` guards its own uses of DCP's reader with the same rule.
   its private ``_write_data`` (used by ``hf/streaming.py``).
 - ``checksummed_writes`` / ``verified_reads``: a checksum per stored item (``checksums.py``),
   through DCP's private ``_write_item`` (also Megatron-Core 0.16's writer's, which imports it)
-  and ``FileSystemReader._slice_file``; bound to Megatron-Core's minor too (``CHECKSUMS_FOR``).
+  and ``FileSystemReader._slice_file`` / the reader's ``narrow_tensor_by_index``; bound to
+  Megatron-Core's minor too (``CHECKSUMS_FOR``).
 """
 
 import contextlib
@@ -17,7 +18,8 @@ import functools
 import inspect
 import io
 import queue
-from typing import Iterator
+import threading
+from typing import Iterator, Optional
 
 import torch
 
@@ -31,12 +33,13 @@ UPGRADE_CHECKLIST = (
     "and whether its file writer still keeps each tensor name's last block alive until the file "
     "is closed (if not, the cut is unnecessary); checksums: that "
     "torch.distributed.checkpoint.filesystem._write_item(transforms, stream, data, write_item, "
-    "storage_key, ...) still writes exactly one stored item to `stream` (from stream.tell(), "
-    "nothing seeked) and returns a WriteResult whose storage_data is the _StorageInfo "
-    "(relative_path, offset, length) that ends up in .metadata, pickling its __dict__; that "
-    "torch's _write_files_from_queue and Megatron's FileSystemWriterAsync.write_preloaded_data "
-    "still call it by the module-level name _write_item; that FileSystemReader.read_data still "
-    "reads each item's bytes only through self._slice_file(file, storage_info); then update "
+    "storage_key, ...) still writes one stored item (`data`: a CPU tensor, or a BytesIO stored "
+    "as is) and returns a WriteResult whose storage_data is the _StorageInfo that ends up in "
+    ".metadata, pickling its __dict__; that torch's _write_files_from_queue and Megatron's "
+    "FileSystemWriterAsync.write_preloaded_data still call it by the module-level name "
+    "_write_item; that FileSystemReader.read_data still reads each item through "
+    "self._slice_file(file, storage_info), torch.loads a tensor item whole and then calls "
+    "filesystem.narrow_tensor_by_index on it (and nowhere else), in one thread; then update "
     "WRITTEN_FOR (and CHECKSUMS_FOR) in megasimpo/torch_compat.py"
 )
 CHECKSUMS_FOR = {"torch": "2.13", "megatron.core": "0.16"}
@@ -93,41 +96,22 @@ def _check_checksums() -> None:
     versions.check("megasimpo.torch_compat (checksums)", CHECKSUMS_FOR, UPGRADE_CHECKLIST)
 
 
-class _HashingStream:
-    """``raw`` (a shard file being written) that hashes every byte written through it."""
-
-    def __init__(self, raw):
-        from megasimpo import checksums
-
-        self.raw, self.hasher = raw, checksums.Hasher()
-
-    def write(self, data):
-        n = self.raw.write(data)
-        self.hasher.update(data)  # a blocking file writes all of it or raises
-        return n
-
-    def __getattr__(self, name):  # tell, flush, fileno, ...: the file's own
-        return getattr(self.raw, name)
-
-
 def _checksummed(write_item):
-    """DCP's ``_write_item`` recording the CRC of the item's bytes on its ``_StorageInfo``."""
+    """DCP's ``_write_item`` recording the checksum of the item it writes (a tensor's dtype,
+    shape and contents; an object's bytes) on the item's ``_StorageInfo``."""
     from megasimpo import checksums
 
     signature = inspect.signature(write_item)
 
     @functools.wraps(write_item)
     def checksummed_write_item(*args, **kwargs):
-        bound = signature.bind(*args, **kwargs)
-        stream = _HashingStream(bound.arguments["stream"])
-        bound.arguments["stream"] = stream
-        result = write_item(*bound.args, **bound.kwargs)
+        data = signature.bind(*args, **kwargs).arguments["data"]
+        result = write_item(*args, **kwargs)
         info = result.storage_data
-        if stream.hasher.count != info.length:  # e.g. a format that writes items elsewhere
-            raise RuntimeError(f"torch {torch.__version__}: DCP wrote {stream.hasher.count} "
-                               f"bytes for an item recorded as {info.length}; "
-                               f"{UPGRADE_CHECKLIST}")
-        setattr(info, checksums.ATTR, stream.hasher.hexdigest())
+        if isinstance(data, torch.Tensor):
+            setattr(info, checksums.ATTR, checksums.tensor_digest(data))
+        elif not info.transform_descriptors:  # (stored bytes = data; megasimpo sets no transforms)
+            setattr(info, checksums.ATTR, checksums.bytes_digest(data.getbuffer()))
         return result
 
     checksummed_write_item.megasimpo_checksummed = True
@@ -137,7 +121,7 @@ def _checksummed(write_item):
 @contextlib.contextmanager
 def checksummed_writes() -> Iterator[None]:
     """While open, every item DCP writes in this process (and in the writer processes Megatron
-    forks meanwhile) carries the checksum of its bytes into ``.metadata``."""
+    forks meanwhile) carries its checksum into ``.metadata``."""
     _check_checksums()
     from megatron.core.dist_checkpointing.strategies import filesystem_async
     from torch.distributed.checkpoint import filesystem
@@ -153,27 +137,69 @@ def checksummed_writes() -> Iterator[None]:
             module._write_item = original
 
 
+_reading = threading.local()  # the tensor item whose bytes torch.load is reading in this thread
+
+
+def _item_name(reader, sinfo):
+    """The error's name of the item ``sinfo`` (a search of the whole index: mismatches only)."""
+    from megasimpo import checksums
+
+    return checksums.item_name(next((i for i, s in reader.storage_data.items() if s is sinfo),
+                                    None))
+
+
+def _verify(got, reader, sinfo):
+    from megasimpo import checksums
+
+    checksums.verify(got, sinfo, file=str(reader.fs.concat_path(reader.path, sinfo.relative_path)),
+                     item=lambda: _item_name(reader, sinfo), checkpoint=str(reader.path))
+
+
+def item_being_read() -> Optional[str]:
+    """``FILE: tensor 'KEY' (...)`` for the tensor item this thread's DCP read was deserialising
+    when it failed (torch could not read its bytes), else None."""
+    item = getattr(_reading, "item", None)
+    if item is None:
+        return None
+    reader, sinfo = item
+    return f"{reader.fs.concat_path(reader.path, sinfo.relative_path)}: {_item_name(reader, sinfo)}"
+
+
 def _verified_slice_file(original):
-    """``FileSystemReader._slice_file`` that reads an item with a recorded checksum whole and
-    verifies it before torch deserialises it (ChecksumError naming the file and the item)."""
+    """``FileSystemReader._slice_file``: an object's stored bytes are read and verified here; a
+    tensor item is remembered, to be verified once torch has deserialised it (``_verified_narrow``:
+    ``read_data`` narrows the whole stored tensor to the requested part right after)."""
     from megasimpo import checksums
 
     def _slice_file(self, file, sinfo):
-        if checksums.recorded(sinfo) is None:
+        recorded = checksums.recorded(sinfo)
+        _reading.item = None
+        if recorded is None:
+            return original(self, file, sinfo)
+        if checksums.of_tensor(recorded):
+            _reading.item = (self, sinfo)
             return original(self, file, sinfo)
         file.seek(sinfo.offset)
         data = file.read(sinfo.length)
-
-        def item():  # only on a mismatch: a search of the whole index
-            return checksums.item_name(next((i for i, s in self.storage_data.items()
-                                             if s is sinfo), None))
-
-        checksums.verify(data, sinfo, file=str(self.fs.concat_path(self.path, sinfo.relative_path)),
-                         item=item, checkpoint=str(self.path))
+        _verify(checksums.bytes_digest(data), self, sinfo)
         return io.BytesIO(data)
 
     _slice_file.megasimpo_verified = True
     return _slice_file
+
+
+def _verified_narrow(original):
+    """``narrow_tensor_by_index`` as DCP's reader calls it on each whole stored tensor it has just
+    read: the tensor is verified against its recorded checksum first."""
+    from megasimpo import checksums
+
+    def narrow_tensor_by_index(tensor, offsets, sizes):
+        item, _reading.item = getattr(_reading, "item", None), None
+        if item is not None:
+            _verify(checksums.tensor_digest(tensor), *item)
+        return original(tensor, offsets, sizes)
+
+    return narrow_tensor_by_index
 
 
 @contextlib.contextmanager
@@ -182,14 +208,17 @@ def verified_reads() -> Iterator[None]:
     recorded at save (items of checkpoints saved before checksums are read as before). Not
     re-entrant: ``safe_load._restricted`` opens it once."""
     _check_checksums()
-    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import FileSystemReader, filesystem
 
-    original = FileSystemReader.__dict__.get("_slice_file")
-    if original is None:  # older torch without the hook: reads stay unverified
+    slice_file = FileSystemReader.__dict__.get("_slice_file")
+    narrow = filesystem.__dict__.get("narrow_tensor_by_index")
+    if slice_file is None or narrow is None:  # older torch without these: reads unverified
         yield
         return
-    FileSystemReader._slice_file = _verified_slice_file(original)
+    FileSystemReader._slice_file = _verified_slice_file(slice_file)
+    filesystem.narrow_tensor_by_index = _verified_narrow(narrow)
     try:
         yield
     finally:
-        FileSystemReader._slice_file = original
+        FileSystemReader._slice_file = slice_file
+        filesystem.narrow_tensor_by_index = narrow

@@ -134,7 +134,7 @@ def _craft_object(path, marker):
     torch.save([Payload(marker)], buf)
     shard = os.path.join(path, info.relative_path)
     info.offset, info.length = os.path.getsize(shard), len(buf.getvalue())
-    setattr(info, checksums.ATTR, checksums.digest(buf.getvalue()))
+    setattr(info, checksums.ATTR, checksums.bytes_digest(buf.getvalue()))
     with open(shard, "ab") as f:
         f.write(buf.getvalue())
     with open(os.path.join(path, ".metadata"), "wb") as f:
