@@ -19,6 +19,7 @@ setup(
         "tensorboard",
         "matplotlib",
         "psutil",  # dist_checkpointing's file writer reports memory with it
+        "xxhash",  # checkpoint checksums (megasimpo/checksums.py); datasets needs it too
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]>=2.9,<2.12"],

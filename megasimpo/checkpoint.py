@@ -149,8 +149,11 @@ def atomic_save(path: str, sharded_state: dict, meta: dict,
     _check(_sharding_error(state), path, partial)
     try:
         from megasimpo.parallel.processes import sync_save_strategy  # leaves no process behind
-        dist_checkpointing.save(state, partial, sharded_strategy=sync_save_strategy(),
-                                validate_access_integrity=False)  # done by _sharding_error
+        from megasimpo.torch_compat import checksummed_writes  # a checksum per stored item
+
+        with checksummed_writes():
+            dist_checkpointing.save(state, partial, sharded_strategy=sync_save_strategy(),
+                                    validate_access_integrity=False)  # done by _sharding_error
         for name, obj in (per_rank or {}).items():
             torch.save(obj, os.path.join(partial, name))
     except Exception as e:  # noqa: BLE001 - every cause gets the same clean-up and one line
@@ -220,11 +223,19 @@ def _load(sharded_state: dict, path: str) -> dict:
         except (KeyboardInterrupt, SystemExit):
             raise
         except BaseException as e:  # torch's CheckpointException derives from BaseException
+            from megasimpo import checksums
+
+            if checksums.failure_in(e) is not None:  # names the file and the item already
+                raise checksums.failure_in(e) from None
             failures = getattr(e, "failures", None) or {}
             inner = next(iter(failures.values()), (e,))[0] if failures else e
             text = str(inner).strip() or type(inner).__name__
             hint = ("its tensors have other shapes than the model its megasimpo.json describes"
                     if "shape mismatch" in text else "a shard is unreadable or corrupted")
+            from megasimpo.torch_compat import item_being_read
+
+            if item_being_read():  # the tensor whose bytes torch could not deserialise
+                hint += f" at {item_being_read()}"
             raise ValueError(f"{path}: cannot load the checkpoint: {hint} ({text}); use another "
                              "checkpoint or convert the model again") from None
 
@@ -375,6 +386,10 @@ def load_training_state(path: str, chunks: list, optimizer, scheduler, layout: d
 
     RNG states are restored only when the layout is unchanged (they are per rank)."""
     meta = read_meta(path)
+    from megasimpo.run_dir import FINAL_MODEL  # late: run_dir uses this module
+
+    lora_checkpoint.check_resume(meta, lora_checkpoint.config_of(chunks), path, os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(path))), FINAL_MODEL))
     prepare_optimizer_for_load(optimizer)
     model_state = sharded_model_state(chunks)
     sharded = dict(model_state)

@@ -124,6 +124,41 @@ def meta_for(chunks: list, base: Optional[dict], path: str) -> dict:
     return {META_KEY: config_record(cfg), BASE_KEY: located(base, path)}
 
 
+def _flags(cfg: dict) -> str:
+    return (f"--lora-rank {cfg['rank']} --lora-alpha {cfg['alpha']:g} --lora-targets "
+            + " ".join(cfg["targets"]))
+
+
+def check_resume(meta: dict, have: Optional[LoraConfig], path: str, final: str) -> None:
+    """ValueError when training checkpoint ``path`` (``meta``: its megasimpo.json) cannot resume
+    a model with LoRA config ``have`` (None: no LoRA) because the two differ in LoRA: what the
+    checkpoint holds (full weights, or adapters of other options) is not what the model loads.
+    ``final``: the run's final_model, named as the start of a new run when it exists."""
+    saved = meta.get(META_KEY)
+    if (saved is None) == (have is None):
+        if saved is None or (saved["rank"], tuple(saved["targets"])) == \
+                (have.rank, tuple(have.targets)):
+            return
+    start = final if os.path.isdir(final) else path
+    if saved is None:
+        raise ValueError(
+            f"LoRA on a run saved without LoRA: {path} holds the full model's weights and "
+            "optimizer state, no LoRA adapters, so a LoRA run cannot resume it (not even with "
+            f"--resume-anyway): start a new run from its {'final_model' if start == final else 'weights'} "
+            f"(--load {start} --out NEW_DIR with your --lora-* options), or resume this run "
+            "without the --lora-* options")
+    if have is None:
+        raise ValueError(
+            f"LoRA off on a run saved with LoRA: {path} holds only LoRA adapters "
+            f"({_flags(saved)}) and their optimizer state: resume it with {_flags(saved)}, or "
+            f"start a new full fine-tuning run from its model merged (tools/convert_hf.py export "
+            f"--load {start}, then import that)")
+    raise ValueError(
+        f"{path} holds LoRA adapters of {_flags(saved)}, this run has --lora-rank {have.rank} "
+        f"--lora-targets {' '.join(have.targets)}: other adapter shapes cannot resume them; "
+        f"resume with {_flags(saved)}, or start a new run (another --out)")
+
+
 def adapter_states(states: dict) -> dict:
     """``{"model{i}": {key: sharded}}`` restricted to the adapter tensors."""
     return {name: {k: v for k, v in state.items() if is_adapter_key(k)}

@@ -33,6 +33,8 @@ from typing import Any, Iterator
 
 import torch
 
+from megasimpo import checksums
+
 WRITTEN_FOR = {"torch": "2.13", "megatron.core": "0.16"}
 UPGRADE_CHECKLIST = (
     "re-check on upgrade: (1) every unpickling on dist_checkpointing.load's path: grep "
@@ -152,6 +154,8 @@ def _check_metadata(md, file: str):
         if not (isinstance(info.offset, int) and isinstance(info.length, int)
                 and info.offset >= 0 and info.length >= 0):
             raise bad(f"{index.fqn!r} has offset {info.offset!r}, length {info.length!r}")
+        if checksums.recorded(info) is not None and not checksums.valid(checksums.recorded(info)):
+            raise bad(f"{index.fqn!r} has checksum {checksums.recorded(info)!r}")
     return md
 
 
@@ -230,9 +234,10 @@ def _check_versions() -> None:
                            f"{UPGRADE_CHECKLIST}")
 
 
-def preflight(path: str) -> None:
+def preflight(path: str):
     """Reads every pickle of checkpoint ``path`` the safe way, so that a bad one fails here with
-    its name: ``.metadata``, ``common.pt``, and the byte objects inside the shards."""
+    its name: ``.metadata``, ``common.pt``, and the byte objects inside the shards (each checked
+    against its recorded checksum first). Returns the DCP index."""
     md = read_dcp_metadata(path)
     common = os.path.join(path, "common.pt")
     if os.path.isfile(common):
@@ -249,14 +254,17 @@ def preflight(path: str) -> None:
             continue  # verify_shards names missing files
         with open(shard, "rb") as f:
             f.seek(info.offset)
-            data = io.BytesIO(f.read(info.length))
+            data = f.read(info.length)
+        checksums.verify(checksums.bytes_digest(data), info, file=shard,
+                         item=checksums.item_name(index), checkpoint=path)
         try:
-            torch.load(data, map_location="cpu", weights_only=True)
+            torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as e:
             raise _refused(f"{shard} (object {index.fqn!r})", "an object", e) from None
         except (RuntimeError, EOFError) as e:
             raise ValueError(f"{shard}: object {index.fqn!r} is unreadable ({_short(e)}); the "
                              "checkpoint is corrupted: use another one") from None
+    return md
 
 
 _lock = threading.RLock()
@@ -266,11 +274,14 @@ _saved: dict = {}
 
 @contextlib.contextmanager
 def _restricted() -> Iterator[None]:
-    """While open: FileSystemReader.read_metadata is ``_safe_read_metadata`` and every
-    ``torch.load`` is weights-only (TORCH_FORCE_WEIGHTS_ONLY_LOAD). Re-entrant."""
+    """While open: FileSystemReader.read_metadata is ``_safe_read_metadata``, every
+    ``torch.load`` is weights-only (TORCH_FORCE_WEIGHTS_ONLY_LOAD) and every stored item read is
+    checked against its checksum (``torch_compat.verified_reads``). Re-entrant."""
     global _depth
     from megatron.core.msc_utils import MultiStorageClientFeature
     from torch.distributed.checkpoint import FileSystemReader
+
+    from megasimpo import torch_compat
 
     if MultiStorageClientFeature.is_enabled():
         raise RuntimeError("megasimpo.safe_load: Megatron's multi-storage client is enabled; "
@@ -282,6 +293,8 @@ def _restricted() -> Iterator[None]:
             _saved["env"] = {k: os.environ.get(k) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD",
                                                           "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
             FileSystemReader.read_metadata = _safe_read_metadata
+            _saved["reads"] = torch_compat.verified_reads()
+            _saved["reads"].__enter__()
             os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
             os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
         _depth += 1
@@ -292,6 +305,7 @@ def _restricted() -> Iterator[None]:
             _depth -= 1
             if _depth == 0:
                 FileSystemReader.read_metadata = _saved.pop("read_metadata")
+                _saved.pop("reads").__exit__(None, None, None)
                 for k, v in _saved.pop("env").items():
                     if v is None:
                         os.environ.pop(k, None)
@@ -304,11 +318,21 @@ def guard(path: str) -> Iterator[None]:
     """Around any ``dist_checkpointing.load``/``load_tensors_metadata`` of checkpoint ``path``:
     first its JSON (``megasimpo.json`` through ``checkpoint.read_meta``, ``metadata.json``) is
     validated, then every pickle in it is read safely (``preflight``), and while open Megatron's
-    and torch's own reads of it are restricted the same way. ValueError naming the file."""
+    and torch's own reads of it are restricted the same way and verified against the checksums
+    recorded at save (a checkpoint without them gets a one-line note). ValueError naming the
+    file (and, for a checksum mismatch, the item)."""
     from megasimpo import checkpoint  # late: checkpoint.py uses this module
 
     checkpoint.read_meta(path)
     check_dist_config(path)
     with _restricted():
-        preflight(path)
-        yield
+        note = checksums.note(path, preflight(path))
+        if note and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            print(note, flush=True)
+        try:
+            yield
+        except BaseException as e:  # torch's CheckpointException derives from BaseException
+            mismatch = checksums.failure_in(e)
+            if mismatch is None or mismatch is e:
+                raise
+            raise mismatch from None

@@ -89,6 +89,14 @@ def test_resume_at_another_layout(inputs, tmp_path):
     _train_in_ranks(_cmd(ckpt, data, tmp_path / "straight"))
     out = tmp_path / "relayout"
     _train_in_ranks(_cmd(ckpt, data, out, "--exit-interval", "3"))  # DP=2
+    # LoRA turned on over this full-model run: what differs is said, not "corrupted" (#25 item 10)
+    lora = _cmd(ckpt, data, out, "--lora-rank", "4", "--resume-anyway")
+    p = run_main("megasimpo", lora[lora.index("megasimpo") + 1:], world_size=2, timeout=300)
+    step3 = out / "checkpoints" / "step_0000003"
+    assert p.returncode != 0
+    assert (f"LoRA on a run saved without LoRA: {step3} holds the full model's weights" in p.stderr
+            and f"--load {step3} --out NEW_DIR" in p.stderr), p.stderr[-3000:]
+    assert "corrupted" not in p.stderr
     _train_in_ranks(_cmd(ckpt, data, out, "--tp", "2"))  # resumes at TP=2, DP=1
     straight, again = _losses(tmp_path / "straight"), _losses(out)
     for step in (4, 5, 6):
@@ -223,3 +231,25 @@ def test_nonfinite_step_is_skipped_and_run_continues(inputs, tmp_path):
     assert rows[1]["skipped"] == 1 and rows[1]["loss"] != rows[1]["loss"]  # logged as NaN
     msg = run_ranks(_nonfinite, 1, ckpt, data, str(tmp_path / "b"), {1, 2, 3, 4}, 2)[0][0]
     assert "2 consecutive steps (up to step 2) had a non-finite loss or gradient" in msg
+
+
+def test_lora_differences_on_resume_are_named(tmp_path):
+    # Pure: what lora_checkpoint.check_resume says for each way LoRA can differ (#25 item 10);
+    # LoRA turned on over a full-model run is test_resume_at_another_layout's.
+    from megasimpo.config import LoraConfig
+    from megasimpo.lora_checkpoint import check_resume
+
+    step, final = str(tmp_path / "checkpoints" / "step_0000003"), str(tmp_path / "final_model")
+    saved = {"lora": {"rank": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["linear_qkv"]}}
+    check_resume({}, None, step, final)
+    check_resume(saved, LoraConfig(rank=4, alpha=8.0, targets=("linear_qkv",)), step, final)
+    check_resume(saved, LoraConfig(rank=4, alpha=16.0, targets=("linear_qkv",)), step, final)
+    os.makedirs(final)
+    with pytest.raises(ValueError, match=r"^LoRA on a run saved without LoRA: .* its final_model "
+                                         rf"\(--load {final} --out NEW_DIR"):
+        check_resume({}, LoraConfig(rank=4, targets=("linear_qkv",)), step, final)
+    with pytest.raises(ValueError, match=r"^LoRA off on a run saved with LoRA: .*resume it with "
+                                         r"--lora-rank 4 --lora-alpha 8 --lora-targets linear_qkv"):
+        check_resume(saved, None, step, final)
+    with pytest.raises(ValueError, match=r"adapters of --lora-rank 4 .*this run has --lora-rank 8"):
+        check_resume(saved, LoraConfig(rank=8, targets=("linear_qkv",)), step, final)

@@ -118,13 +118,14 @@ def _craft_common(path, marker):
 
 def _craft_object(path, marker):
     """Points one ShardedObject (an ``_extra_state``) of the index at a crafted payload appended
-    to its shard file: the index itself stays a legitimate one."""
+    to its shard file: the index itself stays a legitimate one, with the payload's checksum (a
+    checksum finds corruption; anyone crafting a file can compute one)."""
     import io
 
     import torch
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from megasimpo import safe_load
+    from megasimpo import checksums, safe_load
 
     md = safe_load.read_dcp_metadata(path)
     index, info = next((i, s) for i, s in md.storage_data.items()
@@ -133,6 +134,7 @@ def _craft_object(path, marker):
     torch.save([Payload(marker)], buf)
     shard = os.path.join(path, info.relative_path)
     info.offset, info.length = os.path.getsize(shard), len(buf.getvalue())
+    setattr(info, checksums.ATTR, checksums.bytes_digest(buf.getvalue()))
     with open(shard, "ab") as f:
         f.write(buf.getvalue())
     with open(os.path.join(path, ".metadata"), "wb") as f:

@@ -16,7 +16,7 @@ import torch
 
 from megasimpo.config import ModelConfig
 from megasimpo.hf import mapping
-from megasimpo.torch_compat import bounded_file_writer
+from megasimpo.torch_compat import bounded_file_writer, checksummed_writes
 
 
 def _chunk_shape(sh) -> torch.Size:
@@ -95,7 +95,9 @@ def streaming_strategy(produce: Callable):
                     state[sh.unique_key] = buf
                 else:
                     state.setdefault(sh.key, _LazyTensor(produce)).shards.append(sh)
-            dcp_save(state, storage_writer=bounded_file_writer(str(checkpoint_dir)), planner=_planner())
+            with checksummed_writes():  # a checksum per block, verified by every load
+                dcp_save(state, storage_writer=bounded_file_writer(str(checkpoint_dir)),
+                         planner=_planner())
 
     return StreamingSave("torch_dist", 1)
 
