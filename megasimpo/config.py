@@ -135,8 +135,8 @@ class LossConfig:
     sft_weight: float = option(0.0, "SimPO: weight of the chosen-response NLL added to the loss",
                                ge=0)
     cpo_alpha: float = option(1.0, "CPO: weight of the chosen-response NLL", ge=0)
-    rdpo_alpha: float = option(0.0, "R-DPO: length-regularisation strength alpha (per token)",
-                               ge=0)
+    rdpo_alpha: float = option(0.0, "R-DPO: length-regularisation strength alpha (per token; "
+                                    "negative favours longer responses)")
     alphapo_alpha: float = option(0.0, "AlphaPO: reward shape alpha, r = (1 - p^-alpha) / alpha "
                                        "of the per-token average p (TRL's CPOConfig.alpha; 0: "
                                        "log p, SimPO)")
