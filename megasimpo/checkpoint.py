@@ -18,8 +18,8 @@ from megasimpo.config import LoraConfig, ModelConfig
 from megasimpo.model import unwrap
 from megasimpo.parallel import groups as pgroups
 from megasimpo.parallel.compat import finish_optimizer_load, prepare_optimizer_for_load
+from megasimpo.run_paths import CHECKPOINTS, LATEST, META_FILE, final_model_of, model_of
 
-META_FILE = "megasimpo.json"
 FORMAT = "megasimpo-checkpoint-v1"
 
 
@@ -27,8 +27,6 @@ def read_meta(path: str) -> dict:
     """The metadata of a checkpoint directory; ValueError if ``path`` is not one."""
     meta_path = os.path.join(path, META_FILE)
     if not os.path.isfile(meta_path):
-        from megasimpo.run_dir import model_of
-
         raise ValueError(
             f"{path}: not a megasimpo checkpoint (no {META_FILE}); "
             + (model_of(path) or "convert an HF model with "
@@ -263,8 +261,6 @@ def load_model(chunks: list, path: str) -> Optional[dict]:
 
 # ----- training state: resumable checkpoints in RUN_DIR/checkpoints -----------------------------
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
 # Megatron-Core 0.16's distributed-optimizer formats: "dp_reshardable" (parallel, but resumes only
 # at the same TP/PP) and "fully_reshardable" (each DP group's rank 0 gathers its shard's state into
 # the canonical per-parameter form on save; loads at any TP/PP/DP). "fully_sharded_model_space"
@@ -386,10 +382,8 @@ def load_training_state(path: str, chunks: list, optimizer, scheduler, layout: d
 
     RNG states are restored only when the layout is unchanged (they are per rank)."""
     meta = read_meta(path)
-    from megasimpo.run_dir import FINAL_MODEL  # late: run_dir uses this module
-
-    lora_checkpoint.check_resume(meta, lora_checkpoint.config_of(chunks), path, os.path.join(
-        os.path.dirname(os.path.dirname(os.path.abspath(path))), FINAL_MODEL))
+    lora_checkpoint.check_resume(meta, lora_checkpoint.config_of(chunks), path,
+                                 final_model_of(path))
     prepare_optimizer_for_load(optimizer)
     model_state = sharded_model_state(chunks)
     sharded = dict(model_state)

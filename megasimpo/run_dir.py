@@ -25,11 +25,10 @@ import time
 from typing import Optional
 
 from megasimpo import atomic
+from megasimpo.run_paths import FINAL_MODEL, STATUS_FILE
 from megasimpo.config import TrainConfig
 
 LOCK_FILE = ".megasimpo.lock"
-STATUS_FILE = "status.json"
-FINAL_MODEL = "final_model"
 METRICS_FILE = "metrics.jsonl"
 # Fields that may differ between a run and its resume without --resume-anyway. The schedule
 # (steps, epochs), how often things happen, held-out data and the layout (a checkpoint loads at
@@ -254,24 +253,6 @@ def check_not_finished(run_dir: str, force: bool) -> None:
         f"{run_dir} is a finished run{when} (its model is {final}). To train further, start a "
         f"new run from it: --load {final} --out NEW_DIR; --force trains into {run_dir} again and "
         "replaces its final_model")
-
-
-def model_of(path: str) -> str:
-    """When ``path`` is a run directory, where its model is ("PATH is a run directory: ...");
-    else "". For a --load that names a run instead of a checkpoint."""
-    final = os.path.join(path, FINAL_MODEL)
-    if os.path.isdir(final):
-        return f"{path} is a run directory; its trained model is {final}"
-    if os.path.isfile(os.path.join(path, STATUS_FILE)):
-        from megasimpo import checkpoint
-
-        try:
-            latest = checkpoint.latest_checkpoint(path)
-        except ValueError:  # a broken pointer: say only what is certain
-            latest = None
-        return (f"{path} is a run directory without a final_model yet (unfinished)"
-                + (f"; its latest checkpoint is {latest}" if latest else ""))
-    return ""
 
 
 def truncate_metrics(run_dir: str, start_step: int) -> None:

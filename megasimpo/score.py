@@ -106,7 +106,7 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
     prec = Precision(name=precision) if precision else Precision.default()
     groups = pgroups.initialize(layout, 0)
     dataset = ConcatPairs([data])
-    from megasimpo.data.tokenizer_identity import check_against_checkpoint
+    from megasimpo.data.tokenizer_check import check_against_checkpoint
     check_against_checkpoint(dataset, load, prog="megasimpo score", quiet=rank != 0)
     check_token_range(dataset, model_cfg.vocab_size, load)
     multiple = 2 * (layout.tp if layout.sequence_parallel else 1)

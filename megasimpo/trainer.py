@@ -22,7 +22,7 @@ from megasimpo.data.batches import WINDOW, ConcatPairs, full_pass_windows, make_
 from megasimpo.data.indexed import check_token_range
 from megasimpo.data.loader import BatchLayout, PairSampler, count_truncated, default_seq_length
 from megasimpo.data.packing import prepare
-from megasimpo.data.tokenizer_identity import check_against_checkpoint
+from megasimpo.data.tokenizer_check import check_against_checkpoint
 from megasimpo.lora_checkpoint import with_lora
 from megasimpo.metrics import batch_forward_flops, peak_memory_gb, peak_tflops
 from megasimpo.model import (Precision, build_chunks, finish_param_gather,

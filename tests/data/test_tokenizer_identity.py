@@ -12,8 +12,8 @@ import pytest
 from fixtures import load_script, writable_copy
 from megasimpo.data.indexed import PairDataset, write_pairs
 from megasimpo.data.tokenize import load_hf_tokenizer
-from megasimpo.data.tokenizer_identity import (
-    check_against_checkpoint, check_datasets, hf_identity, spm_identity)
+from megasimpo.data.tokenizer_check import check_against_checkpoint, check_datasets
+from megasimpo.data.tokenizer_identity import hf_identity, spm_identity
 from multirank import run_main
 from test_preprocess import preprocess, write_jsonl
 from tiny_tokenizers import CHATML_TEMPLATE, build_qwen2_tokenizer
