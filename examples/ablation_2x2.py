@@ -225,7 +225,7 @@ def main(argv=None) -> int:
                                           ("steps", "lr", "batch", "eval_interval")
                                           if getattr(args, k) is not None})
 
-    from megasimpo.cli import quiet_known_warnings
+    from megasimpo.known_warnings import quiet_known_warnings
     from megasimpo.compare_render import write_comparison
 
     quiet_known_warnings()

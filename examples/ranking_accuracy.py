@@ -257,7 +257,7 @@ def score_export_job(ckpt: str, data: str, scores_file: str, hf_dir: str) -> lis
 
 def _score_export(ckpt: str, data_prefix: str, scores_file: str, hf_dir: str) -> None:
     """The body of a score_export_job child."""
-    from megasimpo.cli import quiet_known_warnings
+    from megasimpo.known_warnings import quiet_known_warnings
     from megasimpo.hf import export_hf
     from megasimpo.parallel.groups import destroy
     from megasimpo.score import score
@@ -672,7 +672,7 @@ def publish(study, results: dict, table: str, t0: float, *also: str) -> dict:
 def study_args(doc: str, argv: list):
     """The flags of this study and of its siblings (``--out --seed --jobs --quick``), parsed;
     also quiets the known third-party warnings the children would print."""
-    from megasimpo.cli import quiet_known_warnings
+    from megasimpo.known_warnings import quiet_known_warnings
 
     quiet_known_warnings()
     p = argparse.ArgumentParser(description=doc.splitlines()[0])

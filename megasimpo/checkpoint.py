@@ -13,30 +13,13 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megasimpo import atomic, lora, lora_checkpoint
+from megasimpo import atomic, lora, lora_checkpoint, safe_load
+from megasimpo.checkpoint_meta import FORMAT, read_meta
 from megasimpo.config import LoraConfig, ModelConfig
 from megasimpo.model import unwrap
 from megasimpo.parallel import groups as pgroups
 from megasimpo.parallel.compat import finish_optimizer_load, prepare_optimizer_for_load
-from megasimpo.run_paths import CHECKPOINTS, LATEST, META_FILE, final_model_of, model_of
-
-FORMAT = "megasimpo-checkpoint-v1"
-
-
-def read_meta(path: str) -> dict:
-    """The metadata of a checkpoint directory; ValueError if ``path`` is not one."""
-    meta_path = os.path.join(path, META_FILE)
-    if not os.path.isfile(meta_path):
-        raise ValueError(
-            f"{path}: not a megasimpo checkpoint (no {META_FILE}); "
-            + (model_of(path) or "convert an HF model with "
-               "`python tools/convert_hf.py import --hf HF_DIR --out CKPT`")
-        )
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-    return meta
+from megasimpo.run_paths import CHECKPOINTS, LATEST, META_FILE, final_model_of
 
 
 def model_config(path: str) -> ModelConfig:
@@ -178,14 +161,6 @@ def save_model(chunks: list, model: ModelConfig, path: str, *, source: str = "",
     atomic_save(path, sharded_model_state(chunks), meta, tokenizer_dir=tokenizer_dir)
 
 
-def read_dcp_metadata(path: str):
-    """torch.distributed.checkpoint's index of ``path`` (``.metadata``): which bytes of which
-    shard file hold each tensor. Read by the restricted unpickler (megasimpo/safe_load.py)."""
-    from megasimpo import safe_load
-
-    return safe_load.read_dcp_metadata(path)
-
-
 def verify_shards(path: str) -> None:
     """ValueError naming the file when a shard the checkpoint's index lists is missing or
     shorter than the index says (an interrupted copy): checked before any rank reads a byte."""
@@ -193,7 +168,7 @@ def verify_shards(path: str) -> None:
         raise ValueError(f"{path}: no .metadata, so the tensors cannot be found: the checkpoint "
                          "is incomplete; copy it again or use another one")
     needed = {}
-    for info in read_dcp_metadata(path).storage_data.values():
+    for info in safe_load.read_dcp_metadata(path).storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0),
                                          info.offset + info.length)
     for name, size in sorted(needed.items()):
@@ -211,8 +186,6 @@ def _load(sharded_state: dict, path: str) -> dict:
     """``dist_checkpointing.load`` with the shards checked first and its failures (raised by
     torch as a BaseException carrying each rank's error) turned into one ValueError."""
     from megatron.core import dist_checkpointing
-
-    from megasimpo import safe_load
 
     verify_shards(path)
     with safe_load.guard(path):  # no pickle in the checkpoint can build more than plain data
@@ -399,9 +372,7 @@ def load_training_state(path: str, chunks: list, optimizer, scheduler, layout: d
     rank = dist.get_rank() if dist.is_initialized() else 0
     rng_file = os.path.join(path, f"rng_{rank:05d}.pt")
     if meta.get("layout") == layout and os.path.isfile(rng_file):
-        from megasimpo.safe_load import load_tensors
-
-        _set_rng_state(load_tensors(rng_file, "its RNG state"), rng_file)
+        _set_rng_state(safe_load.load_tensors(rng_file, "its RNG state"), rng_file)
     return int(state["train"]["step"])
 
 

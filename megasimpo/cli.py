@@ -5,9 +5,10 @@ import sys
 
 from megasimpo import plan_cmd
 from megasimpo.config import PRECISIONS, Layout, TrainConfig, check_prefix
+from megasimpo.known_warnings import quiet_known_warnings
 from megasimpo.train_flags import add_train_flags, ranged, train_config
 
-__all__ = ["main", "train_config", "quiet_known_warnings"]
+__all__ = ["main", "train_config"]
 DESCRIPTION = ("Preference training (SimPO, DPO, IPO, CPO, ORPO, R-DPO, AlphaPO, SFT) on "
                "Megatron-Core: train, score a reference, plan a layout, or run the demo.")
 
@@ -15,19 +16,6 @@ DESCRIPTION = ("Preference training (SimPO, DPO, IPO, CPO, ORPO, R-DPO, AlphaPO,
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="preference training (SimPO by default)")
     add_train_flags(p)
-
-
-def quiet_known_warnings() -> None:
-    """Mutes the fallback notices Megatron-Core prints once per rank when TE/apex are absent
-    and the deprecation notices of the torch APIs it uses; our own warnings stay visible."""
-    import warnings
-
-    for text in ("Transformer Engine and Apex are not installed", "Apex is not installed",
-                 "CUDA_DEVICE_MAX_CONNECTIONS", "full scope is deprecated",
-                 "The .grad attribute of a Tensor that is not a leaf"):
-        warnings.filterwarnings("ignore", message=f".*{text}")
-    for module in ("torch.distributed", "megatron.core.dist_checkpointing", "megasimpo.parallel.cpu"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
 
 
 def main(argv=None) -> None:

@@ -307,7 +307,7 @@ def prepare(cfg: TrainConfig, model: dict) -> tuple:
 
     Returns (the held RunLock, messages to print); ValueError for anything that stops the start.
     """
-    from megasimpo import checkpoint
+    from megasimpo import checkpoint, checkpoint_meta
 
     if cfg.load and not cfg.load.startswith("<"):  # "<random>": benchmarks' random weights
         atomic.check_out_not_over_input(cfg.out, cfg.load)
@@ -327,7 +327,7 @@ def prepare(cfg: TrainConfig, model: dict) -> tuple:
         notes = []
         latest = checkpoint.latest_checkpoint(cfg.out)
         if latest is not None:
-            meta = checkpoint.read_meta(latest)
+            meta = checkpoint_meta.read_meta(latest)
             if meta.get("model") != model:
                 diff = sorted(k for k in set(model) | set(meta.get("model", {}))
                               if model.get(k) != meta.get("model", {}).get(k))

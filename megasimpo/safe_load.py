@@ -34,6 +34,7 @@ from typing import Any, Iterator
 import torch
 
 from megasimpo import checksums
+from megasimpo.checkpoint_meta import read_meta
 
 WRITTEN_FOR = {"torch": "2.13", "megatron.core": "0.16"}
 UPGRADE_CHECKLIST = (
@@ -316,14 +317,12 @@ def _restricted() -> Iterator[None]:
 @contextlib.contextmanager
 def guard(path: str) -> Iterator[None]:
     """Around any ``dist_checkpointing.load``/``load_tensors_metadata`` of checkpoint ``path``:
-    first its JSON (``megasimpo.json`` through ``checkpoint.read_meta``, ``metadata.json``) is
-    validated, then every pickle in it is read safely (``preflight``), and while open Megatron's
+    first its JSON (``megasimpo.json`` through ``checkpoint_meta.read_meta``, ``metadata.json``)
+    is validated, then every pickle in it is read safely (``preflight``), and while open Megatron's
     and torch's own reads of it are restricted the same way and verified against the checksums
     recorded at save (a checkpoint without them gets a one-line note). ValueError naming the
     file (and, for a checksum mismatch, the item)."""
-    from megasimpo import checkpoint  # late: checkpoint.py uses this module
-
-    checkpoint.read_meta(path)
+    read_meta(path)
     check_dist_config(path)
     with _restricted():
         note = checksums.note(path, preflight(path))

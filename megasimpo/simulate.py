@@ -23,6 +23,7 @@ import tempfile
 from typing import Optional
 
 from megasimpo.config import LoraConfig, LossConfig, ModelConfig, TrainConfig
+from megasimpo.known_warnings import quiet_known_warnings
 from megasimpo.memory_tracker import CATEGORIES, MemoryTracker
 
 GB = 1e9
@@ -249,7 +250,6 @@ def _simulate_rank(plan, model: ModelConfig, rank: int, gpus_per_node: int, loss
     import torch.distributed as dist
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
-    from megasimpo.cli import quiet_known_warnings
     from megasimpo.parallel import cpu
     from megasimpo.parallel import groups as pgroups
 

@@ -110,7 +110,8 @@ def test_scontrol_and_explicit_variables_win(tmp_path):
 def test_dry_run_plans_an_existing_checkpoint(tmp_path):
     import json
 
-    from megasimpo.checkpoint import FORMAT, META_FILE
+    from megasimpo.checkpoint_meta import FORMAT
+    from megasimpo.run_paths import META_FILE
     from megasimpo.config import ModelConfig
 
     ckpt = tmp_path / "ckpt"

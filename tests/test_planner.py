@@ -363,7 +363,8 @@ def test_plan_table_and_dpo(capsys):
 
 
 def test_plan_from_checkpoint(tmp_path, capsys):
-    from megasimpo.checkpoint import FORMAT, META_FILE
+    from megasimpo.checkpoint_meta import FORMAT
+    from megasimpo.run_paths import META_FILE
 
     (tmp_path / META_FILE).write_text(json.dumps({"format": FORMAT, "model": LLAMA3_8B.to_dict()}))
     rc, out, err = _run_plan(["--load", str(tmp_path), "--gpus", "8", "--json", "--tp", "4"],

@@ -53,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point; returns the exit status."""
     args = parser().parse_args(argv)
-    from megasimpo.cli import quiet_known_warnings
+    from megasimpo.known_warnings import quiet_known_warnings
 
     quiet_known_warnings()
     try:

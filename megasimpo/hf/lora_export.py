@@ -25,9 +25,12 @@ from typing import Optional
 import torch
 
 from megasimpo import atomic, checkpoint, lora_checkpoint, lora_targets, safe_load
+from megasimpo.checkpoint_meta import FORMAT, read_meta
 from megasimpo.config import LoraConfig, ModelConfig
-from megasimpo.hf import mapping, peft_adapter
+from megasimpo.hf import mapping, output, peft_adapter, streaming
+from megasimpo.hf.full_import import import_full
 from megasimpo.lora import SUFFIX
+from megasimpo.run_paths import META_FILE
 from megasimpo.shapes import layer_shapes
 
 BASE_DIR = "base"  # import --adapter: the base checkpoint inside the LoRA checkpoint
@@ -61,7 +64,7 @@ def adapter_shapes(m: ModelConfig, target: str, rank: int) -> tuple:
 def source(ckpt: str, *, need_base: bool = True) -> Optional[LoraSource]:
     """The LoRA checkpoint ``ckpt`` (None for a full model); with ``need_base`` its base is
     checked (present, unchanged, not LoRA itself, the same model)."""
-    meta = checkpoint.read_meta(ckpt)
+    meta = read_meta(ckpt)
     if lora_checkpoint.META_KEY not in meta:
         return None
     model = ModelConfig.from_dict(meta["model"])
@@ -70,7 +73,7 @@ def source(ckpt: str, *, need_base: bool = True) -> Optional[LoraSource]:
     if not need_base:
         return LoraSource(ckpt, lora_checkpoint.find_base(record, ckpt), cfg, model)
     base = lora_checkpoint.check_base(record, ckpt)
-    if lora_checkpoint.META_KEY in checkpoint.read_meta(base):
+    if lora_checkpoint.META_KEY in read_meta(base):
         raise ValueError(f"{ckpt}: its base {base} is itself a LoRA checkpoint; export that one "
                          "merged and import it as the base")
     if checkpoint.model_config(base) != model:
@@ -91,10 +94,10 @@ def stored_adapters(src: LoraSource) -> dict:
             want = (src.model.num_layers,) + shape
             if key not in meta:
                 raise ValueError(f"{key}: missing from LoRA checkpoint {src.ckpt}, whose "
-                                 f"{checkpoint.META_FILE} lists {target} among its targets")
+                                 f"{META_FILE} lists {target} among its targets")
             if tuple(meta[key].global_shape) != want:
                 raise ValueError(f"{key} in LoRA checkpoint {src.ckpt}: shape "
-                                 f"{list(meta[key].global_shape)}, but its {checkpoint.META_FILE} "
+                                 f"{list(meta[key].global_shape)}, but its {META_FILE} "
                                  f"implies {list(want)}")
             stored[key] = meta[key].dtype
     return stored
@@ -157,9 +160,9 @@ def base_name(base: Optional[str]) -> Optional[str]:
             return name
     except (OSError, json.JSONDecodeError):
         pass
-    src = checkpoint.read_meta(base).get("source")
+    src = read_meta(base).get("source")
     if src and os.path.isfile(os.path.join(src, "config.json")) and \
-            not os.path.isfile(os.path.join(src, checkpoint.META_FILE)):
+            not os.path.isfile(os.path.join(src, META_FILE)):
         return src
     return None
 
@@ -168,24 +171,22 @@ def export_adapter(ckpt: str, out: str, *, force: bool = False,
                    dtype: Optional[str] = None) -> ModelConfig:
     """Writes LoRA checkpoint ``ckpt``'s adapters as a PEFT directory ``out``, in ``dtype``
     (default: the dtype the adapters were trained and saved in, as a merged export)."""
-    from megasimpo.hf import convert
-
     src = source(ckpt, need_base=False)
     if src is None:
         raise ValueError(f"--adapter-only: {ckpt} is not a LoRA checkpoint (its "
-                         f"{checkpoint.META_FILE} has no \"lora\" entry): it holds full weights, "
+                         f"{META_FILE} has no \"lora\" entry): it holds full weights, "
                          "so there is no adapter to write; export it without --adapter-only")
-    dtype = checkpoint.torch_dtype(convert.export_dtype(ckpt, src.model, dtype))
-    partial = convert._begin(out, force, ckpt)
+    dtype = checkpoint.torch_dtype(output.export_dtype(ckpt, src.model, dtype))
+    partial = output.begin(out, force, ckpt)
     try:
         tensors = {}
-        with convert._single_process_group(), safe_load.guard(ckpt):
+        with output.single_process_group(), safe_load.guard(ckpt):
             stored = stored_adapters(src)
             for layer in range(src.model.num_layers):
                 tensors.update(peft_adapter.to_peft(layer, read_layer(src, layer, stored),
                                                     src.model, dtype))
         peft_adapter.write(partial, src.cfg, base_name(src.base), tensors)
-        convert._commit(partial, out)
+        output.commit(partial, out)
     except BaseException:
         atomic.delete(partial)
         raise
@@ -199,8 +200,6 @@ def _save_adapters(path: str, m: ModelConfig, cfg: LoraConfig, adapters: dict,
     the converter's streaming save (no CUDA calls, unlike Megatron's file writer)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    from megasimpo.hf import streaming
 
     L, state, data = m.num_layers, {}, {}
     for (layer, target), (a, b) in adapters.items():
@@ -227,8 +226,6 @@ def import_adapter(hf_dir: str, adapter_dir: str, out: str, *, force: bool = Fal
                    progress: bool = True, ignore_base_name: bool = False) -> ModelConfig:
     """HF base ``hf_dir`` + PEFT adapter ``adapter_dir`` -> LoRA checkpoint ``out`` with the base
     imported to ``out/base``. The adapter is checked against the base before anything is written."""
-    from megasimpo.hf import convert
-
     if not os.path.isfile(os.path.join(hf_dir, "config.json")):
         raise ValueError(f"--hf {hf_dir}: not an HF model directory (no config.json)")
     model = ModelConfig.from_hf(hf_dir)
@@ -236,22 +233,22 @@ def import_adapter(hf_dir: str, adapter_dir: str, out: str, *, force: bool = Fal
     if not ignore_base_name:
         peft_adapter.check_base_name(raw, hf_dir, adapter_dir)
     atomic.check_out_not_over_input(out, adapter_dir, "--adapter")
-    partial = convert._begin(out, force, hf_dir)
+    partial = output.begin(out, force, hf_dir)
     try:
-        with convert._single_process_group():  # first: Megatron's save wants an empty directory
+        with output.single_process_group():  # first: Megatron's save wants an empty directory
             _save_adapters(partial, model, cfg, adapters, dtype)
         base_partial = os.path.join(partial, BASE_DIR)
-        model = convert.import_hf(hf_dir, base_partial, progress=progress)  # checks the weights
-        convert._copy_tokenizer(hf_dir, os.path.join(partial, "tokenizer"))
+        model = import_full(hf_dir, base_partial, progress=progress)  # checks the weights
+        output.copy_tokenizer(hf_dir, os.path.join(partial, "tokenizer"))
         record = lora_checkpoint.located(  # relative "base": CKPT and CKPT/base move together
             {"path": os.path.join(os.path.realpath(out.rstrip("/")), BASE_DIR),
              "fingerprint": lora_checkpoint.base_fingerprint(base_partial)}, out)
         lora = lora_checkpoint.config_record(cfg)
-        with open(os.path.join(partial, checkpoint.META_FILE), "w") as f:
-            json.dump({"format": checkpoint.FORMAT, "model": model.to_dict(),
+        with open(os.path.join(partial, META_FILE), "w") as f:
+            json.dump({"format": FORMAT, "model": model.to_dict(),
                        "source": os.path.abspath(adapter_dir), lora_checkpoint.META_KEY: lora,
                        lora_checkpoint.BASE_KEY: record}, f, indent=2)
-        convert._commit(partial, out)
+        output.commit(partial, out)
     except BaseException:
         atomic.delete(partial)
         raise

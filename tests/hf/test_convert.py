@@ -276,7 +276,7 @@ def _stored(rank, world, ckpt, keys):
 def test_trained_model_exports_and_generates(tmp_path, capsys):
     """bf16 model -> import -> 2 SimPO steps at TP=2 in fp32 -> export (fp32, the trained
     weights bit for bit; --dtype bf16 rounds them) -> transformers."""
-    from megasimpo.checkpoint import read_meta
+    from megasimpo.checkpoint_meta import read_meta
 
     hf = build("llama_tied", str(tmp_path / "hf"), dtype=torch.bfloat16, seed=7)
     ckpt = str(tmp_path / "ckpt")
@@ -445,11 +445,11 @@ def test_existing_output_needs_force(tmp_path, models):
 
 
 def test_failure_midway_leaves_nothing_complete(tmp_path, models, monkeypatch):
-    from megasimpo.hf import convert
+    from megasimpo.hf import full_import
 
     hf, _ = models["llama3"]
     reads = {"n": 0}
-    real = convert.HFWeights.read
+    real = full_import.HFWeights.read
 
     def flaky(self, name):
         reads["n"] += 1
@@ -457,7 +457,7 @@ def test_failure_midway_leaves_nothing_complete(tmp_path, models, monkeypatch):
             raise RuntimeError("disk on fire")
         return real(self, name)
 
-    monkeypatch.setattr(convert.HFWeights, "read", flaky)
+    monkeypatch.setattr(full_import.HFWeights, "read", flaky)
     out = tmp_path / "out"
     with pytest.raises(Exception, match="disk on fire"):
         import_hf(hf, str(out))

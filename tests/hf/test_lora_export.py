@@ -136,10 +136,10 @@ def test_adapter_only_loads_in_peft(setup, peft_dirs, case):
 def _adapters(ckpt):
     """{(layer, target): (A, B)} of a LoRA checkpoint, read as export reads them."""
     from megasimpo import safe_load
-    from megasimpo.hf import convert, lora_export
+    from megasimpo.hf import lora_export, output
 
     src = lora_export.source(ckpt)
-    with convert._single_process_group(), safe_load.guard(ckpt):
+    with output.single_process_group(), safe_load.guard(ckpt):
         stored = lora_export.stored_adapters(src)
         return src, {(i, t): ab for i in range(src.model.num_layers)
                      for t, ab in lora_export.read_layer(src, i, stored).items()}
