@@ -36,7 +36,7 @@ class ModelConfig:
     """Architecture of a decoder of a supported family (``megasimpo/families/``), as read from an
     HF ``config.json``."""
 
-    architecture: str = "LlamaForCausalLM"  # HF architectures[0]
+    architecture: str = registry.DEFAULT.architecture  # HF architectures[0] (Llama by default)
     num_layers: int  # transformer layers
     hidden_size: int  # model width
     ffn_hidden_size: int  # SwiGLU intermediate size
