@@ -1,7 +1,8 @@
-"""Megatron-Core GPTModel chunks for a Llama-family ModelConfig.
+"""Megatron-Core GPTModel chunks for a ModelConfig of a supported family.
 
-Llama, Mistral and Qwen2 are the same GPTModel: RMSNorm, SwiGLU MLP, RoPE (optionally Llama-3
-scaled), grouped-query attention, tied or untied embeddings, optional QKV bias. The layer spec
+Llama, Mistral, Qwen2 and Qwen3 are the same GPTModel: RMSNorm, SwiGLU MLP, RoPE (optionally
+Llama-3 scaled), grouped-query attention, tied or untied embeddings; what a family switches on
+(QKV bias, q/k norms) is its ``spec_flags`` (``megasimpo/families/``). The layer spec
 follows ``--attention-backend`` (``layer_spec.py``: Transformer Engine when it imports on a GPU,
 else Megatron's local spec with PyTorch SDPA attention); all of them save the same checkpoint keys
 (the local spec maps its norms onto TE's fused names).
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from megasimpo.config import Layout, ModelConfig
+from megasimpo.families.registry import family_of
 from megasimpo.layer_spec import block_spec, have_te, resolve_attention_backend
 from megasimpo.parallel.compat import apply_rope_scaling
 from megasimpo.parallel.compat import emit_hidden_states as emit_hidden_states  # step's import
@@ -62,8 +64,7 @@ def transformer_config(model: ModelConfig, layout: Layout, precision: Precision,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=model.qkv_bias,
-        qk_layernorm=model.qk_norm,  # also makes finalize_model_grads sum their grads over TP
+        **family_of(model).spec_flags(model),  # the family's switches: QKV bias, q/k norms
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=layout.tp,

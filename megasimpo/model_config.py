@@ -1,7 +1,9 @@
 """The model's architecture as read from an HF ``config.json``: ``ModelConfig`` and its RoPE scaling.
 
 Validated in ``__post_init__`` (the value in the message); ``from_hf`` names the file and the
-field for anything missing or unsupported. Shape arithmetic (parameter counts, GEMMs, the padded
+field for anything missing or unsupported. The fields every family shares (shape, RoPE, norms,
+dtype) are read here; what a family adds or refuses is its ``config_fields``
+(``megasimpo/families/``). Shape arithmetic (parameter counts, GEMMs, the padded
 vocabulary) lives in ``megasimpo/shapes.py``.
 """
 
@@ -11,29 +13,12 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM")
-# Architectures users bring that the engine does not build yet, and what each would need.
-MISSING = {
-    "Gemma2ForCausalLM": "logit soft-capping, GeGLU, pre- and post-norms around each block and "
-                         "alternating sliding-window layers",
-    "Gemma3ForCausalLM": "GeGLU, pre- and post-norms around each block, q/k norms with (1 + w) "
-                         "and interleaved local/global attention",
-    "MixtralForCausalLM": "mixture-of-experts MLPs (a router and experts per layer)",
-    "Qwen2MoeForCausalLM": "mixture-of-experts MLPs (a router, experts and a shared expert)",
-    "Qwen3MoeForCausalLM": "mixture-of-experts MLPs (a router and experts per layer)",
-    "DeepseekV3ForCausalLM": "multi-latent attention and mixture-of-experts MLPs",
-    "Phi3ForCausalLM": "fused qkv_proj/gate_up_proj tensors and its rope scaling",
-}
-_MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+from megasimpo.families import registry
 
-
-def _unsupported(arch: str, source: str, architectures) -> str:
-    """The error for an architecture the engine does not build, naming what it lacks."""
-    need = MISSING.get(arch)
-    why = f" (it needs {need}, which the engine does not implement)" if need else ""
-    return (f"{source}: architectures={architectures} is not supported{why}; supported: "
-            + ", ".join(SUPPORTED_ARCHITECTURES))
+# The families and the unsupported architectures live in megasimpo/families/; named here too,
+# where callers look for them.
+SUPPORTED_ARCHITECTURES = registry.SUPPORTED_ARCHITECTURES
+MISSING = registry.UNSUPPORTED
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,9 +33,10 @@ class RopeScaling:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder, as read from an HF ``config.json``."""
+    """Architecture of a decoder of a supported family (``megasimpo/families/``), as read from an
+    HF ``config.json``."""
 
-    architecture: str = "LlamaForCausalLM"  # HF architectures[0]
+    architecture: str = registry.DEFAULT.architecture  # HF architectures[0] (Llama by default)
     num_layers: int  # transformer layers
     hidden_size: int  # model width
     ffn_hidden_size: int  # SwiGLU intermediate size
@@ -63,17 +49,14 @@ class ModelConfig:
     rope_scaling: Optional[RopeScaling] = None  # Llama-3 scaling, None for plain RoPE
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_word_embeddings: bool = False  # output layer shares the input embedding
+    # Set by the family (Family.config_fields) when read from config.json:
     qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
     qk_norm: bool = False  # Qwen3-style RMSNorm on each head's queries and keys
     sliding_window: Optional[int] = None  # Mistral/Qwen2 windowed attention; runs must fit in it
     dtype: str = "bfloat16"  # dtype the weights were stored in
 
     def __post_init__(self):
-        if self.architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported architecture {self.architecture!r}; supported: "
-                + ", ".join(SUPPORTED_ARCHITECTURES)
-            )
+        registry.family(self.architecture)  # ValueError naming the supported ones
         for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                      "num_query_groups", "head_dim", "vocab_size", "max_position_embeddings"):
             if getattr(self, name) <= 0:
@@ -108,13 +91,8 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, hf: dict, source: str = "config.json") -> "ModelConfig":
         """Builds a ModelConfig from the parsed HF config dictionary."""
-        arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(_unsupported(arch, source, hf.get("architectures")))
-        for key in _MOE_FIELDS:
-            if (hf.get(key) or 0) > 1:
-                raise ValueError(f"{source}: {key}={hf[key]}: mixture-of-experts MLPs are not "
-                                 f"supported (only dense {arch} models are)")
+        family = registry.for_hf(hf, source)  # the one error for unsupported architectures
+        family_fields = family.config_fields(hf, source)
 
         def need(key):
             if key not in hf:
@@ -143,17 +121,9 @@ class ModelConfig:
                     rope.get("original_max_position_embeddings", 8192)
                 ),
             )
-        for key in ("attention_bias", "mlp_bias"):
-            if arch != "Qwen2ForCausalLM" and hf.get(key):
-                raise ValueError(f"{source}: {key}=true (biases on the output/MLP projections) is "
-                                 "not supported: Megatron's GPTModel here has no such biases")
-        window = hf.get("sliding_window")
-        if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and not hf.get("use_sliding_window",
-                                                                             False):
-            window = None
         hidden = need("hidden_size")
         return cls(
-            architecture=arch,
+            architecture=family.architecture,
             num_layers=need("num_hidden_layers"),
             hidden_size=hidden,
             ffn_hidden_size=need("intermediate_size"),
@@ -166,10 +136,8 @@ class ModelConfig:
             rope_scaling=scaling,
             norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM",
-            qk_norm=arch == "Qwen3ForCausalLM",
-            sliding_window=int(window) if window else None,
             dtype=str(hf.get("torch_dtype") or hf.get("dtype") or "bfloat16"),
+            **family_fields,
         )
 
     def to_dict(self) -> dict:

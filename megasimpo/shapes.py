@@ -2,11 +2,14 @@
 
 One home for the numbers that the parameter count (``ModelConfig.num_parameters``), the memory
 model (``memory_model.stage_parameters``) and the FLOP count (``metrics``) all derive from, and
-that the built model (``model.build_chunks``) and the HF mapping store.
+that the built model (``model.build_chunks``) and the HF mapping store. What a family adds to a
+layer (QKV bias, q/k norms) comes from its ``shape_fields`` (``megasimpo/families/``).
 """
 
 import math
 from dataclasses import dataclass
+
+from megasimpo.families.registry import family_of
 
 VOCAB_MULTIPLE = 128  # embedding rows are padded to this so checkpoints reshard to any TP <= 128
 
@@ -65,8 +68,5 @@ class LayerShapes:
 
 
 def layer_shapes(model) -> LayerShapes:
-    """The layer shapes of a ``config.ModelConfig``."""
-    return LayerShapes(hidden=model.hidden_size, q=model.num_attention_heads * model.head_dim,
-                       kv=2 * model.num_query_groups * model.head_dim,
-                       ffn=model.ffn_hidden_size, qkv_bias=model.qkv_bias,
-                       head_dim=model.head_dim, qk_norm=model.qk_norm)
+    """The layer shapes of a ``config.ModelConfig``, as its family states them."""
+    return LayerShapes(**family_of(model).shape_fields(model))

@@ -1,9 +1,12 @@
-"""HF Llama-family tensors <-> Megatron-Core GPTModel checkpoint tensors: names, shapes, layouts.
+"""HF tensors <-> Megatron-Core GPTModel checkpoint tensors: names, shapes, layouts.
 
-Pure functions, no I/O and no process group. The Megatron side is the *checkpoint* layout (sharded
-keys, layers stacked on a leading axis), which is independent of TP/PP: dist_checkpointing reshards
-on load. A checkpoint tensor is written and read as one or more :class:`Piece` s
-(checkpoint key [shape] <- HF tensors of layer i, ``model.layers.{i}.``):
+Pure functions, no I/O and no process group. The HF names are the model's family's
+(``Family.layer_pieces`` / ``outer_pieces``, ``megasimpo/families/``); this module holds what all
+families share: the piece order, the QKV interleaving, the vocabulary padding and config.json.
+The Megatron side is the *checkpoint* layout (sharded keys, layers stacked on a leading axis),
+which is independent of TP/PP: dist_checkpointing reshards on load. A checkpoint tensor is
+written and read as one or more :class:`Piece` s (checkpoint key [shape] <- HF tensors of layer
+i, ``model.layers.{i}.``, in the Llama layout that Llama, Mistral, Qwen2 and Qwen3 share):
 
   embedding.word_embeddings.weight [v_pad, h]   <- model.embed_tokens.weight + zero padding rows
   decoder.layers.
@@ -22,67 +25,20 @@ on load. A checkpoint tensor is written and read as one or more :class:`Piece` s
 (The local layer spec stores its norms under the TE fused names above, so both specs share keys.)
 """
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from megasimpo.config import ModelConfig
-from megasimpo.model import padded_vocab_size
+from megasimpo.families.base import LAYERS, Piece  # noqa: F401 (Piece: convert's, lora_export's)
+from megasimpo.families.registry import family_of
+from megasimpo.shapes import padded_vocab_size
 
-LAYERS = "decoder.layers."
 # Megatron modules with an ``_extra_state`` (FP8 metadata; None without FP8), stored per layer.
 EXTRA_STATE_KEYS = tuple(LAYERS + m + "._extra_state" for m in (
     "self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2"))
 # HF buffers some older checkpoints carry that are recomputed, never learned.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-@dataclass(frozen=True)
-class Piece:
-    """One stored block of a checkpoint tensor and the HF tensors it is made from.
-
-    ``part = (i, n)``: the piece is row block i of n equal blocks of the (per-layer) tensor.
-    """
-
-    key: str  # sharded key in the checkpoint
-    layer: Optional[int]  # position on the stacked layer axis; None for non-layer tensors
-    shape: tuple  # the piece, without the layer axis
-    hf: tuple  # HF tensor names, in the order ``to_mcore`` takes them
-    kind: str = "copy"  # "copy" | "qkv" | "vocab"
-    part: tuple = (0, 1)
-
-
-def _layer_pieces(m: ModelConfig, i: int) -> list:
-    h, f, d = m.hidden_size, m.ffn_hidden_size, m.head_dim
-    qkv_rows = (m.num_attention_heads + 2 * m.num_query_groups) * d
-    p = f"model.layers.{i}."
-    a = p + "self_attn."
-    out = [
-        Piece(LAYERS + "self_attention.linear_qkv.layer_norm_weight", i, (h,),
-              (p + "input_layernorm.weight",)),
-        Piece(LAYERS + "self_attention.linear_qkv.weight", i, (qkv_rows, h),
-              (a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"), "qkv"),
-    ]
-    if m.qkv_bias:
-        out.append(Piece(LAYERS + "self_attention.linear_qkv.bias", i, (qkv_rows,),
-                         (a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"), "qkv"))
-    if m.qk_norm:
-        out += [Piece(LAYERS + f"self_attention.{x}_layernorm.weight", i, (d,),
-                      (a + f"{x}_norm.weight",)) for x in ("q", "k")]
-    out += [
-        Piece(LAYERS + "self_attention.linear_proj.weight", i, (h, m.num_attention_heads * d),
-              (a + "o_proj.weight",)),
-        Piece(LAYERS + "mlp.linear_fc1.layer_norm_weight", i, (h,),
-              (p + "post_attention_layernorm.weight",)),
-        # Two row blocks, exactly as Megatron's SwiGLU sharded factory stores them.
-        Piece(LAYERS + "mlp.linear_fc1.weight", i, (f, h), (p + "mlp.gate_proj.weight",),
-              part=(0, 2)),
-        Piece(LAYERS + "mlp.linear_fc1.weight", i, (f, h), (p + "mlp.up_proj.weight",),
-              part=(1, 2)),
-        Piece(LAYERS + "mlp.linear_fc2.weight", i, (h, f), (p + "mlp.down_proj.weight",)),
-    ]
-    return out
 
 
 def pieces(m: ModelConfig) -> list:
@@ -92,13 +48,9 @@ def pieces(m: ModelConfig) -> list:
 
 def piece_groups(m: ModelConfig) -> list:
     """Pieces in groups that export loads together (embedding, one group per layer, the rest)."""
-    vp, h = padded_vocab_size(m.vocab_size), m.hidden_size
-    head = [Piece("embedding.word_embeddings.weight", None, (vp, h), ("model.embed_tokens.weight",),
-                  "vocab")]
-    tail = [Piece("decoder.final_layernorm.weight", None, (h,), ("model.norm.weight",))]
-    if not m.tie_word_embeddings:
-        tail.append(Piece("output_layer.weight", None, (vp, h), ("lm_head.weight",), "vocab"))
-    return [head] + [_layer_pieces(m, i) for i in range(m.num_layers)] + [tail]
+    family = family_of(m)
+    head, tail = family.outer_pieces(m, padded_vocab_size(m.vocab_size))
+    return [head] + [family.layer_pieces(m, i) for i in range(m.num_layers)] + [tail]
 
 
 def hf_shapes(m: ModelConfig) -> dict:
@@ -123,7 +75,7 @@ def is_ignored(name: str, m: ModelConfig) -> bool:
     if name.endswith(IGNORED_SUFFIXES):
         return True
     # A tied model may still store lm_head (a copy of the embedding); the embedding wins.
-    return m.tie_word_embeddings and name == "lm_head.weight"
+    return m.tie_word_embeddings and name == family_of(m).lm_head
 
 
 def qkv_to_mcore(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -175,8 +127,6 @@ def to_hf(p: Piece, t: torch.Tensor, m: ModelConfig) -> dict:
     return {p.hf[0]: t}
 
 
-MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral",
-               "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 # Fields hf_config rewrites; anything else of the original config.json (token ids, Mistral's
 # sliding_window, initializer_range, ...) is kept as it was.
 _REWRITTEN = ("rope_scaling", "rope_parameters", "rope_theta", "torch_dtype", "dtype")
@@ -195,8 +145,6 @@ def hf_config(m: ModelConfig, base: Optional[dict] = None) -> dict:
     for k in _REWRITTEN:
         cfg.pop(k, None)
     cfg.update(
-        architectures=[m.architecture],
-        model_type=MODEL_TYPES[m.architecture],
         hidden_size=m.hidden_size,
         intermediate_size=m.ffn_hidden_size,
         num_hidden_layers=m.num_layers,
@@ -212,8 +160,7 @@ def hf_config(m: ModelConfig, base: Optional[dict] = None) -> dict:
     )
     if "head_dim" in cfg or m.head_dim != m.hidden_size // m.num_attention_heads:
         cfg["head_dim"] = m.head_dim
-    if m.architecture == "LlamaForCausalLM":  # Qwen2 always has Q/K/V biases, Mistral never
-        cfg["attention_bias"] = m.qkv_bias
+    cfg.update(family_of(m).hf_config_fields(m))  # architectures, model_type, family switches
     scaling = None
     if m.rope_scaling is not None:
         s = m.rope_scaling
