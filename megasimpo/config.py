@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from megasimpo import lora_targets
+from megasimpo.pipeline_split import default_split, stage_layer_counts
 # The architecture's config lives in model_config.py; imported here too, where callers look for it.
 from megasimpo.model_config import SUPPORTED_ARCHITECTURES, ModelConfig, RopeScaling  # noqa: F401
 
@@ -229,9 +230,18 @@ class Layout:
     dp: int = option(1, "data-parallel replicas = world / (tp * pp * cp)", ge=1)
     sequence_parallel: bool = option(False, "shard norms/dropout activations over TP (only with "
                                             "tp > 1)")
+    first_stage_layers: Optional[int] = option(None, "transformer layers on the first pipeline "
+                                                     "stage (uneven split; None: even)", ge=1)
+    last_stage_layers: Optional[int] = option(None, "transformer layers on the last pipeline "
+                                                    "stage (uneven split; None: even)", ge=1)
 
     def __post_init__(self):
         check_options(self)
+
+    def stage_layers(self, num_layers: int) -> tuple:
+        """Transformer layers of each pipeline stage (``stage_layer_counts``)."""
+        return stage_layer_counts(num_layers, self.pp, self.vpp, self.first_stage_layers,
+                                  self.last_stage_layers)
 
     @property
     def world_size(self) -> int:
@@ -246,12 +256,16 @@ class Layout:
     @classmethod
     def resolve(cls, model: ModelConfig, world_size: int, *, tp: int = 1, pp: int = 1,
                 vpp: Optional[int] = None, cp: int = 1,
-                sequence_parallel: Optional[bool] = None) -> "Layout":
+                sequence_parallel: Optional[bool] = None,
+                first_stage_layers: Optional[int] = None,
+                last_stage_layers: Optional[int] = None) -> "Layout":
         """Checks a requested split against the model and the world; DP takes the remaining ranks.
 
         Raises ValueError naming the offending values, so a bad layout fails before any process
         group or weight is created. Sequence parallelism is on by default whenever tp > 1 (every
-        layer spec supports it, ``layer_spec.TorchRMSNorm`` included).
+        layer spec supports it, ``layer_spec.TorchRMSNorm`` included). Layers that do not divide
+        by pp x vpp get ``default_split`` unless ``first_stage_layers``/``last_stage_layers``
+        say (at PP=2 one of them is enough).
         """
         for name, v in (("tp", tp), ("pp", pp), ("cp", cp)):
             check_value(cls, name, v)
@@ -271,18 +285,20 @@ class Layout:
             )
         if vpp is not None and vpp > 1 and pp == 1:
             raise ValueError(f"--vpp {vpp} needs --pp > 1 (interleaving splits pipeline stages)")
-        chunks = pp * (vpp or 1)
-        if model.num_layers % chunks:
-            raise ValueError(
-                f"the model's {model.num_layers} layers do not split evenly over pp*vpp = "
-                f"{pp}*{vpp or 1} = {chunks} pipeline chunks"
-            )
+        vpp = vpp if vpp and vpp > 1 else None
+        first, last = first_stage_layers, last_stage_layers
+        if pp == 2 and (first is None) != (last is None):  # the other stage takes the rest
+            first, last = first or model.num_layers - last, last or model.num_layers - first
+        if first is None and last is None and model.num_layers % (pp * (vpp or 1)):
+            first, last = default_split(model.num_layers, pp, vpp)
+        stage_layer_counts(model.num_layers, pp, vpp, first, last)  # words the errors
         if sequence_parallel is None:
             sequence_parallel = tp > 1
         if sequence_parallel and tp == 1:
             raise ValueError("sequence parallelism needs --tp > 1")
-        return cls(tp=tp, pp=pp, vpp=vpp if vpp and vpp > 1 else None, cp=cp,
-                   dp=world_size // model_ranks, sequence_parallel=sequence_parallel)
+        return cls(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=world_size // model_ranks,
+                   sequence_parallel=sequence_parallel, first_stage_layers=first,
+                   last_stage_layers=last)
 
 
 
@@ -313,6 +329,10 @@ class TrainConfig:
     tp: Optional[int] = option(None, "tensor-parallel size", ge=1)
     pp: Optional[int] = option(None, "pipeline-parallel size", ge=1)
     vpp: Optional[int] = option(None, "virtual pipeline chunks per rank (interleaved schedule)", ge=1)
+    first_stage_layers: Optional[int] = option(None, "layers on the first pipeline stage (an "
+                                                     "uneven split)", ge=1)
+    last_stage_layers: Optional[int] = option(None, "layers on the last pipeline stage (an "
+                                                    "uneven split)", ge=1)
     cp: Optional[int] = option(None, "context-parallel size", ge=1)
     sequence_parallel: Optional[bool] = option(None, "sequence parallelism; default: on when tp > 1")
     attention_backend: str = option("auto", "core attention: te (Transformer Engine), sdpa "

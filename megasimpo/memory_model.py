@@ -2,9 +2,10 @@
 
 Pure arithmetic: no process group, no torch, no Megatron. ``megasimpo.planner`` searches the
 layouts; this module says how much memory each one needs, in bytes per GPU on the pipeline stage
-with the highest total (first or last):
+with the highest total (first, last, or with an uneven split the first middle one):
 
-* parameters per GPU: the stage's layers / TP (norm weights replicated), plus the (padded)
+* parameters per GPU: the stage's layers (its own count: an uneven split gives the first and last
+  stages their own, ``pipeline_split.py``) / TP (norm weights replicated), plus the (padded)
   embedding / TP on the first stage and the output layer / TP on the last (tied embeddings are
   kept on both ends when PP > 1, as Megatron does);
 * Megatron's distributed optimizer: bf16 weights 2 B + fp32 main gradients 4 B
@@ -29,7 +30,7 @@ with the highest total (first or last):
   the working set of the layer being (re)computed and back-propagated;
 * in-flight micro-batches (Megatron's schedules): without pipelining 1; 1F1B stage r holds
   min(pp - r, num_microbatches); interleaved stage r holds min(2*(pp-r-1) + (vpp-1)*pp + 1,
-  num_microbatches*vpp) model chunks of layers/(pp*vpp) layers. Stage 0 thus holds all layers'
+  num_microbatches*vpp) model chunks of (the stage's layers)/vpp layers. Stage 0 thus holds all layers'
   activations of ~one micro-batch (x (1 + (pp-1)/(pp*vpp)) when interleaved);
 * last stage, plain path (``logprob_chunk`` 0): logits [2*mbs, s, v/TP] at 10 B per element (bf16
   output-layer result, the fp32 working copy kept as the softmax for backward, and the fp32
@@ -60,6 +61,7 @@ from typing import Optional
 
 from megasimpo import lora_targets
 from megasimpo.config import LOGPROB_CHUNK, REFERENCE_LOSSES, LoraConfig, ModelConfig
+from megasimpo.pipeline_split import stage_layer_counts
 from megasimpo.shapes import layer_shapes, padded_vocab_size
 
 GB = 1e9
@@ -126,10 +128,13 @@ def model_parameters(model: ModelConfig, lora: Optional[LoraConfig] = None) -> t
     return adapters, model.num_parameters + adapters
 
 
-def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int) -> float:
-    """Parameters held by one GPU of pipeline stage ``stage``."""
+def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int,
+                     layers: Optional[int] = None) -> float:
+    """Parameters held by one GPU of pipeline stage ``stage`` holding ``layers`` transformer
+    layers (None: an even split, num_layers / pp)."""
     sharded, replicated = layer_parameters(model)
-    params = model.num_layers // pp * (sharded / tp + replicated)
+    layers = model.num_layers // pp if layers is None else layers
+    params = layers * (sharded / tp + replicated)
     embedding = padded_vocab_size(model.vocab_size) * model.hidden_size / tp
     if stage == 0:
         params += embedding
@@ -230,17 +235,20 @@ def stage_memory(model: ModelConfig, *, tp: int, pp: int, vpp: Optional[int], cp
                  num_microbatches: int, loss: str, recompute: bool, stage: int,
                  ref: str = "live", logprob_chunk: int = LOGPROB_CHUNK,
                  attention_backend: str = "te",
-                 lora: Optional[LoraConfig] = None) -> MemoryBreakdown:
-    """Predicted memory of one GPU on pipeline stage ``stage`` (see the module docstring)."""
-    params = stage_parameters(model, tp, pp, stage)
-    adapters = model.num_layers // pp * lora_layer_parameters(model, lora, tp)
+                 lora: Optional[LoraConfig] = None,
+                 layers: Optional[int] = None) -> MemoryBreakdown:
+    """Predicted memory of one GPU on pipeline stage ``stage``, which holds ``layers``
+    transformer layers (None: num_layers / pp), see the module docstring."""
+    layers = model.num_layers // pp if layers is None else layers
+    params = stage_parameters(model, tp, pp, stage, layers)
+    adapters = layers * lora_layer_parameters(model, lora, tp)
     trainable = adapters if lora_on(lora) else params
     tokens = seq_length // cp * 2 * micro_batch_size
     per_layer = dict(tokens=tokens, tp=tp, sequence_parallel=sequence_parallel,
                      seq=seq_length // cp, attention_backend=attention_backend, lora=lora, cp=cp)
     stored = layer_activation_bytes(model, recompute=recompute, **per_layer)
     working = layer_activation_bytes(model, recompute=False, **per_layer)
-    layers_per_chunk = model.num_layers // (pp * (vpp or 1))
+    layers_per_chunk = layers // (vpp or 1)
     chunks = in_flight_chunks(pp, vpp, stage, num_microbatches)
     activations = chunks * layers_per_chunk * stored + working
     if attention_backend == "sdpa" and cp > 1:  # model.context_parallel_mask: bf16 [s/cp, s]
@@ -274,21 +282,27 @@ def stage_breakdowns(model: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optio
                      num_microbatches: Optional[int] = None, loss: str = "simpo",
                      recompute: bool = False, ref: str = "live",
                      logprob_chunk: int = LOGPROB_CHUNK, attention_backend: str = "te",
-                     lora: Optional[LoraConfig] = None) -> tuple:
-    """Memory of the first and (when pp > 1) the last pipeline stage; middle stages hold less.
+                     lora: Optional[LoraConfig] = None, first_stage_layers: Optional[int] = None,
+                     last_stage_layers: Optional[int] = None) -> tuple:
+    """Memory of the first and (when pp > 1) the last pipeline stage, each priced with its own
+    layer count (``pipeline_split.stage_layer_counts``); of an uneven split also the first
+    middle stage (stage 1: the most in-flight micro-batches of the middle ones, which hold the
+    same layers). Even splits need no middle stage: it holds less than stage 0.
 
     ``sequence_parallel`` None means on when tp > 1; ``num_microbatches`` None means plenty
     (at least pp x vpp, the pipeline is full); ``lora`` a LoraConfig (None or rank 0: full
-    fine-tuning).
+    fine-tuning); ``first/last_stage_layers`` an uneven split (None: even).
     """
     sp = tp > 1 if sequence_parallel is None else sequence_parallel
     nm = num_microbatches or pp * (vpp or 1)
+    counts = stage_layer_counts(model.num_layers, pp, vpp, first_stage_layers, last_stage_layers)
+    uneven = first_stage_layers is not None
     return tuple(stage_memory(model, tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp, sequence_parallel=sp,
                               seq_length=seq_length, micro_batch_size=micro_batch_size,
                               num_microbatches=nm, loss=loss, recompute=recompute, stage=s, ref=ref,
                               logprob_chunk=logprob_chunk, attention_backend=attention_backend,
-                              lora=lora)
-                 for s in sorted({0, pp - 1}))
+                              lora=lora, layers=counts[s])
+                 for s in sorted({0, pp - 1} | ({1} if uneven and pp > 2 else set())))
 
 
 def memory_breakdown(model: ModelConfig, **layout) -> MemoryBreakdown:

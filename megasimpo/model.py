@@ -70,6 +70,8 @@ def transformer_config(model: ModelConfig, layout: Layout, precision: Precision,
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
+        num_layers_in_first_pipeline_stage=layout.first_stage_layers,  # None: an even split
+        num_layers_in_last_pipeline_stage=layout.last_stage_layers,
         context_parallel_size=layout.cp,
         sequence_parallel=layout.sequence_parallel,
         params_dtype=precision.dtype,

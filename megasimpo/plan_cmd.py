@@ -40,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--ref", choices=REFERENCE_SOURCES, default="live",
                    help="reference log-probs of dpo/ipo/rdpo/dpo_norm: live frozen model or `score` files")
     p.add_argument("--global-batch-size", type=int, default=128, help="pairs per optimizer step")
-    for name in ("tp", "pp", "vpp", "cp", "micro-batch-size"):
+    for name in ("tp", "pp", "vpp", "cp", "micro-batch-size", "first-stage-layers",
+                 "last-stage-layers"):
         p.add_argument(f"--{name}", type=int, help="fix this part of the layout, plan the rest")
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
                    help="force full activation recompute on/off")
@@ -84,7 +85,7 @@ def lora_config(args) -> LoraConfig:
 
 def make_plan(args, model: ModelConfig, exclude: tuple = ()) -> planner.Plan:
     """Runs the planner with the flags of ``args`` (never one of the ``exclude`` layouts)."""
-    overrides = {k: getattr(args, k) for k in planner.OVERRIDABLE}
+    overrides = {k: getattr(args, k, None) for k in planner.OVERRIDABLE}
     return planner.plan(model, args.gpus, gpus_per_node=args.gpus_per_node,
                         gpu_mem_gb=args.gpu_mem_gb, seq_length=args.seq_length, loss=args.loss,
                         ref=args.ref, global_batch_size=args.global_batch_size,
@@ -104,14 +105,17 @@ def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> s
         f"seq {plan.seq_length}, loss {plan.loss}, attention {plan.attention_backend}",
         f"layout  TP={lay.tp}  PP={lay.pp}  VPP={lay.vpp or '-'}  CP={lay.cp}  DP={lay.dp}  "
         f"SP={'on' if lay.sequence_parallel else 'off'}  "
-        f"recompute={'full' if plan.recompute else 'off'}",
+        f"recompute={'full' if plan.recompute else 'off'}"
+        + (f"  layers/stage {'+'.join(map(str, lay.stage_layers(m.num_layers)))}"
+           if lay.first_stage_layers else ""),
         f"batch   {plan.micro_batch_size} pair(s) per micro-batch x {plan.num_microbatches} "
         f"micro-batches x DP {lay.dp} = {plan.global_batch_size} pairs per step; "
         f"pipeline bubble {plan.bubble:.1%}",
         "",
     ]
     stages = plan.stages or (plan.memory,)
-    names = ["first stage", "last stage"] if len(stages) > 1 else ["per GPU"]
+    names = ["first stage" if s.stage == 0 else "last stage" if s.stage == lay.pp - 1
+             else f"stage {s.stage}" for s in stages] if len(stages) > 1 else ["per GPU"]
     width = max(len(label) for _, label in PARTS)
     lines.append(f"{'memory, GB per GPU':<{width + 2}}" + "".join(f"{n:>13}" for n in names))
     for key, label in PARTS:

@@ -28,6 +28,7 @@ from megasimpo.config import (CP_BACKENDS, LOGPROB_CHUNK, LOSSES, REFERENCE_SOUR
                               LoraConfig, ModelConfig)
 from megasimpo.memory_model import (OVERHEAD_GB, MemoryBreakdown, lora_on, memory_breakdown,
                                     model_parameters, stage_breakdowns)
+from megasimpo.pipeline_split import stage_layer_counts, uneven_splits
 from megasimpo.planner_reasons import describe, reasons
 
 MEMORY_FRACTION = 0.9  # plan to this share of the GPU: the rest is the model's error margin
@@ -37,7 +38,10 @@ VPP_STEP_COST = 0.01  # modelled step-time cost of each extra virtual pipeline s
 MICRO_BATCH_SIZES = (1, 2, 4)  # pairs per micro-batch the search tries
 CP_SIZES = (1, 2, 4, 8, 16)
 MIN_TOKENS_PER_CP_RANK = 1024
-OVERRIDABLE = ("tp", "pp", "vpp", "cp", "micro_batch_size", "recompute", "sequence_parallel")
+OVERRIDABLE = ("tp", "pp", "vpp", "cp", "micro_batch_size", "recompute", "sequence_parallel",
+               "first_stage_layers", "last_stage_layers")
+SPLIT_MIDDLES = 3  # uneven splits: the fullest middle stages tried (``_choose_split``)
+SPLIT = ("first_stage_layers", "last_stage_layers")
 
 
 @dataclass(frozen=True)
@@ -100,8 +104,8 @@ def layout_key(layout) -> tuple:
     if not isinstance(layout, dict):
         layout = {**dataclasses.asdict(layout.layout), "micro_batch_size": layout.micro_batch_size,
                   "recompute": layout.recompute}
-    return tuple(layout[k] for k in ("tp", "pp", "vpp", "cp", "micro_batch_size", "recompute",
-                                     "sequence_parallel"))
+    return tuple(layout.get(k) for k in ("tp", "pp", "vpp", "cp", "micro_batch_size",
+                                         "recompute", "sequence_parallel") + SPLIT)
 
 
 def _divisors(n: int) -> list:
@@ -118,7 +122,9 @@ def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq
     tps = [fixed["tp"]] if "tp" in fixed else [
         t for t in (2 ** i for i in range(8)) if t <= gpus_per_node and heads % t == 0
         and kv % t == 0 and (gpus is None or t <= gpus)]
-    pps = [fixed["pp"]] if "pp" in fixed else _divisors(L)
+    # any PP up to one layer per stage: the layers need not divide (pipeline_split.py)
+    pps = [fixed["pp"]] if "pp" in fixed else sorted(
+        p for p in range(1, L + 1) if gpus is None or gpus % p == 0 or L % p == 0)
     cps = [fixed["cp"]] if "cp" in fixed else [
         c for c in CP_SIZES if c == 1 or (cp_ok and seq_length // c >= MIN_TOKENS_PER_CP_RANK)]
     mbss = [fixed["micro_batch_size"]] if "micro_batch_size" in fixed else (
@@ -129,14 +135,14 @@ def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq
         if sp and tp == 1:
             continue
         for pp in pps:
-            if L % pp:
-                continue
             if "vpp" in fixed:
                 vpps = [fixed["vpp"]]
             elif pp == 1 or lean:
                 vpps = [None]
-            else:
+            elif L % pp == 0:
                 vpps = [None] + [v for v in _divisors(L // pp) if v > 1 and L // (pp * v) >= 2]
+            else:  # uneven: an interleaving whose chunks hold 2 layers or more somewhere
+                vpps = [None] + [v for v in range(2, L // pp // 2 + 1) if uneven_splits(L, pp, v)]
             for cp in cps:
                 mp = tp * pp * cp
                 if seq_length % (2 * cp * (tp if sp else 1)):
@@ -146,8 +152,15 @@ def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq
                 dps = [gpus // mp] if gpus is not None else _divisors(global_batch_size)
                 for dp in dps:
                     for vpp in vpps:
-                        if vpp and (pp == 1 or L % (pp * vpp)):
+                        if vpp and pp == 1:
                             continue
+                        split = {k: fixed.get(k) for k in SPLIT}
+                        if split[SPLIT[0]] is not None and not _valid(L, pp, vpp, split):
+                            continue
+                        if L % (pp * (vpp or 1)) and split[SPLIT[0]] is None:
+                            if not uneven_splits(L, pp, vpp):
+                                continue
+                            split[SPLIT[0]] = "?"  # _choose_split picks it by memory
                         for mbs in mbss:
                             if global_batch_size % (mbs * dp):
                                 continue
@@ -159,21 +172,63 @@ def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq
                             for rc in rcs:
                                 yield dict(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp,
                                            sequence_parallel=sp, micro_batch_size=mbs,
-                                           num_microbatches=nm, recompute=rc)
+                                           num_microbatches=nm, recompute=rc, **split)
+
+
+def _valid(num_layers: int, pp: int, vpp, split: dict) -> bool:
+    """Whether the fixed uneven ``split`` works at this pp and vpp."""
+    try:
+        stage_layer_counts(num_layers, pp, vpp, *(split[k] for k in SPLIT))
+    except ValueError:
+        return False
+    return True
 
 
 def _memory(model, layout: dict, work: dict) -> MemoryBreakdown:
     """Peak memory of ``layout`` for the workload ``work`` (seq_length, loss, ref,
-    logprob_chunk, attention_backend)."""
-    return memory_breakdown(model, **work, **layout)
+    logprob_chunk, attention_backend); an uneven split still to choose is chosen first."""
+    if layout.get(SPLIT[0]) == "?":
+        _choose_split(model, layout, work)
+    return memory_breakdown(model, **work, **{k: v for k, v in layout.items() if k != "memory"})
 
 
-def _rank(c: dict, seq_length: int) -> tuple:
+def _choose_split(model, layout: dict, work: dict) -> None:
+    """Sets ``layout``'s first/last stage layers to the uneven split of least peak memory.
+
+    Per middle-stage count (the ``SPLIT_MIDDLES`` fullest: emptier middles load the ends, which
+    carry the embedding, the output layer and stage 0's deepest pipeline, more), the first
+    stage's memory grows and the last stage's shrinks with the first stage's count, so the peak
+    is lowest where they cross: a bisection finds it."""
+    def peak(split):
+        stages = stage_breakdowns(model, **work, **{**layout, SPLIT[0]: split[0],
+                                                    SPLIT[1]: split[2]})
+        return stages[0].total, stages[-1].total, max(m.total for m in stages)
+
+    splits = uneven_splits(model.num_layers, layout["pp"], layout["vpp"])
+    middles = sorted({s[1] for s in splits}, key=lambda m: -(m or 0))[:SPLIT_MIDDLES]
+    best = None
+    for middle in middles:
+        group = [s for s in splits if s[1] == middle]  # ascending first-stage count
+        lo, hi = 0, len(group) - 1
+        while lo < hi:  # the first split whose first stage outweighs its last
+            mid = (lo + hi) // 2
+            first, last, _ = peak(group[mid])
+            lo, hi = (lo, mid) if first >= last else (mid + 1, hi)
+        for s in group[max(lo - 1, 0):lo + 1]:
+            if best is None or peak(s)[2] < best[0]:
+                best = (peak(s)[2], s)
+    layout[SPLIT[0]], layout[SPLIT[1]] = best[1][0], best[1][2]
+
+
+def _rank(c: dict, seq_length: int, num_layers: int) -> tuple:
     """Sort key: lower is faster (see the module docstring)."""
     long_seq = seq_length >= LONG_SEQUENCE
     tokens = 2 * c["micro_batch_size"] * seq_length // c["cp"]
     vpp = c["vpp"] or 1
     overhead = (c["pp"] - 1) / (c["num_microbatches"] * vpp) + VPP_STEP_COST * (vpp - 1)
+    if c.get(SPLIT[0]) is not None:  # an uneven pipeline runs at its fullest stage's pace
+        counts = stage_layer_counts(num_layers, c["pp"], c["vpp"], c[SPLIT[0]], c[SPLIT[1]])
+        overhead += max(counts) * c["pp"] / sum(counts) - 1
     return (c["recompute"], c["tp"] * c["pp"] * c["cp"], c["cp"] > 1 and not long_seq,
             -min(tokens, TARGET_TOKENS_PER_MICROBATCH), round(overhead, 6),
             -c["cp"] if long_seq else c["cp"], -c["tp"], c["memory"].total)
@@ -194,9 +249,12 @@ def _check_overrides(model: ModelConfig, gpus: int, overrides: dict) -> dict:
     if fixed.get("vpp") is not None and fixed["vpp"] < 1:
         raise ValueError(f"--vpp {fixed['vpp']} must be >= 1")
     # Layout.resolve words the structural errors (divisibility by heads, layers, world).
-    Layout.resolve(model, gpus, tp=fixed.get("tp", 1), pp=fixed.get("pp", 1),
-                   vpp=fixed.get("vpp") if "pp" in fixed else None, cp=fixed.get("cp", 1),
-                   sequence_parallel=fixed.get("sequence_parallel") if "tp" in fixed else None)
+    lay = Layout.resolve(model, gpus, tp=fixed.get("tp", 1), pp=fixed.get("pp", 1),
+                         vpp=fixed.get("vpp") if "pp" in fixed else None, cp=fixed.get("cp", 1),
+                         sequence_parallel=fixed.get("sequence_parallel") if "tp" in fixed
+                         else None, **{k: fixed.get(k) for k in SPLIT})
+    if any(k in fixed for k in SPLIT):  # at PP=2 one count gives the other
+        fixed.update({k: getattr(lay, k) for k in SPLIT})
     return fixed
 
 
@@ -304,14 +362,15 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
     feasible = [c for c in candidates if c["memory"].total <= budget]
     if not feasible:
         raise ValueError(_no_fit_message(model, gpus, budget, gpu_mem_gb, work, fixed, search))
-    best = min(feasible, key=lambda c: _rank(c, seq_length))
+    best = min(feasible, key=lambda c: _rank(c, seq_length, model.num_layers))
     why = reasons(model, best, candidates, fixed, gpus=gpus, gpus_per_node=gpus_per_node,
                   budget=budget, gpu_mem_gb=gpu_mem_gb, seq_length=seq_length, loss=loss, ref=ref,
                   global_batch_size=global_batch_size, long_sequence=LONG_SEQUENCE, lora=lora,
                   cp_backend=None if cp_ok else attention_backend)
     trainable, total = model_parameters(model, lora)
     layout = {k: v for k, v in best.items() if k != "memory"}
-    split = {k: layout.pop(k) for k in ("tp", "pp", "vpp", "cp", "dp", "sequence_parallel")}
+    split = {k: layout.pop(k) for k in ("tp", "pp", "vpp", "cp", "dp", "sequence_parallel")
+             + SPLIT}
     return Plan(layout=Layout(**split), **layout, global_batch_size=global_batch_size,
                 seq_length=seq_length, loss=loss, gpu_mem_gb=gpu_mem_gb, memory=best["memory"],
                 stages=stage_breakdowns(model, **work, **split, **layout), reasons=tuple(why),

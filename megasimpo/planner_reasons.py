@@ -7,6 +7,7 @@ from typing import Optional
 
 from megasimpo.config import REFERENCE_LOSSES, LoraConfig, ModelConfig
 from megasimpo.memory_model import lora_on, model_parameters
+from megasimpo.pipeline_split import stage_layer_counts
 
 
 def lora_reason(model: ModelConfig, lora: LoraConfig) -> str:
@@ -17,9 +18,23 @@ def lora_reason(model: ModelConfig, lora: LoraConfig) -> str:
             "only, gradients and optimizer state are the adapters'")
 
 
+def split_reason(num_layers: int, pp: int, vpp, counts: tuple, fixed: dict, peak: int) -> str:
+    """The uneven pipeline split in words: the counts, and why (fixed, or chosen by memory)."""
+    middle = f" + {pp - 2} x {counts[1]}" if pp > 2 else ""
+    why = ("fixed by override" if "first_stage_layers" in fixed or "last_stage_layers" in fixed
+           else f"the {num_layers} layers do not divide by pp{' x vpp' if vpp else ''}; of the "
+           "splits with no end stage fuller than a middle one, this has the least peak memory "
+           "(the first stage carries the embedding and the deepest pipeline, the last the "
+           "output layer)")
+    return (f"layers {counts[0]} (first stage){middle} + {counts[-1]} (last stage), an uneven "
+            f"split: {why}")
+
+
 def describe(c: dict) -> str:
     """A candidate layout (a dict) in one phrase: tp, pp, vpp, cp, dp, micro-batch, recompute."""
     vpp = f" vpp={c['vpp']}" if c["vpp"] else ""
+    if c.get("first_stage_layers") not in (None, "?"):
+        vpp += f" layers {c['first_stage_layers']}/../{c['last_stage_layers']}"
     return (f"tp={c['tp']} pp={c['pp']}{vpp} cp={c['cp']} dp={c['dp']}, micro-batch "
             f"{c['micro_batch_size']}{', full recompute' if c['recompute'] else ''}")
 
@@ -59,12 +74,17 @@ def reasons(model: ModelConfig, best: dict, candidates: list, fixed: dict, *, gp
                    + (" under the overrides" if fixed else ""))
     out.append(f"TP={tp}{tag('tp')}: inside one node of {gpus_per_node} GPUs, divides the "
                f"{model.num_attention_heads} attention heads and {model.num_query_groups} KV heads")
-    out.append(f"PP={pp}{tag('pp')}: " + (f"{L // pp} of the {L} layers per stage" if pp > 1
-                                          else "no pipeline, every GPU holds all layers"))
+    counts = stage_layer_counts(L, pp, vpp, best.get("first_stage_layers"),
+                                best.get("last_stage_layers"))
+    out.append(f"PP={pp}{tag('pp')}: " + (
+        "no pipeline, every GPU holds all layers" if pp == 1 else
+        f"{L // pp} of the {L} layers per stage" if len(set(counts)) == 1 else
+        split_reason(L, pp, vpp, counts, fixed, mem.stage)))
     if pp > 1:
         plain = (pp - 1) / nm
         if vpp:
-            out.append(f"VPP={vpp}{tag('vpp')}: {L // (pp * vpp)} layers per model chunk; "
+            per_chunk = "/".join(str(c) for c in sorted({c // vpp for c in counts}))
+            out.append(f"VPP={vpp}{tag('vpp')}: {per_chunk} layers per model chunk; "
                        f"interleaving cuts the pipeline bubble from {plain:.1%} to "
                        f"{plain / vpp:.1%}")
         else:
@@ -111,7 +131,8 @@ def reasons(model: ModelConfig, best: dict, candidates: list, fixed: dict, *, gp
                    f"{mem.reference:.1f} GB per GPU" if ref == "live" else
                    f"{loss} with reference log-probs precomputed by `megasimpo score`: "
                    "no reference weights on the GPUs")
-    where = "first" if mem.stage == 0 else "last"
+    where = ("first" if mem.stage == 0 else "last" if mem.stage == pp - 1
+             else f"middle ({mem.stage})")
     out.append(f"predicted peak {mem.total:.1f} GB per GPU" + (
         f" on the {where} pipeline stage" if pp > 1 else "")
         + f", within the {budget:.1f} GB budget ({budget / gpu_mem_gb:.0%} of {gpu_mem_gb:g} GB)")

@@ -56,6 +56,7 @@ def train_config(plan, model: ModelConfig, workdir: str, *, loss: LossConfig, re
     return TrainConfig(
         load="<simulated>", data=(prefix,), out=os.path.join(workdir, "run"), loss=loss, ref=ref,
         tp=lay.tp, pp=lay.pp, vpp=lay.vpp, cp=lay.cp, sequence_parallel=lay.sequence_parallel,
+        first_stage_layers=lay.first_stage_layers, last_stage_layers=lay.last_stage_layers,
         micro_batch_size=plan.micro_batch_size, recompute=plan.recompute,
         gpu_mem_gb=plan.gpu_mem_gb, global_batch_size=plan.global_batch_size,
         seq_length=plan.seq_length, steps=SIM_STEPS, precision=precision, pack=False,
@@ -276,14 +277,17 @@ _PRELOAD = ["torch", "torch.distributed", "megatron.core", "megasimpo.trainer", 
 def simulate(plan, model: ModelConfig, *, ranks: Optional[list] = None, gpus_per_node: int = 8,
              loss: Optional[LossConfig] = None, ref: str = "live",
              logprob_chunk: Optional[int] = None, timeout: float = 1800.0) -> list:
-    """Simulated memory of ``ranks`` (default: rank 0 of the first and of the last pipeline
-    stage) of the job ``plan`` describes, each in its own process; a list of reports."""
+    """Simulated memory of ``ranks`` (default: rank 0 of each pipeline stage the plan priced:
+    the first, the last, and of an uneven split the first middle one) of the job ``plan``
+    describes, each in its own process; a list of reports."""
     import multiprocessing as mp
 
     loss = loss or LossConfig(name=plan.loss)
     logprob_chunk = plan.logprob_chunk if logprob_chunk is None else logprob_chunk
     if ranks is None:
-        ranks = sorted({stage_rank(plan.layout, 0), stage_rank(plan.layout, plan.layout.pp - 1)})
+        # the stages the plan priced: first, last and, of an uneven split, the first middle one
+        ranks = sorted({stage_rank(plan.layout, m.stage) for m in plan.stages}
+                       | {stage_rank(plan.layout, 0), stage_rank(plan.layout, plan.layout.pp - 1)})
     for r in ranks:
         if not 0 <= r < plan.world_size:
             raise ValueError(f"--rank {r} is outside the job's {plan.world_size} ranks")

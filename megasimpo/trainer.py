@@ -131,6 +131,8 @@ class Trainer:
             global_batch_size=cfg.global_batch_size, attention_backend=self.attention_backend,
             logprob_chunk=cfg.logprob_chunk, lora=cfg.lora if cfg.lora.enabled else None,
             overrides=dict(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, cp=cfg.cp,
+                           first_stage_layers=cfg.first_stage_layers,
+                           last_stage_layers=cfg.last_stage_layers,
                            micro_batch_size=cfg.micro_batch_size, recompute=cfg.recompute,
                            sequence_parallel=cfg.sequence_parallel))
 

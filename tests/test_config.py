@@ -25,7 +25,7 @@ def test_layout_dp_takes_remaining_ranks():
     (dict(tp=3), 6, "does not divide the model's 32 attention heads"),
     (dict(tp=16), 16, "does not divide the model's 8 KV heads"),
     (dict(tp=2), 3, "world size 3 is not divisible by tp*pp*cp = 2*1*1 = 2"),
-    (dict(pp=3), 3, "32 layers do not split evenly over pp*vpp = 3*1"),
+    (dict(pp=33), 33, "32 layers do not split evenly over pp*vpp = 33*1"),
     (dict(pp=2, vpp=3), 2, "32 layers do not split evenly over pp*vpp = 2*3"),
     (dict(vpp=2), 1, "--vpp 2 needs --pp > 1"),
     (dict(tp=0), 1, "--tp 0 must be >= 1"),

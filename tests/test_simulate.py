@@ -147,3 +147,13 @@ def test_simulated_lora_holds_adapter_gradients_and_optimizer_state_only():
     assert sim["static"]["grads"] == pytest.approx(plan.memory.grads, rel=0.2)
     assert sim["static"]["optimizer"] == pytest.approx(plan.memory.optimizer, rel=0.2)
     assert sim["static"]["grads"] < 0.5 * base["static"]["grads"]
+
+
+def test_uneven_pipeline_stages_are_simulated_with_their_own_layers():
+    model = dataclasses.replace(MODEL, num_layers=3)  # PP=2: 1 + 2 or 2 + 1 layers
+    plan = _plan(model, overrides=dict(pp=2, micro_batch_size=2))
+    counts = plan.layout.stage_layers(3)
+    assert sorted(counts) == [1, 2]
+    sims = {r["stage"]: r for r in _simulated(plan, model)}
+    for m in plan.stages:  # predicted weights of each stage, at its own layer count
+        assert sims[m.stage]["static"]["weights"] == pytest.approx(m.weights, rel=0.02), m.stage
