@@ -19,6 +19,7 @@ markers (the special tokens the template renders, e.g. ``<|im_start|>``): the te
 them a second time, so such a record is refused (:func:`find_marker`).
 """
 
+import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
@@ -110,16 +111,6 @@ def join_turns(context: Sequence[Tuple[str, str]], separator: str) -> str:
     return "".join(content + separator for _, content in context)
 
 
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Number of leading ids ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def trl_plain_ids(tok, prompt: str, chosen: str, rejected: str):
     """(prompt, chosen, rejected) ids of a plain-string record as TRL 1.16's DPOTrainer makes them
     (``trl/trainer/dpo_trainer.py``, ``_prepare_dataset``: ``add_eos`` then ``tokenize_fn``):
@@ -129,8 +120,9 @@ def trl_plain_ids(tok, prompt: str, chosen: str, rejected: str):
        the tokenizer's own special tokens (``add_special_tokens=True``: a BOS where its
        post-processor adds one), the texts concatenated before tokenizing;
     3. the prompt is the longest leading run both full sequences share with the tokenized prompt
-       (``common_prefix_length``): a merge across the prompt/response boundary moves the split
-       left, never into the prompt; each response is the rest of its full sequence.
+       (``os.path.commonprefix`` of the three id lists): a merge across the prompt/response
+       boundary moves the split left, never into the prompt; each response is the rest of its
+       full sequence.
     """
     eos = tok.eos_token
     if eos:
@@ -139,5 +131,5 @@ def trl_plain_ids(tok, prompt: str, chosen: str, rejected: str):
     prompt_ids = list(tok(text=prompt)["input_ids"])
     full_c = list(tok(text=prompt + chosen)["input_ids"])
     full_r = list(tok(text=prompt + rejected)["input_ids"])
-    n = min(common_prefix_length(prompt_ids, full_c), common_prefix_length(prompt_ids, full_r))
+    n = len(os.path.commonprefix([prompt_ids, full_c, full_r]))
     return prompt_ids[:n], full_c[n:], full_r[n:]

@@ -10,15 +10,14 @@ Transformer Engine's THD context parallelism does: each segment's length is a mu
 (``data/packing.py`` pads them) and each is split like a sequence of its own; Megatron's THD RoPE
 (``_apply_rotary_pos_emb_thd``) takes the rotary rows of the same positions.
 
-Shaped like Megatron's ``tensor_parallel/cross_entropy.py``: helpers, one autograd.Function (the
-all-gather of K/V along the sequence, whose backward reduce-scatters dK/dV), one public function
-with an explicit process group.
+Shaped like Megatron's ``tensor_parallel/cross_entropy.py``: helpers and one public function with
+an explicit process group; K/V go through Megatron's own differentiable sequence all-gather
+(``gather_from_sequence_parallel_region``, whose backward reduce-scatters dK/dV).
 """
 
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.distributed import ProcessGroup
@@ -68,27 +67,6 @@ def cp_attention_mask(cp_rank: int, cp_size: int, *, length: Optional[int] = Non
     return allowed
 
 
-class _AllGatherSequence(torch.autograd.Function):
-    """[s, ...] -> [cp * s, ...]: every CP rank's tensor, rank after rank, along dim 0.
-    Backward: the gradient of each rank's part is summed over the ranks that used it
-    (reduce-scatter), since every rank attends to every rank's K and V."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        size = dist.get_world_size(group=group)
-        out = x.new_empty((size * x.shape[0],) + tuple(x.shape[1:]))
-        dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        size = dist.get_world_size(group=ctx.group)
-        out = grad.new_empty((grad.shape[0] // size,) + tuple(grad.shape[1:]))
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
-        return out, None
-
-
 def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, allowed: Tensor, *,
                                cp_group: ProcessGroup, scale: float) -> Tensor:
     """Causal attention of this CP rank's queries over the whole sequence's keys and values.
@@ -103,8 +81,11 @@ def context_parallel_attention(query: Tensor, key: Tensor, value: Tensor, allowe
     the mask compares global positions, so the gathered keys need no reordering. Every query
     sees at least itself, so no row of the softmax is empty.
     """
-    k_all = _AllGatherSequence.apply(key, cp_group)
-    v_all = _AllGatherSequence.apply(value, cp_group)
+    from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+    # Megatron's sequence all-gather: backward reduce-scatters dK/dV, since every rank attends to
+    # every rank's keys and values.
+    k_all, v_all = (gather_from_sequence_parallel_region(x, group=cp_group) for x in (key, value))
     gqa = query.shape[-2] != key.shape[-2]
     if query.dim() == 4:  # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, k_all, v_all))
