@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from megasimpo import plan_cmd
-from megasimpo.config import PRECISIONS, Layout, TrainConfig, check_prefix
+from megasimpo.config import MOE_DISPATCHERS, PRECISIONS, Layout, TrainConfig, check_prefix
 from megasimpo.known_warnings import quiet_known_warnings
 from megasimpo.train_flags import add_train_flags, ranged, train_config
 
@@ -37,6 +37,12 @@ def main(argv=None) -> None:
                     help="tensor-parallel size (default 1)")
     sc.add_argument("--pp", type=ranged(Layout, "pp"), default=1,
                     help="pipeline-parallel size (default 1)")
+    sc.add_argument("--ep", type=ranged(Layout, "ep"), default=1,
+                    help="expert-parallel size of an MoE model (default 1)")
+    sc.add_argument("--etp", type=ranged(Layout, "etp"),
+                    help="expert tensor-parallel size (default: --tp)")
+    sc.add_argument("--moe-dispatcher", choices=MOE_DISPATCHERS, default="alltoall",
+                    help="MoE token dispatcher (default alltoall)")
     sc.add_argument("--micro-batch-size", type=ranged(TrainConfig, "micro_batch_size"), default=4,
                     help="pairs per micro-batch (default 4)")
     sc.add_argument("--seq-length", type=ranged(TrainConfig, "seq_length"),
@@ -67,7 +73,8 @@ def main(argv=None) -> None:
             try:
                 score(args.load, args.data, args.out, tp=args.tp, pp=args.pp,
                       micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
-                      precision=args.precision, force=args.force)
+                      precision=args.precision, force=args.force, ep=args.ep, etp=args.etp,
+                      moe_dispatcher=args.moe_dispatcher)
             finally:
                 destroy()
         elif args.command == "demo":

@@ -33,6 +33,8 @@ DEFAULT_BETA = {"simpo": 2.0, "dpo": 0.1, "ipo": 0.1, "cpo": 0.1, "orpo": 0.1, "
 LOGPROB_CHUNK = 1024
 # Core attention implementations (megasimpo/layer_spec.py); "auto" resolves to te or sdpa.
 ATTENTION_BACKENDS = ("auto", "te", "sdpa", "unfused")
+# Megatron-Core's token dispatchers for MoE layers (how tokens reach their experts' ranks).
+MOE_DISPATCHERS = ("alltoall", "allgather")
 CP_BACKENDS = ("auto", "te", "sdpa")  # those with context parallelism (auto: te or sdpa)
 LOSS_TYPES = ("sigmoid", "hinge")
 REFERENCE_SOURCES = ("live", "precomputed")
@@ -234,9 +236,20 @@ class Layout:
                                                      "stage (uneven split; None: even)", ge=1)
     last_stage_layers: Optional[int] = option(None, "transformer layers on the last pipeline "
                                                     "stage (uneven split; None: even)", ge=1)
+    ep: int = option(1, "expert-parallel size (splits an MoE layer's experts over ranks)", ge=1)
+    etp: Optional[int] = option(None, "expert tensor-parallel size (splits each expert; None: "
+                                      "tp, as in Megatron-Core)", ge=1)
+    moe_dispatcher: str = option("alltoall", "how an MoE layer's tokens reach their experts' "
+                                             "ranks (Megatron-Core's token dispatcher)",
+                                 choices=MOE_DISPATCHERS)
 
     def __post_init__(self):
         check_options(self)
+
+    @property
+    def expert_tp(self) -> int:
+        """Expert tensor-parallel size as built (``etp``, else ``tp``)."""
+        return self.etp or self.tp
 
     def stage_layers(self, num_layers: int) -> tuple:
         """Transformer layers of each pipeline stage (``stage_layer_counts``)."""
@@ -258,7 +271,8 @@ class Layout:
                 vpp: Optional[int] = None, cp: int = 1,
                 sequence_parallel: Optional[bool] = None,
                 first_stage_layers: Optional[int] = None,
-                last_stage_layers: Optional[int] = None) -> "Layout":
+                last_stage_layers: Optional[int] = None, ep: int = 1,
+                etp: Optional[int] = None, moe_dispatcher: str = "alltoall") -> "Layout":
         """Checks a requested split against the model and the world; DP takes the remaining ranks.
 
         Raises ValueError naming the offending values, so a bad layout fails before any process
@@ -296,10 +310,32 @@ class Layout:
             sequence_parallel = tp > 1
         if sequence_parallel and tp == 1:
             raise ValueError("sequence parallelism needs --tp > 1")
+        check_experts(model, world_size, pp, ep, etp, tp)
         return cls(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=world_size // model_ranks,
                    sequence_parallel=sequence_parallel, first_stage_layers=first,
-                   last_stage_layers=last)
+                   last_stage_layers=last, ep=ep, etp=etp, moe_dispatcher=moe_dispatcher)
 
+
+
+def check_experts(model: ModelConfig, world_size: int, pp: int, ep: int, etp: Optional[int],
+                  tp: int) -> None:
+    """ValueError naming the flag when expert parallelism does not fit the model or the world:
+    EP splits whole experts, and the expert layout (etp x ep x pp x expert-DP) must tile the same
+    ranks as the dense one. ``etp`` None is ``tp``."""
+    if not model.num_experts:
+        if ep == 1 and etp in (None, 1):
+            return
+        raise ValueError(f"--ep {ep} / --etp {etp}: the model has no experts ({model.architecture} "
+                         "is dense); use --ep 1")
+    etp = etp or tp
+    if model.num_experts % ep:
+        raise ValueError(f"--ep {ep} does not divide the model's {model.num_experts} experts")
+    if model.moe_ffn_hidden_size % etp:
+        raise ValueError(f"--etp {etp} does not divide the experts' width "
+                         f"{model.moe_ffn_hidden_size} (moe_ffn_hidden_size)")
+    if world_size % (etp * ep * pp):
+        raise ValueError(f"world size {world_size} is not divisible by etp*ep*pp = "
+                         f"{etp}*{ep}*{pp} = {etp * ep * pp} (the expert layout)")
 
 
 def check_prefix(flag: str, prefix: str) -> None:

@@ -159,16 +159,45 @@ def _dot_product_attention():
 
 
 def block_spec(backend: str, config, vp_stage: Optional[int]):
-    """The ``transformer_layer_spec`` GPTModel takes for ``backend`` ("te", "sdpa", "unfused")."""
-    from megatron.core.models.gpt import gpt_layer_specs as specs
+    """The ``transformer_layer_spec`` GPTModel takes for ``backend`` ("te", "sdpa", "unfused").
 
-    qk_norm = bool(config.qk_layernorm)
-    if backend == "te":
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    An MoE model (``config.num_moe_experts``) gets Megatron's MoE layer where
+    ``config.moe_layer_freq`` (a per-layer list) says 1 and the dense layer elsewhere.
+    """
+    from megatron.core.models.gpt import gpt_layer_specs as specs
     from megatron.core.transformer.transformer_block import (TransformerBlockSubmodules,
                                                              get_num_layers_to_build)
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-    layer = specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
+    qk_norm = bool(config.qk_layernorm)
+    experts = config.num_moe_experts
+    if backend == "te":
+        if experts:
+            return specs.get_gpt_decoder_block_spec(config, use_transformer_engine=True,
+                                                    normalization="RMSNorm",
+                                                    qk_layernorm=qk_norm, vp_stage=vp_stage)
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    dense = _local_layer(backend, qk_norm, None)
+    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    if not experts:
+        layers = [dense] * num_layers
+    else:
+        moe = _local_layer(backend, qk_norm, experts)
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage)
+        pattern = config.moe_layer_freq[offset:offset + num_layers]
+        layers = [moe if is_moe else dense for is_moe in pattern]
+    return TransformerBlockSubmodules(layer_specs=layers, layer_norm=TorchRMSNorm)
+
+
+def _local_layer(backend: str, qk_norm: bool, experts: Optional[int]):
+    """One layer of Megatron's local spec with this module's norms, SwiGLU and core attention;
+    with ``experts``, its MoE layer (SequentialMLP experts, each with the same SwiGLU). The
+    checkpoint keys are the TE spec's: an MoE layer's pre-MLP norm stays ``pre_mlp_layernorm``
+    (TE has no fused fc1 there to fold it into)."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    layer = specs.get_gpt_layer_local_spec(num_experts=experts, moe_grouped_gemm=False,
+                                           normalization="RMSNorm", qk_layernorm=qk_norm)
     sub = layer.submodules
     attention = sub.self_attention
     if backend == "sdpa":
@@ -177,9 +206,16 @@ def block_spec(backend: str, config, vp_stage: Optional[int]):
     if qk_norm:  # Qwen3: RMSNorm over each head's d channels of the queries and the keys
         attention = replace(attention, submodules=replace(
             attention.submodules, q_layernorm=TorchRMSNorm, k_layernorm=TorchRMSNorm))
-    mlp = replace(sub.mlp, submodules=replace(sub.mlp.submodules, activation_func=SwiGLU))
-    layer = replace(layer, submodules=replace(sub, input_layernorm=TorchRMSNorm,
-                                              pre_mlp_layernorm=TorchRMSNorm,
-                                              self_attention=attention, mlp=mlp))
-    num_layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=TorchRMSNorm)
+    keys = dict(sub.sharded_state_dict_keys_map)
+    if experts:
+        expert_spec = sub.mlp.submodules.experts
+        expert_spec = replace(expert_spec, submodules=replace(expert_spec.submodules,
+                                                              activation_func=SwiGLU))
+        mlp = replace(sub.mlp, submodules=replace(sub.mlp.submodules, experts=expert_spec))
+        keys.pop("pre_mlp_layernorm.", None)
+    else:
+        mlp = replace(sub.mlp, submodules=replace(sub.mlp.submodules, activation_func=SwiGLU))
+    return replace(layer, submodules=replace(sub, input_layernorm=TorchRMSNorm,
+                                             pre_mlp_layernorm=TorchRMSNorm,
+                                             self_attention=attention, mlp=mlp,
+                                             sharded_state_dict_keys_map=keys))

@@ -26,9 +26,10 @@ PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "H800"
 
 
 def _dense_flops_per_token(model: ModelConfig) -> float:
-    """Weight-GEMM FLOPs per token: QKV, output projection, SwiGLU fc1 + fc2, logits."""
-    gemm = layer_shapes(model).gemm_weights
-    return 2.0 * (model.num_layers * gemm + model.hidden_size * padded_vocab_size(model.vocab_size))
+    """Weight-GEMM FLOPs per token: QKV, output projection, SwiGLU fc1 + fc2 (an MoE layer's
+    router and the token's top-k experts), logits."""
+    gemm = sum(layer_shapes(model, i).active_gemm_weights for i in range(model.num_layers))
+    return 2.0 * (gemm + model.hidden_size * padded_vocab_size(model.vocab_size))
 
 
 def _attention_flops(model: ModelConfig, length: float) -> float:

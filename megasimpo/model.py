@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from megasimpo.config import Layout, ModelConfig
 from megasimpo.families.registry import family_of
 from megasimpo.layer_spec import block_spec, have_te, resolve_attention_backend
-from megasimpo.parallel.compat import apply_rope_scaling
+from megasimpo.parallel.compat import apply_rope_scaling, define_router_gemm
 from megasimpo.parallel.compat import emit_hidden_states as emit_hidden_states  # step's import
 from megasimpo.shapes import padded_vocab_size
 
@@ -105,7 +105,26 @@ def transformer_config(model: ModelConfig, layout: Layout, precision: Precision,
         # stage are the same rank, so batched isend/irecv can swap a forward activation with a
         # backward gradient of the same shape in the interleaved schedule. NCCL keeps batching.
         batch_p2p_comm=on_gpu,
+        **_moe_fields(model, layout, te),
     )
+
+
+def _moe_fields(model: ModelConfig, layout: Layout, te: bool) -> dict:
+    """Megatron's MoE switches that depend on the run, not the family: expert parallelism, the
+    token dispatcher, grouped GEMM (Transformer Engine's), dropless routing. Routing is what
+    transformers computes: the router's logits in the activations' dtype, no capacity factor,
+    and no auxiliary loss inside Megatron (``moe_aux.py`` adds transformers' own)."""
+    if not model.num_experts:
+        return {}
+    return dict(expert_model_parallel_size=layout.ep,
+                expert_tensor_parallel_size=layout.expert_tp,
+                moe_token_dispatcher_type=layout.moe_dispatcher,
+                moe_grouped_gemm=te,
+                moe_router_load_balancing_type="none",
+                moe_aux_loss_coeff=0.0,
+                moe_expert_capacity_factor=None,
+                moe_permute_fusion=False,
+                moe_router_fusion=False)
 
 
 def build_chunks(model: ModelConfig, layout: Layout, precision: Precision, *,
@@ -123,6 +142,8 @@ def build_chunks(model: ModelConfig, layout: Layout, precision: Precision, *,
     from megasimpo.parallel.groups import chunk_stages
 
     backend = resolve_attention_backend(attention_backend)
+    if model.num_experts:
+        define_router_gemm()  # Megatron-version-bound: parallel/compat.py
     config = transformer_config(model, layout, precision, recompute=recompute,
                                 attention_backend=backend)
     chunks = []

@@ -53,6 +53,12 @@ class ModelConfig:
     qkv_bias: bool = False  # Qwen2-style bias on Q, K, V projections
     qk_norm: bool = False  # Qwen3-style RMSNorm on each head's queries and keys
     sliding_window: Optional[int] = None  # Mistral/Qwen2 windowed attention; runs must fit in it
+    # Mixture of experts (families/moe.py; 0 experts = a dense model):
+    num_experts: int = 0  # routed experts per MoE layer
+    experts_per_token: int = 0  # top-k experts each token is sent to
+    moe_ffn_hidden_size: Optional[int] = None  # each expert's SwiGLU width
+    moe_norm_topk_prob: bool = True  # the k routing weights are renormalised to sum to 1
+    dense_layers: tuple = ()  # layers (0-based) that keep a dense MLP in an MoE model
     dtype: str = "bfloat16"  # dtype the weights were stored in
 
     def __post_init__(self):
@@ -61,6 +67,17 @@ class ModelConfig:
                      "num_query_groups", "head_dim", "vocab_size", "max_position_embeddings"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model config: {name}={getattr(self, name)} must be positive")
+        object.__setattr__(self, "dense_layers", tuple(int(i) for i in self.dense_layers))
+        if self.num_experts:
+            if not 1 <= self.experts_per_token <= self.num_experts:
+                raise ValueError(f"model config: experts_per_token={self.experts_per_token} must "
+                                 f"be between 1 and num_experts={self.num_experts}")
+            if not self.moe_ffn_hidden_size or self.moe_ffn_hidden_size <= 0:
+                raise ValueError(f"model config: moe_ffn_hidden_size={self.moe_ffn_hidden_size} "
+                                 "must be positive for a mixture-of-experts model")
+            if len(self.dense_layers) == self.num_layers:
+                raise ValueError("model config: every layer is dense (dense_layers); a model "
+                                 "without MoE layers is not a mixture-of-experts model")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(
                 f"model config: num_attention_heads={self.num_attention_heads} is not a multiple "
@@ -68,12 +85,17 @@ class ModelConfig:
             )
 
     @property
+    def is_moe(self) -> bool:
+        """Whether the MLPs (but ``dense_layers``) are routed experts."""
+        return self.num_experts > 0
+
+    @property
     def num_parameters(self) -> int:
         """Total parameter count (embeddings counted once when tied, at the HF vocabulary size)."""
         from megasimpo.shapes import layer_shapes
 
         h, v = self.hidden_size, self.vocab_size
-        return (self.num_layers * layer_shapes(self).parameters + h
+        return (sum(layer_shapes(self, i).parameters for i in range(self.num_layers)) + h
                 + v * h * (1 if self.tie_word_embeddings else 2))
 
     @classmethod

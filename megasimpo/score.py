@@ -84,7 +84,8 @@ def ranking_accuracy(scores: np.ndarray) -> float:
 
 def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_batch_size: int = 4,
           seq_length: Optional[int] = None, precision: Optional[str] = None,
-          force: bool = False) -> dict:
+          force: bool = False, ep: int = 1, etp: Optional[int] = None,
+          moe_dispatcher: str = "alltoall") -> dict:
     """Scores every pair of ``data`` with the model at ``load``; writes ``out`` and its sidecar
     atomically. An existing ``out`` is refused unless ``force``, and an unwritable one before
     anything is built."""
@@ -102,7 +103,8 @@ def score(load: str, data: str, out: str, *, tp: int = 1, pp: int = 1, micro_bat
     if error:
         raise ValueError(error)
     model_cfg = checkpoint.model_config(load)
-    layout = Layout.resolve(model_cfg, world, tp=tp, pp=pp)
+    layout = Layout.resolve(model_cfg, world, tp=tp, pp=pp, ep=ep, etp=etp,
+                            moe_dispatcher=moe_dispatcher)
     prec = Precision(name=precision) if precision else Precision.default()
     groups = pgroups.initialize(layout, 0)
     dataset = ConcatPairs([data])

@@ -76,8 +76,8 @@ def _write(tmp_path, **cfg):
 
 @pytest.mark.parametrize("arch, missing", [
     ("Gemma2ForCausalLM", "logit soft-capping"),
-    ("MixtralForCausalLM", "mixture-of-experts"),
-    ("Qwen3MoeForCausalLM", "mixture-of-experts"),
+    ("Qwen2MoeForCausalLM", "shared expert"),
+    ("DeepseekV3ForCausalLM", "multi-latent attention"),
     ("GPT2LMHeadModel", "supported: LlamaForCausalLM"),
 ])
 def test_unsupported_architecture_names_what_is_missing(tmp_path, arch, missing):

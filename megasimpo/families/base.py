@@ -25,6 +25,9 @@ from typing import Optional
 LAYERS = "decoder.layers."  # the stacked per-layer keys of a GPTModel checkpoint
 # config.json fields that mean a mixture-of-experts MLP (refused by every dense family).
 MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
+# A layer's GEMM modules with an ``_extra_state`` in the checkpoint.
+EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv",
+                       "mlp.linear_fc1", "mlp.linear_fc2")
 
 
 @dataclass(frozen=True)
@@ -32,14 +35,29 @@ class Piece:
     """One stored block of a checkpoint tensor and the HF tensors it is made from.
 
     ``part = (i, n)``: the piece is row block i of n equal blocks of the (per-layer) tensor.
+    ``stacked``: the key holds every layer on a leading axis (dense models); False for the
+    per-layer keys (``decoder.layers.{i}.``) Megatron uses when layers differ (MoE models).
+    ``expert = (e, E)``: block e of the E experts' axis that follows the layer axis.
     """
 
     key: str  # sharded key in the checkpoint
-    layer: Optional[int]  # position on the stacked layer axis; None for non-layer tensors
-    shape: tuple  # the piece, without the layer axis
+    layer: Optional[int]  # the layer (position on the stacked axis); None for non-layer tensors
+    shape: tuple  # the piece, without the layer and expert axes
     hf: tuple  # HF tensor names, in the order ``hf.mapping.to_mcore`` takes them
     kind: str = "copy"  # "copy" | "qkv" | "vocab"
     part: tuple = (0, 1)
+    stacked: bool = True
+    expert: Optional[tuple] = None
+
+    def prepended(self, num_layers: int) -> list:
+        """``(axis, index, size)`` of each axis the checkpoint tensor has before the piece's own:
+        the stacked layer axis, then the expert axis."""
+        out = []
+        if self.layer is not None and self.stacked:
+            out.append((0, self.layer, num_layers))
+        if self.expert is not None:
+            out.append((len(out), *self.expert))
+        return out
 
 
 class Family:
@@ -55,6 +73,7 @@ class Family:
     # Whether sliding_window counts only with use_sliding_window: true (Qwen's configs carry a
     # window they do not use); otherwise any sliding_window given is the model's (Mistral).
     window_needs_flag: bool = False
+    moe: bool = False  # the family's MLPs are routed experts (``families/moe.py``)
     # HF names outside the layers.
     embedding: str = "model.embed_tokens.weight"
     final_norm: str = "model.norm.weight"
@@ -68,7 +87,7 @@ class Family:
     def config_fields(self, hf: dict, source: str) -> dict:
         """The family's ``ModelConfig`` fields from the parsed ``config.json`` (``source`` names
         it in errors): QKV bias, q/k norms, the sliding window. Refuses what it cannot build."""
-        for key in MOE_FIELDS:
+        for key in () if self.moe else MOE_FIELDS:
             if (hf.get(key) or 0) > 1:
                 raise ValueError(f"{source}: {key}={hf[key]}: mixture-of-experts MLPs are not "
                                  f"supported (only dense {self.architecture} models are)")
@@ -99,8 +118,8 @@ class Family:
 
     # ----- arithmetic ----------------------------------------------------------------------
 
-    def shape_fields(self, m) -> dict:
-        """Keyword arguments of ``shapes.LayerShapes`` for one layer of ``m``."""
+    def shape_fields(self, m, layer: int = 0) -> dict:
+        """Keyword arguments of ``shapes.LayerShapes`` for layer ``layer`` of ``m``."""
         return {"hidden": m.hidden_size, "q": m.num_attention_heads * m.head_dim,
                 "kv": 2 * m.num_query_groups * m.head_dim, "ffn": m.ffn_hidden_size,
                 "qkv_bias": m.qkv_bias, "head_dim": m.head_dim, "qk_norm": m.qk_norm}
@@ -142,6 +161,13 @@ class Family:
             Piece(LAYERS + "mlp.linear_fc2.weight", i, (h, f), (p + "mlp.down_proj.weight",)),
         ]
         return out
+
+    def extra_states(self, m) -> list:
+        """``(key, global shape, offset)`` of each ``_extra_state`` object a checkpoint holds
+        (Megatron's per-module FP8 metadata; None without FP8): one per layer and GEMM module."""
+        L = m.num_layers
+        return [(LAYERS + mod + "._extra_state", (L,), (i,)) for mod in EXTRA_STATE_MODULES
+                for i in range(L)]
 
     def outer_pieces(self, m, padded_vocab: int) -> tuple:
         """(head, tail): the embedding's pieces, and the final norm's and output layer's."""

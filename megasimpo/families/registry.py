@@ -8,10 +8,12 @@ removal from ``UNSUPPORTED``), and its tests (``docs/architecture.md``, "Model f
 
 from megasimpo.families.base import Family
 from megasimpo.families.llama import LLAMA, MISTRAL
+from megasimpo.families.mixtral import MIXTRAL
 from megasimpo.families.qwen2 import QWEN2
 from megasimpo.families.qwen3 import QWEN3
+from megasimpo.families.qwen3_moe import QWEN3_MOE
 
-FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3)
+FAMILIES = (LLAMA, MISTRAL, QWEN2, QWEN3, QWEN3_MOE, MIXTRAL)
 SUPPORTED_ARCHITECTURES = tuple(f.architecture for f in FAMILIES)
 _BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES}
 _BY_MODEL_TYPE = {f.model_type: f for f in FAMILIES}
@@ -23,10 +25,14 @@ UNSUPPORTED = {
                          "alternating sliding-window layers",
     "Gemma3ForCausalLM": "GeGLU, pre- and post-norms around each block, q/k norms with (1 + w) "
                          "and interleaved local/global attention",
-    "MixtralForCausalLM": "mixture-of-experts MLPs (a router and experts per layer)",
-    "Qwen2MoeForCausalLM": "mixture-of-experts MLPs (a router, experts and a shared expert)",
-    "Qwen3MoeForCausalLM": "mixture-of-experts MLPs (a router and experts per layer)",
-    "DeepseekV3ForCausalLM": "multi-latent attention and mixture-of-experts MLPs",
+    "Qwen2MoeForCausalLM": "a shared expert beside the routed ones (with its own sigmoid gate) "
+                           "and Q/K/V biases",
+    "DeepseekV3ForCausalLM": "multi-latent attention (compressed, decoupled-RoPE K/V), a shared "
+                             "expert and sigmoid group-limited routing with a score correction "
+                             "bias",
+    "GptOssForCausalLM": "attention sinks, clamped SwiGLU experts with biases, and alternating "
+                         "sliding-window layers",
+    "Qwen3NextForCausalLM": "hybrid linear attention (Gated DeltaNet) and a shared expert",
     "Phi3ForCausalLM": "fused qkv_proj/gate_up_proj tensors and its rope scaling",
 }
 

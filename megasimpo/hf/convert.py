@@ -96,8 +96,8 @@ def _stored_tensors(ckpt: str, model: ModelConfig) -> dict:
         if p.key not in meta:
             raise ValueError(f"{p.key}: missing from checkpoint {ckpt}")
         shape = tuple(meta[p.key].global_shape)
-        want = ((model.num_layers,) if p.layer is not None else ()) + (p.part[1] * p.shape[0],) \
-            + tuple(p.shape[1:])
+        want = tuple(size for _, _, size in p.prepended(model.num_layers)) \
+            + (p.part[1] * p.shape[0],) + tuple(p.shape[1:])
         if shape != want:
             raise ValueError(f"{p.key} in checkpoint {ckpt}: shape {list(shape)} does not match "
                              f"its {META_FILE}, which implies {list(want)}")
@@ -108,17 +108,19 @@ def _stored_tensors(ckpt: str, model: ModelConfig) -> dict:
 def _read_target(p: mapping.Piece, model: ModelConfig, dtype: torch.dtype):
     """A ShardedTensor that reads piece ``p`` alone from a checkpoint.
 
-    Layer pieces are [1, ...] blocks at their layer's offset with no sharding grid: with a grid,
-    Megatron would describe the other layers' blocks as held by other ranks, which a one-rank
-    world cannot express.
+    Layer (and expert) pieces are [1, ...] blocks at their layer's (expert's) offset with no
+    sharding grid: with a grid, Megatron would describe the other layers' blocks as held by other
+    ranks, which a one-rank world cannot express.
     """
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     rows = p.shape[0]
     shape, offset, full = p.shape, (p.part[0] * rows,) + (0,) * (len(p.shape) - 1), \
         (p.part[1] * rows,) + tuple(p.shape[1:])
-    if p.layer is not None:
-        shape, offset, full = (1,) + shape, (p.layer,) + offset, (model.num_layers,) + full
+    axes = p.prepended(model.num_layers)
+    shape = (1,) * len(axes) + tuple(shape)
+    offset = tuple(i for _, i, _ in axes) + offset
+    full = tuple(n for _, _, n in axes) + full
     return ShardedTensor(key=p.key, data=torch.empty(shape, dtype=dtype), dtype=dtype,
                          local_shape=shape, global_shape=full, global_offset=offset,
                          axis_fragmentations=None, replica_id=0)

@@ -34,9 +34,6 @@ from megasimpo.families.base import LAYERS, Piece  # noqa: F401 (Piece: convert'
 from megasimpo.families.registry import family_of
 from megasimpo.shapes import padded_vocab_size
 
-# Megatron modules with an ``_extra_state`` (FP8 metadata; None without FP8), stored per layer.
-EXTRA_STATE_KEYS = tuple(LAYERS + m + "._extra_state" for m in (
-    "self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2"))
 # HF buffers some older checkpoints carry that are recomputed, never learned.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 
@@ -158,7 +155,7 @@ def hf_config(m: ModelConfig, base: Optional[dict] = None) -> dict:
         dtype=m.dtype,
         torch_dtype=m.dtype,
     )
-    if "head_dim" in cfg or m.head_dim != m.hidden_size // m.num_attention_heads:
+    if cfg.get("head_dim") is not None or m.head_dim != m.hidden_size // m.num_attention_heads:
         cfg["head_dim"] = m.head_dim
     cfg.update(family_of(m).hf_config_fields(m))  # architectures, model_type, family switches
     scaling = None

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from megasimpo.config import ModelConfig
+from megasimpo.families.registry import family_of
 from megasimpo.hf import mapping
 from megasimpo.torch_compat import bounded_file_writer, checksummed_writes
 
@@ -106,10 +107,9 @@ def sharded_state(model: ModelConfig, dtype: torch.dtype) -> tuple:
     """(sharded state dict with meta-device data, {(key, global offset): Piece})."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 
-    L = model.num_layers
     state, where = {}, {}
     for n, p in enumerate(mapping.pieces(model)):
-        offsets = [] if p.layer is None else [(0, p.layer, L)]
+        offsets = p.prepended(model.num_layers)
         prepend = len(offsets)
         if p.part[1] > 1:
             offsets.append((prepend, p.part[0], p.part[1]))
@@ -118,7 +118,6 @@ def sharded_state(model: ModelConfig, dtype: torch.dtype) -> tuple:
             prepend_axis_num=prepend, allow_shape_mismatch=p.kind == "vocab")
         state[f"piece{n}"] = sh
         where[(p.key, tuple(sh.global_offset))] = p
-    for key in mapping.EXTRA_STATE_KEYS:
-        for i in range(L):
-            state[f"{key}.{i}"] = ShardedObject(key, None, (L,), (i,), replica_id=0)
+    for n, (key, shape, offset) in enumerate(family_of(model).extra_states(model)):
+        state[f"extra{n}"] = ShardedObject(key, None, shape, offset, replica_id=0)
     return state, where

@@ -24,7 +24,10 @@ and refuses otherwise with ``UPGRADE_CHECKLIST``, what to re-check. Three patche
     parameter's bias correction uses a different, wrong step.
 
   Neither path is taken with TE or apex (NGC containers), where the optimizer keeps its step per
-  group. Nothing here changes a value: the counters are the ones Megatron restores itself.
+  group. Nothing here changes a value: the counters are the ones Megatron restores itself;
+- ``define_router_gemm``: without Transformer Engine, ``moe_utils`` never defines the name
+  ``te_general_gemm`` that its router GEMM tests against None, so every MoE router raises
+  NameError: the name is defined as None, which selects the router's plain torch path.
 """
 
 import functools
@@ -46,7 +49,8 @@ UPGRADE_CHECKLIST = (
     "original_max_position_embeddings) and that forward reads self.inv_freq; (3) the AdamW "
     "fallback (HAVE_APEX_OR_TE false): whether init_state_fn now creates 'step', "
     "DistributedOptimizer._set_main_param_and_optimizer_states(model_param, tensors) still "
-    "copies every state key, and whether the restored 'step' is still one shared tensor; then "
+    "copies every state key, and whether the restored 'step' is still one shared tensor; (4) "
+    "define_router_gemm: whether moe_utils now defines te_general_gemm without TE; then "
     "update WRITTEN_FOR in megasimpo/parallel/compat.py"
 )
 
@@ -175,3 +179,16 @@ def finish_optimizer_load(optimizer) -> None:
         for state in opt.optimizer.state.values():
             if torch.is_tensor(state.get("step")):
                 state["step"] = state["step"].clone()
+
+
+# ---------------------------------------------------------------- MoE router without TE
+
+
+def define_router_gemm() -> None:
+    """Defines ``moe_utils.te_general_gemm`` as None when Transformer Engine is absent (module
+    docstring, patch 4); idempotent, and nothing when TE defined it."""
+    _check()
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

@@ -2,9 +2,13 @@
 
 Megatron-Core 0.16 assumes CUDA in a handful of places that are not numerics: factory calls with
 ``device="cuda"`` or ``pin_memory=True``, ``Tensor.cuda()``, ``torch.cuda.current_device()`` as
-a device argument, the CUDA RNG helpers used by its RNG tracker, ``torch.cuda.synchronize`` and
-the optimizer's dtype asserts on ``Tensor.type()`` names. :func:`enable` redirects exactly those
-to the CPU. It is a no-op when CUDA is available, and it never changes what any kernel computes:
+a device argument, the CUDA RNG helpers used by its RNG tracker, ``torch.cuda.synchronize``,
+the optimizer's dtype asserts on ``Tensor.type()`` names, and the MoE ``alltoall`` token
+dispatcher's side stream for its device-to-host copies (``torch.cuda.Stream``,
+``current_stream``, ``stream``, ``Event``: on the host there is one stream, the caller's) and
+its split sizes, which gloo's ``all_to_all_single`` takes only as Python lists (Megatron passes
+tensors). :func:`enable` redirects exactly those to the CPU. It is a no-op when CUDA is
+available, and it never changes what any kernel computes:
 every redirected call lands on the same CPU op it would have run had the caller asked for the CPU.
 """
 
@@ -49,6 +53,68 @@ class _CudaToCpuMode(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _HostStream:
+    """The one host "stream": work is done when the call returns, so waits and events are
+    no-ops. ``Stream()`` and ``current_stream()`` are the same object, so the dispatcher sees
+    itself on its side stream already and records nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        if not hasattr(cls, "_one"):
+            cls._one = super().__new__(cls)
+        return cls._one
+
+    def wait_stream(self, other) -> None:
+        """Nothing to wait for."""
+
+    def wait_event(self, event) -> None:
+        """Nothing to wait for."""
+
+    def synchronize(self) -> None:
+        """Nothing outstanding."""
+
+    def record_event(self, event=None):
+        """An event that has already happened."""
+        return event or _HostEvent()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _HostEvent:
+    """A CUDA event stand-in that has always happened."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None) -> None:
+        """Nothing to mark."""
+
+    def wait(self, stream=None) -> None:
+        """Nothing to wait for."""
+
+    def synchronize(self) -> None:
+        """Nothing outstanding."""
+
+    def query(self) -> bool:
+        """Done."""
+        return True
+
+
+def _as_list(sizes):
+    return sizes.tolist() if hasattr(sizes, "tolist") else sizes
+
+
+def _all_to_all_single(all_to_all_single):
+    def call(output, input, output_split_sizes=None, input_split_sizes=None, *args, **kwargs):
+        return all_to_all_single(output, input, _as_list(output_split_sizes),
+                                 _as_list(input_split_sizes), *args, **kwargs)
+
+    return call
+
+
 def enable() -> bool:
     """Installs the CPU redirect when CUDA is absent; returns whether it is active. Idempotent."""
     global _enabled, _mode
@@ -65,6 +131,11 @@ def enable() -> bool:
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
     torch.cuda.empty_cache = lambda: None
+    torch.cuda.Stream = _HostStream
+    torch.cuda.current_stream = lambda *a, **k: _HostStream()
+    torch.cuda.stream = lambda stream=None: _HostStream()
+    torch.cuda.Event = _HostEvent
+    torch.distributed.all_to_all_single = _all_to_all_single(torch.distributed.all_to_all_single)
     # The RNG tracker (dropout, TP weight init) forks and restores "CUDA" states: use the CPU one.
     mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)

@@ -107,6 +107,8 @@ def initialize(layout: Layout, seed: int) -> ProcessGroups:
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         context_parallel_size=layout.cp,
+        expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
         create_gloo_process_groups=has_gloo_groups(),
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)

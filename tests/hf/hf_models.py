@@ -55,6 +55,20 @@ MODELS = {
         vocab_size=150, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
         num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False)),
+    # Qwen3-MoE: 4 experts, top-2 renormalised, layer 0 dense (mlp_only_layers), q/k norms,
+    # untied; four layers so PP=2 puts the dense layer and an MoE layer on each stage.
+    "qwen3_moe": ("Qwen3MoeConfig", dict(
+        vocab_size=150, hidden_size=32, intermediate_size=48, moe_intermediate_size=24,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+        num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0],
+        max_position_embeddings=64, rope_theta=1000000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False)),
+    # Mixtral: 4 experts in every layer, top-2 of a softmax renormalised, GQA, untied.
+    "mixtral": ("MixtralConfig", dict(
+        vocab_size=140, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, rope_theta=1000000.0, sliding_window=None,
+        tie_word_embeddings=False)),
 }
 
 

@@ -33,7 +33,13 @@ def _hf_sums(hf_dir, pairs):
 
 @pytest.mark.parametrize("name,layouts", [("llama3", [[], ["--tp", "2"], ["--pp", "2"]]),
                                           ("qwen2", [["--tp", "2"]]),
-                                          ("qwen3_untied", [[], ["--tp", "2"], ["--pp", "2"]])])
+                                          ("qwen3_untied", [[], ["--tp", "2"], ["--pp", "2"]]),
+                                          ("qwen3_moe", [[], ["--ep", "2"], ["--tp", "2"],
+                                                         ["--pp", "2"],
+                                                         ["--ep", "2", "--moe-dispatcher",
+                                                          "allgather"]]),
+                                          ("mixtral", [[], ["--ep", "2"], ["--tp", "2"],
+                                                       ["--pp", "2"]])])
 def test_score_equals_transformers(name, layouts, tmp_path, shared_build):
     from megasimpo.data.indexed import write_pairs
 
