@@ -370,6 +370,11 @@ class TrainConfig:
     last_stage_layers: Optional[int] = option(None, "layers on the last pipeline stage (an "
                                                     "uneven split)", ge=1)
     cp: Optional[int] = option(None, "context-parallel size", ge=1)
+    ep: Optional[int] = option(None, "expert-parallel size of an MoE model (splits its experts)",
+                               ge=1)
+    etp: Optional[int] = option(None, "expert tensor-parallel size (default: tp)", ge=1)
+    moe_dispatcher: str = option("alltoall", "MoE token dispatcher (Megatron-Core's): alltoall "
+                                             "or allgather", choices=MOE_DISPATCHERS)
     sequence_parallel: Optional[bool] = option(None, "sequence parallelism; default: on when tp > 1")
     attention_backend: str = option("auto", "core attention: te (Transformer Engine), sdpa "
                                             "(PyTorch scaled_dot_product_attention) or unfused "

@@ -39,7 +39,8 @@ MICRO_BATCH_SIZES = (1, 2, 4)  # pairs per micro-batch the search tries
 CP_SIZES = (1, 2, 4, 8, 16)
 MIN_TOKENS_PER_CP_RANK = 1024
 OVERRIDABLE = ("tp", "pp", "vpp", "cp", "micro_batch_size", "recompute", "sequence_parallel",
-               "first_stage_layers", "last_stage_layers")
+               "first_stage_layers", "last_stage_layers", "ep", "etp", "moe_dispatcher")
+EXPERT = ("ep", "etp", "moe_dispatcher")  # the expert layout (fixed by flags for now)
 SPLIT_MIDDLES = 3  # uneven splits: the fullest middle stages tried (``_choose_split``)
 SPLIT = ("first_stage_layers", "last_stage_layers")
 
@@ -149,6 +150,8 @@ def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq
                     continue  # the trainer needs whole, equal sequence shards
                 if gpus is not None and gpus % mp:
                     continue
+                if gpus is not None and gpus % ((fixed.get("etp") or tp) * fixed.get("ep", 1) * pp):
+                    continue  # the expert layout must tile the same ranks
                 dps = [gpus // mp] if gpus is not None else _divisors(global_batch_size)
                 for dp in dps:
                     for vpp in vpps:
@@ -252,7 +255,8 @@ def _check_overrides(model: ModelConfig, gpus: int, overrides: dict) -> dict:
     lay = Layout.resolve(model, gpus, tp=fixed.get("tp", 1), pp=fixed.get("pp", 1),
                          vpp=fixed.get("vpp") if "pp" in fixed else None, cp=fixed.get("cp", 1),
                          sequence_parallel=fixed.get("sequence_parallel") if "tp" in fixed
-                         else None, **{k: fixed.get(k) for k in SPLIT})
+                         else None, **{k: fixed.get(k) for k in SPLIT},
+                         **{k: fixed[k] for k in EXPERT if k in fixed})
     if any(k in fixed for k in SPLIT):  # at PP=2 one count gives the other
         fixed.update({k: getattr(lay, k) for k in SPLIT})
     return fixed
@@ -371,7 +375,8 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
     layout = {k: v for k, v in best.items() if k != "memory"}
     split = {k: layout.pop(k) for k in ("tp", "pp", "vpp", "cp", "dp", "sequence_parallel")
              + SPLIT}
-    return Plan(layout=Layout(**split), **layout, global_batch_size=global_batch_size,
+    expert = {k: fixed[k] for k in EXPERT if k in fixed}
+    return Plan(layout=Layout(**split, **expert), **layout, global_batch_size=global_batch_size,
                 seq_length=seq_length, loss=loss, gpu_mem_gb=gpu_mem_gb, memory=best["memory"],
                 stages=stage_breakdowns(model, **work, **split, **layout), reasons=tuple(why),
                 ref=ref, logprob_chunk=logprob_chunk, attention_backend=attention_backend,

@@ -132,7 +132,8 @@ class Trainer:
             logprob_chunk=cfg.logprob_chunk, lora=cfg.lora if cfg.lora.enabled else None,
             overrides=dict(tp=cfg.tp, pp=cfg.pp, vpp=cfg.vpp, cp=cfg.cp,
                            first_stage_layers=cfg.first_stage_layers,
-                           last_stage_layers=cfg.last_stage_layers,
+                           last_stage_layers=cfg.last_stage_layers, ep=cfg.ep, etp=cfg.etp,
+                           moe_dispatcher=cfg.moe_dispatcher,
                            micro_batch_size=cfg.micro_batch_size, recompute=cfg.recompute,
                            sequence_parallel=cfg.sequence_parallel))
 

@@ -7,7 +7,9 @@ the optimizer's dtype asserts on ``Tensor.type()`` names, and the MoE ``alltoall
 dispatcher's side stream for its device-to-host copies (``torch.cuda.Stream``,
 ``current_stream``, ``stream``, ``Event``: on the host there is one stream, the caller's) and
 its split sizes, which gloo's ``all_to_all_single`` takes only as Python lists (Megatron passes
-tensors). :func:`enable` redirects exactly those to the CPU. It is a no-op when CUDA is
+tensors); with expert tensor parallelism the dispatcher also all-gathers and reduce-scatters
+blocks of unequal rows, which gloo refuses: those run as equal padded blocks (all-gather) and
+an all-reduce of the concatenated blocks (reduce-scatter), the same sums. :func:`enable` redirects exactly those to the CPU. It is a no-op when CUDA is
 available, and it never changes what any kernel computes:
 every redirected call lands on the same CPU op it would have run had the caller asked for the CPU.
 """
@@ -115,6 +117,34 @@ def _all_to_all_single(all_to_all_single):
     return call
 
 
+def _uneven_all_gather(all_gather):
+    def call(tensor_list, tensor, group=None, async_op=False):
+        if len({tuple(t.shape) for t in tensor_list}) <= 1:
+            return all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)  # blocks differ in rows only (Megatron's)
+        padded = tensor.new_zeros((rows,) + tuple(tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        blocks = [torch.empty_like(padded) for _ in tensor_list]
+        all_gather(blocks, padded, group=group)
+        for out, block in zip(tensor_list, blocks):
+            out.copy_(block[: out.shape[0]])
+        return None
+
+    return call
+
+
+def _list_reduce_scatter(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None,
+                         async_op=False):
+    """``reduce_scatter`` of a list (blocks of any rows): all-reduce them concatenated, keep this
+    rank's block."""
+    full = torch.cat([t.reshape(-1) for t in input_list])
+    torch.distributed.all_reduce(full, op=op, group=group)
+    rank = torch.distributed.get_rank(group)
+    start = sum(t.numel() for t in input_list[:rank])
+    output.copy_(full[start:start + output.numel()].view_as(output))
+    return None
+
+
 def enable() -> bool:
     """Installs the CPU redirect when CUDA is absent; returns whether it is active. Idempotent."""
     global _enabled, _mode
@@ -136,6 +166,8 @@ def enable() -> bool:
     torch.cuda.stream = lambda stream=None: _HostStream()
     torch.cuda.Event = _HostEvent
     torch.distributed.all_to_all_single = _all_to_all_single(torch.distributed.all_to_all_single)
+    torch.distributed.all_gather = _uneven_all_gather(torch.distributed.all_gather)
+    torch.distributed.reduce_scatter = _list_reduce_scatter
     # The RNG tracker (dropout, TP weight init) forks and restores "CUDA" states: use the CPU one.
     mcore_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mcore_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
