@@ -10,8 +10,9 @@ its split sizes, which gloo's ``all_to_all_single`` takes only as Python lists (
 tensors); with expert tensor parallelism the dispatcher also all-gathers and reduce-scatters
 blocks of unequal rows, which gloo refuses: those run as equal padded blocks (all-gather) and
 an all-reduce of the concatenated blocks (reduce-scatter), the same sums. :func:`enable`
-redirects exactly those to the CPU. It is a no-op when CUDA is available, and it never changes what any kernel computes:
-every redirected call lands on the same CPU op it would have run had the caller asked for the CPU.
+redirects exactly those to the CPU. It is a no-op when CUDA is available, and it never changes
+what any kernel computes: every redirected call lands on the same CPU op it would have run had
+the caller asked for the CPU.
 """
 
 import torch
