@@ -167,11 +167,23 @@ def build_chunks(model: ModelConfig, layout: Layout, precision: Precision, *,
             vp_stage=vp_stage,
         )
         apply_rope_scaling(gpt, model)  # Megatron-version-bound: parallel/compat.py
+        _experts_apart(gpt)
         gpt.attention_backend = backend
         if torch.cuda.is_available():
             gpt.cuda(torch.cuda.current_device())
         chunks.append(gpt)
     return chunks
+
+
+def _experts_apart(gpt) -> None:
+    """Marks every expert weight as reduced over the expert data-parallel group, as Megatron
+    marks them only at EP > 1. Megatron's optimizer then always chains a dense and an expert
+    optimizer for an MoE model, so its checkpointed state has one structure at every EP and a
+    run saved at EP=2 resumes at EP=1 (at EP=1 the expert data-parallel group is the dense one:
+    the same reduction)."""
+    for name, param in gpt.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
 
 
 def output_weight(gpt) -> torch.Tensor:

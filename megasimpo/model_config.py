@@ -163,8 +163,9 @@ class ModelConfig:
         )
 
     def to_dict(self) -> dict:
-        """Plain-dict form for metadata files and config.yaml."""
-        return dataclasses.asdict(self)
+        """Plain-dict form for metadata files and config.yaml (JSON's types: lists, not tuples,
+        so a dict read back from a file compares equal)."""
+        return dict(dataclasses.asdict(self), dense_layers=list(self.dense_layers))
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":

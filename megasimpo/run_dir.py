@@ -37,7 +37,8 @@ SAFE_TO_CHANGE = ("steps", "epochs", "eval_data", "eval_interval", "save_interva
                   "exit_interval", "log_interval", "keep_checkpoints", "max_skipped_steps",
                   "tp", "pp", "vpp", "cp", "sequence_parallel", "micro_batch_size", "recompute",
                   "gpu_mem_gb", "attention_backend", "pack", "logprob_chunk",
-                  "overlap_grad_reduce", "overlap_param_gather", "progress")
+                  "overlap_grad_reduce", "overlap_param_gather", "progress",
+                  "first_stage_layers", "last_stage_layers", "ep", "etp", "moe_dispatcher")
 NOT_RUN_CONFIG = ("out", "force", "resume_anyway")  # how this start behaves, not what it trains
 PATH_FIELDS = ("load", "data", "eval_data", "ref_logps")
 

@@ -1,0 +1,154 @@
+"""Mixture-of-experts training across layouts against the single-rank run (fp32, gloo).
+
+A tiny Qwen3-MoE (4 experts, top-2 renormalised, layer 0 dense, q/k norms) trains 3 steps of
+SimPO and of DPO with a live reference at EP=2 under both token dispatchers, at TP=2 + EP=2 (4
+ranks, sequence parallel, experts split over ETP=2) and at PP=2; losses and grad norms equal the
+single-rank run's. Routing is discrete, so the single-rank run first checks that every token's
+top-k experts win by a margin well above fp32 layout noise (``MIN_MARGIN``): the same weights, to
+1e-6, route every token alike at every layout. Stop and resume at EP=2 is bit-exact, and the
+checkpoint saved at EP=2 loads at EP=1.
+"""
+
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from fixtures import TINY
+from multirank import run_main, run_ranks
+
+MOE = dataclasses.replace(TINY, architecture="Qwen3MoeForCausalLM", qk_norm=True, num_experts=4,
+                          experts_per_token=2, moe_ffn_hidden_size=32, dense_layers=(0,))
+STEPS = 3
+# Smallest gap allowed between a token's k-th and (k+1)-th router logit: the layouts' logits
+# (|logit| < 1) agree to ~1e-7 (their losses do), so a gap 100x that routes alike everywhere.
+MIN_MARGIN = 1e-5
+# Layouts against single rank: name -> (world size, TrainConfig layout fields).
+LAYOUTS = {
+    "ep2_alltoall": (2, dict(ep=2)),
+    "ep2_allgather": (2, dict(ep=2, moe_dispatcher="allgather")),
+    "tp2_ep2": (4, dict(tp=2, ep=2)),
+    "pp2": (2, dict(pp=2)),
+}
+TRAIN_FLAGS = {}  # extra TrainConfig fields every run here uses
+
+
+def _margins(chunks, k: int) -> list:
+    """Forward hooks on every router recording, per call, the smallest gap between the k-th
+    and (k+1)-th largest logit of any token."""
+    from megasimpo.model import unwrap
+
+    gaps = []
+
+    def hook(router, inputs, output):
+        x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+        top = (x @ router.weight.detach().t()).topk(k + 1, dim=-1).values
+        gaps.append((top[:, k - 1] - top[:, k]).min().item())
+
+    for chunk in chunks:
+        for layer in unwrap(chunk).decoder.layers:
+            if hasattr(layer.mlp, "router"):
+                layer.mlp.router.register_forward_hook(hook)
+    return gaps
+
+
+def _train(rank, world, ckpt, data, out, loss, layout_kw, measure_margin):
+    from megasimpo.config import LossConfig, TrainConfig
+    from megasimpo.trainer import Trainer
+
+    cfg = TrainConfig(load=ckpt, data=(data,), out=out, loss=LossConfig(name=loss),
+                      steps=STEPS, global_batch_size=8, micro_batch_size=2, lr=2e-2,
+                      warmup_ratio=0.0, precision="fp32", seed=7, **TRAIN_FLAGS, **layout_kw)
+    trainer = Trainer(cfg)
+    gaps = _margins(trainer.model, MOE.experts_per_token) if measure_margin else []
+    rows = trainer.run()
+    return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], gaps
+
+
+@pytest.fixture(scope="module")
+def inputs(shared_inputs):
+    return shared_inputs(model=MOE)
+
+
+@pytest.fixture(scope="module")
+def single(inputs, tmp_path_factory):
+    """Per loss: the single-rank run's (losses, grad norms), its routing margins checked."""
+    ckpt, data, _ = inputs
+    out = {}
+    for loss in ("simpo", "dpo"):
+        losses, norms, gaps = run_ranks(_train, 1, ckpt, data,
+                                        str(tmp_path_factory.mktemp(f"single_{loss}")), loss, {},
+                                        True)[0]
+        assert gaps and min(gaps) > MIN_MARGIN, (loss, min(gaps))
+        out[loss] = losses, norms
+    return out
+
+
+@pytest.mark.parametrize("loss", ["simpo", "dpo"])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_moe_layout_matches_single_rank(name, loss, inputs, single, tmp_path):
+    ckpt, data, _ = inputs
+    world, layout = LAYOUTS[name]
+    results = run_ranks(_train, world, ckpt, data, str(tmp_path / "run"), loss, layout, False)
+    losses, norms, _ = results[-1]  # the last rank is on the last pipeline stage
+    want_losses, want_norms = single[loss]
+    assert losses == pytest.approx(want_losses, rel=1e-5), (name, loss, losses, want_losses)
+    assert norms == pytest.approx(want_norms, rel=1e-5), (name, loss, norms, want_norms)
+
+
+def _cmd(ckpt, data, out, *flags):
+    return ["train", "--load", ckpt, "--data", data, "--out", str(out), "--steps", "6",
+            "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-2", "--seed", "3",
+            "--precision", "fp32", "--ep", "2", *flags]
+
+
+def _run(argv):
+    p = run_main("megasimpo", argv, world_size=2, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def _losses(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _params(rank, world, path):
+    """Every parameter of a saved model, loaded on one rank (EP=1)."""
+    from megasimpo import checkpoint
+    from megasimpo.config import Layout
+    from megasimpo.model import Precision, build_chunks
+    from megasimpo.parallel import groups
+
+    model = checkpoint.model_config(path)
+    groups.initialize(Layout.resolve(model, 1), 0)
+    chunks = build_chunks(model, Layout.resolve(model, 1), Precision(name="fp32"))
+    checkpoint.load_model(chunks, path)
+    return {k: v.clone() for k, v in chunks[0].state_dict().items() if "extra_state" not in k}
+
+
+def test_stop_resume_at_ep2_is_bit_exact_and_loads_at_ep1(inputs, tmp_path):
+    ckpt, data, _ = inputs
+    _run(_cmd(ckpt, data, tmp_path / "straight"))
+    resumed = tmp_path / "resumed"
+    cmd = _cmd(ckpt, data, resumed, "--exit-interval", "3")
+    assert "stopping after step 3" in _run(cmd)
+    assert "after step 3" in _run(cmd)  # the same command resumes
+    straight, again = _losses(tmp_path / "straight"), _losses(resumed)
+    for step in (4, 5, 6):
+        assert again[step] == straight[step], (step, again[step], straight[step])
+    # Saved at EP=2 (each rank wrote its two experts), loaded whole on one rank.
+    a = run_ranks(_params, 1, str(tmp_path / "straight" / "final_model"))[0]
+    b = run_ranks(_params, 1, str(resumed / "final_model"))[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    experts = [k for k in a if ".mlp.experts.local_experts." in k]
+    assert len(experts) == 2 * MOE.num_experts * (MOE.num_layers - len(MOE.dense_layers))
+    # The EP=2 step-3 checkpoint (weights and optimizer state) resumes at EP=1, DP=2.
+    relayout = tmp_path / "relayout"
+    _run(_cmd(ckpt, data, relayout, "--exit-interval", "3"))
+    _run(_cmd(ckpt, data, relayout, "--ep", "1"))
+    again = _losses(relayout)
+    for step in (4, 5, 6):
+        assert again[step] == pytest.approx(straight[step], rel=1e-5), step
