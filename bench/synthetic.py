@@ -18,7 +18,8 @@ LLAMA3_ROPE = RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                           original_max_position_embeddings=8192)
 
 # name -> ModelConfig. "8b-width" is Llama-3-8B's layer and vocabulary with 8 of its 32 layers (what
-# one 80 GB GPU holds with optimizer state); "1b" is Llama-3.2-1B whole; "tiny" runs on a CPU.
+# one 80 GB GPU holds with optimizer state); "1b" is Llama-3.2-1B whole; "30b-a3b-width" an MoE
+# slice; "tiny" runs on a CPU.
 SHAPES = {
     "8b-width": ModelConfig(
         num_layers=8, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
@@ -31,6 +32,15 @@ SHAPES = {
                                                       high_freq_factor=4.0,
                                                       original_max_position_embeddings=8192),
         norm_eps=1e-5, tie_word_embeddings=True, dtype="bfloat16"),
+    # Qwen3-30B-A3B's layer (128 experts of width 768, top-8 renormalised, q/k norms) and
+    # vocabulary with 2 of its 48 layers: Transformer Engine's grouped-GEMM experts and the
+    # alltoall dispatcher on one GPU.
+    "30b-a3b-width": ModelConfig(
+        architecture="Qwen3MoeForCausalLM", num_layers=2, hidden_size=2048,
+        ffn_hidden_size=6144, num_attention_heads=32, num_query_groups=4, head_dim=128,
+        vocab_size=151936, max_position_embeddings=40960, rope_theta=1000000.0, norm_eps=1e-6,
+        qk_norm=True, num_experts=128, experts_per_token=8, moe_ffn_hidden_size=768,
+        dtype="bfloat16"),
     "tiny": ModelConfig(
         num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
         num_query_groups=2, head_dim=16, vocab_size=1000, max_position_embeddings=256,

@@ -34,6 +34,7 @@ gputests  90  -m pytest tests/gpu -q -x
 step8b   180  bench/bench_step.py --shape 8b-width --warmup 3 --steps 5
 trl      120  bench/bench_trl.py --shape 8b-width --warmup 3 --steps 5
 logprobs  30  bench/bench_logprobs.py --tokens 4x4096 --vocab 128256 --hidden 4096
+moe      150  bench/bench_step.py --shape 30b-a3b-width --warmup 3 --steps 5 --tag moe
 fp8      150  bench/bench_step.py --shape 8b-width --warmup 3 --steps 5 --precision fp8 --tag fp8
 step1b   120  bench/bench_step.py --shape 1b --warmup 3 --steps 5 --tag 1b
 "

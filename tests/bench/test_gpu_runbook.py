@@ -15,7 +15,7 @@ from multirank import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUN_ALL = os.path.join(REPO, "bench", "gpu", "run_all.sh")
-ROWS = ["smoke", "gputests", "step8b", "trl", "logprobs", "fp8", "step1b"]
+ROWS = ["smoke", "gputests", "step8b", "trl", "logprobs", "moe", "fp8", "step1b"]
 CARRY = re.compile(r"carry: working tree ([\d.]+) MiB \+ \S+ ([\d.]+) MiB = ([\d.]+) MiB")
 MIB = 1 << 20
 
@@ -53,7 +53,7 @@ def test_dry_run_lists_rows_in_priority_order_and_a_carry_under_64_mib(tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     lines = _row_lines(r.stdout)
     assert [line.split()[1] for line in lines] == ROWS
-    assert [int(line.split()[0].rstrip(".")) for line in lines] == list(range(1, 8))
+    assert [int(line.split()[0].rstrip(".")) for line in lines] == list(range(1, len(ROWS) + 1))
     assert "would run" in lines[0] and "~ 45 s" in lines[0]  # each row shows its estimate
     tree, whl, total = _carry(r.stdout)
     assert 0 < tree < 64 and abs(whl - 3.0) < 0.05 and abs(total - (tree + whl)) < 0.15
@@ -114,14 +114,15 @@ def test_a_tiny_budget_skips_every_row_and_runs_none(tmp_path):
 
 def test_the_budget_keeps_the_rows_that_fit_and_fp8_needs_te(tmp_path):
     # 200 s: smoke (45) and gputests (90) fit, step8b (180) and trl (120) not in the 65 s left,
-    # logprobs (30) does, step1b (120) not; fp8 is skipped for want of TE whatever the budget
+    # logprobs (30) does, moe (150) and step1b (120) not; fp8 is skipped for want of TE whatever
+    # the budget
     r, status, ran = _fake(tmp_path, 200, MEGASIMPO_TE_OK="0")
     assert r.returncode == 0, r.stdout + r.stderr
     assert ran == sorted(["smoke", "gputests", "logprobs"])
     assert status == {"smoke": "ran", "gputests": "ran", "step8b": "skip-budget",
-                      "trl": "skip-budget", "logprobs": "ran", "fp8": "skip-no-te",
-                      "step1b": "skip-budget"}
-    assert "skipped: step8b trl fp8 step1b" in r.stdout
+                      "trl": "skip-budget", "logprobs": "ran", "moe": "skip-budget",
+                      "fp8": "skip-no-te", "step1b": "skip-budget"}
+    assert "skipped: step8b trl moe fp8 step1b" in r.stdout
     assert os.path.exists(tmp_path / "out" / "run_all.log")
 
 
