@@ -63,9 +63,10 @@ MODELS = {
         num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, mlp_only_layers=[0],
         max_position_embeddings=64, rope_theta=1000000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=False)),
-    # Mixtral: 4 experts in every layer, top-2 of a softmax renormalised, GQA, untied.
+    # Mixtral: 4 experts in every layer, top-2 of a softmax renormalised, GQA, untied; three
+    # layers, so PP=2 splits them unevenly (1 + 2).
     "mixtral": ("MixtralConfig", dict(
-        vocab_size=140, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+        vocab_size=140, hidden_size=32, intermediate_size=24, num_hidden_layers=3,
         num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
         max_position_embeddings=64, rope_theta=1000000.0, sliding_window=None,
         tie_word_embeddings=False)),

@@ -38,6 +38,7 @@ def _hf_sums(hf_dir, pairs):
                                                          ["--pp", "2"],
                                                          ["--ep", "2", "--moe-dispatcher",
                                                           "allgather"]]),
+                                          # 3 layers: PP=2 is an uneven 1 + 2 split
                                           ("mixtral", [[], ["--ep", "2"], ["--tp", "2"],
                                                        ["--pp", "2"]])])
 def test_score_equals_transformers(name, layouts, tmp_path, shared_build):
