@@ -50,6 +50,7 @@ def test_score_equals_transformers(name, layouts, tmp_path, shared_build):
     pairs = list(_pairs(vocab))
     write_pairs(str(tmp_path / "data"), pairs, vocab)
     expected = _hf_sums(hf_dir, pairs)
+    identities = set()
     for flags in layouts:
         out = str(tmp_path / f"score{len(flags)}{''.join(flags)}.jsonl")
         p = run_main("megasimpo", ["score", "--load", ckpt, "--data", str(tmp_path / "data"),
@@ -60,3 +61,6 @@ def test_score_equals_transformers(name, layouts, tmp_path, shared_build):
         for r, (chosen, rejected) in zip(rows, expected):
             assert r["chosen_logps"] == pytest.approx(chosen, rel=1e-5), (flags, r, chosen)
             assert r["rejected_logps"] == pytest.approx(rejected, rel=1e-5), (flags, r, rejected)
+        with open(out + ".meta.json") as f:  # the scoring model's identity, at any layout
+            identities.add(json.load(f)["model"]["weights"])
+    assert len(identities) == 1, identities
