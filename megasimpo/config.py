@@ -310,7 +310,7 @@ class Layout:
             sequence_parallel = tp > 1
         if sequence_parallel and tp == 1:
             raise ValueError("sequence parallelism needs --tp > 1")
-        check_experts(model, world_size, pp, ep, etp, tp)
+        check_experts(model, world_size, pp, ep, etp, tp, sequence_parallel)
         return cls(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=world_size // model_ranks,
                    sequence_parallel=sequence_parallel, first_stage_layers=first,
                    last_stage_layers=last, ep=ep, etp=etp, moe_dispatcher=moe_dispatcher)
@@ -318,7 +318,7 @@ class Layout:
 
 
 def check_experts(model: ModelConfig, world_size: int, pp: int, ep: int, etp: Optional[int],
-                  tp: int) -> None:
+                  tp: int, sequence_parallel: bool = True) -> None:
     """ValueError naming the flag when expert parallelism does not fit the model or the world:
     EP splits whole experts, and the expert layout (etp x ep x pp x expert-DP) must tile the same
     ranks as the dense one. ``etp`` None is ``tp``."""
@@ -328,6 +328,10 @@ def check_experts(model: ModelConfig, world_size: int, pp: int, ep: int, etp: Op
         raise ValueError(f"--ep {ep} / --etp {etp}: the model has no experts ({model.architecture} "
                          "is dense); use --ep 1")
     etp = etp or tp
+    if tp > 1 and not sequence_parallel:
+        raise ValueError(f"--tp {tp} with --no-sequence-parallel: Megatron-Core's MoE layer needs "
+                         "sequence parallelism under tensor parallelism; drop "
+                         "--no-sequence-parallel")
     if model.num_experts % ep:
         raise ValueError(f"--ep {ep} does not divide the model's {model.num_experts} experts")
     if model.moe_ffn_hidden_size % etp:
@@ -375,6 +379,10 @@ class TrainConfig:
     etp: Optional[int] = option(None, "expert tensor-parallel size (default: tp)", ge=1)
     moe_dispatcher: str = option("alltoall", "MoE token dispatcher (Megatron-Core's): alltoall "
                                              "or allgather", choices=MOE_DISPATCHERS)
+    moe_aux_loss_coeff: float = option(0.0, "MoE load-balancing loss: this times transformers' "
+                                            "load_balancing_loss_func (mean over MoE layers, "
+                                            "real tokens), added per pair; 0: off, as in "
+                                            "transformers/TRL", ge=0)
     sequence_parallel: Optional[bool] = option(None, "sequence parallelism; default: on when tp > 1")
     attention_backend: str = option("auto", "core attention: te (Transformer Engine), sdpa "
                                             "(PyTorch scaled_dot_product_attention) or unfused "

@@ -17,6 +17,7 @@ import torch
 from megasimpo.config import LossConfig
 from megasimpo.data.batches import MicroBatch
 from megasimpo.losses import PairLogps, metric_names, preference_loss
+from megasimpo.moe_aux import padding_mask
 from megasimpo.model import (context_parallel_mask, emit_hidden_states, output_weight,
                              packed_attention, unwrap)
 from megasimpo.parallel.fused_logprobs import fused_vocab_parallel_logprobs
@@ -134,7 +135,10 @@ class PairStep:
         if self.groups.layout.cp > 1:
             mask = context_parallel_mask(batch, self.groups.cp_rank, self.groups.layout.cp,
                                          gpt.attention_backend, gpt.config.params_dtype)
-        output = model(batch.tokens, batch.position_ids, mask, packed_seq_params=packed)
+        extra = {}
+        if gpt.config.num_moe_experts:  # the routers' statistics count real tokens only
+            extra["padding_mask"] = padding_mask(batch, self.groups, gpt.pre_process)
+        output = model(batch.tokens, batch.position_ids, mask, packed_seq_params=packed, **extra)
         weight = None
         if getattr(gpt, "emits_hidden", False):
             assert self.logprob_chunk > 0, "model emits hidden states but the fused path is off"

@@ -25,6 +25,7 @@ from megasimpo.data.packing import prepare
 from megasimpo.data.tokenizer_check import check_against_checkpoint
 from megasimpo.lora_checkpoint import with_lora
 from megasimpo.metrics import batch_forward_flops, peak_memory_gb, peak_tflops
+from megasimpo.moe_aux import RouterStats
 from megasimpo.model import (Precision, build_chunks, finish_param_gather,
                              resolve_attention_backend, set_sync_funcs, unwrap, wrap_for_training,
                              wrap_frozen)
@@ -80,6 +81,10 @@ class Trainer:
     def _build(self, world: int) -> None:
         cfg = self.cfg
         self.attention_backend = resolve_attention_backend(cfg.attention_backend)
+        if cfg.moe_aux_loss_coeff and not self.model_cfg.num_experts:
+            raise ValueError(f"--moe-aux-loss-coeff {cfg.moe_aux_loss_coeff:g}: "
+                             f"{self.model_cfg.architecture} has no experts (no router to "
+                             "balance); drop the flag")
         self.train_data = ConcatPairs(cfg.data)
         self.eval_data = ConcatPairs(cfg.eval_data) if cfg.eval_data else None
         if self.random_init is None:  # the data's tokenizer is the checkpoint's (or a note)
@@ -237,6 +242,9 @@ class Trainer:
             # --load's weights (the base of a LoRA run) before a resume replaces them
             score_meta.check_model(self.reference_metas, score_meta.weights_identity(self.model),
                                    (self.lora_base or {}).get("path", cfg.load))
+        self.router_stats = None if not self.model_cfg.num_experts else RouterStats(
+            self.model, self.model_cfg, self.groups, cfg.moe_aux_loss_coeff,
+            self.micro_batch_size, cfg.global_batch_size)
         self.live_reference = cfg.loss.needs_reference and cfg.ref == "live"  # LoRA: adapters off
         self.reference = None
         if self.live_reference and not cfg.lora.enabled:
@@ -356,6 +364,8 @@ class Trainer:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         row = {"step": step + 1, **{k: v for k, v in stats.items() if k not in TOTAL_KEYS}}
+        if self.router_stats is not None:  # MoE: moe/aux_loss, moe/load_imbalance
+            row.update(self.router_stats.step_metrics())
         # Forward FLOPs of the positions that ran (all micro-batches of all DP replicas), x3 for
         # forward + backward, plus one forward per live reference.
         flops = stats["forward_flops"] * (3 + (1 if self.live_reference else 0))

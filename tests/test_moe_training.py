@@ -1,9 +1,10 @@
 """Mixture-of-experts training across layouts against the single-rank run (fp32, gloo).
 
 A tiny Qwen3-MoE (4 experts, top-2 renormalised, layer 0 dense, q/k norms) trains 3 steps of
-SimPO and of DPO with a live reference at EP=2 under both token dispatchers, at TP=2 + EP=2 (4
-ranks, sequence parallel, experts split over ETP=2) and at PP=2; losses and grad norms equal the
-single-rank run's. Routing is discrete, so the single-rank run first checks that every token's
+SimPO and of DPO with a live reference, with the load-balancing loss on, at EP=2 under both
+token dispatchers, at TP=2 + EP=2 (4 ranks, sequence parallel, experts split over ETP=2) and at
+PP=2; losses, grad norms, ``moe/aux_loss`` and ``moe/load_imbalance`` equal the single-rank
+run's. Routing is discrete, so the single-rank run first checks that every token's
 top-k experts win by a margin well above fp32 layout noise (``MIN_MARGIN``): the same weights, to
 1e-6, route every token alike at every layout. Stop and resume at EP=2 is bit-exact, and the
 checkpoint saved at EP=2 loads at EP=1.
@@ -32,7 +33,12 @@ LAYOUTS = {
     "tp2_ep2": (4, dict(tp=2, ep=2)),
     "pp2": (2, dict(pp=2)),
 }
-TRAIN_FLAGS = {}  # extra TrainConfig fields every run here uses
+# lr 2e-2 (the dense parity tests') makes the third step amplify fp32 layout noise to 2e-5 in
+# the grad norm once the aux loss is on (1e-7 at step 1 with a coefficient of 10); 1e-2 keeps
+# every step within 1e-6.
+LR = 1e-2
+AUX = 0.1  # every run here adds the load-balancing loss (its gradient must agree too)
+TRAIN_FLAGS = {"moe_aux_loss_coeff": AUX}
 
 
 def _margins(chunks, k: int) -> list:
@@ -59,12 +65,13 @@ def _train(rank, world, ckpt, data, out, loss, layout_kw, measure_margin):
     from megasimpo.trainer import Trainer
 
     cfg = TrainConfig(load=ckpt, data=(data,), out=out, loss=LossConfig(name=loss),
-                      steps=STEPS, global_batch_size=8, micro_batch_size=2, lr=2e-2,
+                      steps=STEPS, global_batch_size=8, micro_batch_size=2, lr=LR,
                       warmup_ratio=0.0, precision="fp32", seed=7, **TRAIN_FLAGS, **layout_kw)
     trainer = Trainer(cfg)
     gaps = _margins(trainer.model, MOE.experts_per_token) if measure_margin else []
     rows = trainer.run()
-    return [r["loss"] for r in rows], [r["grad_norm"] for r in rows], gaps
+    return ([r["loss"] for r in rows], [r["grad_norm"] for r in rows], gaps,
+            [(r["moe/aux_loss"], r["moe/load_imbalance"]) for r in rows])
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +88,11 @@ def single(inputs, tmp_path_factory):
 
     def get(loss):
         if loss not in done:
-            losses, norms, gaps = run_ranks(_train, 1, ckpt, data,
-                                            str(tmp_path_factory.mktemp(f"single_{loss}")), loss,
-                                            {}, True)[0]
+            losses, norms, gaps, moe = run_ranks(_train, 1, ckpt, data,
+                                                 str(tmp_path_factory.mktemp(f"single_{loss}")),
+                                                 loss, {}, True)[0]
             assert gaps and min(gaps) > MIN_MARGIN, (loss, min(gaps))
-            done[loss] = losses, norms
+            done[loss] = losses, norms, moe
         return done[loss]
 
     return get
@@ -100,16 +107,18 @@ def test_moe_layout_matches_single_rank(name, loss, inputs, single, tmp_path):
     ckpt, data, _ = inputs
     world, layout = LAYOUTS[name]
     results = run_ranks(_train, world, ckpt, data, str(tmp_path / "run"), loss, layout, False)
-    losses, norms, _ = results[-1]  # the last rank is on the last pipeline stage
-    want_losses, want_norms = single(loss)
+    losses, norms, _, moe = results[-1]  # the last rank is on the last pipeline stage
+    want_losses, want_norms, want_moe = single(loss)
     assert losses == pytest.approx(want_losses, rel=1e-5), (name, loss, losses, want_losses)
     assert norms == pytest.approx(want_norms, rel=1e-5), (name, loss, norms, want_norms)
+    for (aux, imbalance), (want_aux, want_imbalance) in zip(moe, want_moe):
+        assert aux == pytest.approx(want_aux, rel=1e-5) and imbalance == want_imbalance
 
 
 def _cmd(ckpt, data, out, *flags):
     return ["train", "--load", ckpt, "--data", data, "--out", str(out), "--steps", "6",
             "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-2", "--seed", "3",
-            "--precision", "fp32", "--ep", "2", *flags]
+            "--precision", "fp32", "--ep", "2", "--moe-aux-loss-coeff", str(AUX), *flags]
 
 
 def _run(argv):
