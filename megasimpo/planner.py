@@ -283,8 +283,9 @@ def _check_overrides(model: ModelConfig, gpus: int, overrides: dict) -> dict:
                          vpp=fixed.get("vpp") if "pp" in fixed else None, cp=fixed.get("cp", 1),
                          sequence_parallel=fixed.get("sequence_parallel") if "tp" in fixed
                          else None, **{k: fixed.get(k) for k in SPLIT},
-                         **{k: fixed[k] for k in EXPERT if k in fixed},
-                         **({"etp": fixed.get("etp", 1)} if model.is_moe else {}))  # ETP 1 default
+                         **{k: fixed[k] for k in EXPERT if k in fixed and k != "etp"},
+                         **({"etp": fixed["etp"]} if "etp" in fixed else {}),
+                         **({"etp": 1} if model.is_moe and "etp" not in fixed else {}))
     if any(k in fixed for k in SPLIT):  # at PP=2 one count gives the other
         fixed.update({k: getattr(lay, k) for k in SPLIT})
     return fixed
