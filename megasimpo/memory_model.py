@@ -40,6 +40,27 @@ with the highest total (first, last, or with an uneven split the first middle on
   input gradient); both plus the final-norm and output-layer inputs;
 * ``OVERHEAD_GB`` fixed: CUDA context, cuBLAS/TE workspaces, NCCL buffers, allocator slack.
 
+Mixture of experts (``ModelConfig.num_experts``; each layer priced by its own
+``shapes.layer_shapes(model, i)``, so ``dense_layers`` keep the dense price). An MoE layer's
+attention, norms and router are dense parameters as above (the router [E, h] replicated over TP,
+like the norms). Its E experts are sharded by EP x ETP (``expert_tp``: ETP, default TP): E/EP
+experts of width F/ETP per GPU. Expert parameters are data-parallel over the expert-DP group of
+world / (ETP x EP x PP) ranks, so the distributed optimizer shards their 12 B over that group:
+per GPU 6 + 12/(world/(ETP*EP*PP)) B per expert parameter held. Activations of an MoE layer
+(``moe_layer_bytes``), with T = tokens / SP-split the rank's tokens and k the top-k: the
+attention part and the router's input as in a dense layer (the pre-MLP norm's output, where a
+dense layer keeps its fc1 input), no dense SwiGLU/fc2 terms; the router's fp32 logits and
+softmax and the top-k probabilities, ``ROUTER_BYTES`` per token x expert; then under **uniform
+routing** (each EP rank receives its experts' share, T x k token copies, all-gathered over ETP to
+n = T x k x ETP) per token copy the expert fc1 input 2h, the SwiGLU input 4F/ETP, its output
+(kept for the routing probability's product) and the product (fc2 input) 2F/ETP each, the
+permuted probability and index (``COPY_BYTES``). The layer being (re)computed also holds the
+dispatcher's token buffers, ``DISPATCH_BUFFERS`` x n x 2h (permuted, exchanged, sorted tokens
+and the expert outputs on their way back). Dropless routing is never uniform, and the busiest
+rank's buffers set the peak: every token-copy-proportional byte above is multiplied by
+``MOE_IMBALANCE`` and the excess over uniform is reported on its own line (``imbalance``), so
+``plan --simulate`` (which routes uniformly) compares with the rest.
+
 LoRA (``lora``, ``megasimpo/lora.py``): every base parameter is frozen, so it is bf16 weights only
 (2 B, no gradient buffer, no main copy, no Adam moments) and the adapters are the trainable
 parameters at 2 + 4 + 12/(DP*CP) B, sharded as lora.py shards them: column targets (QKV, fc1)
@@ -67,6 +88,10 @@ from megasimpo.shapes import layer_shapes, padded_vocab_size
 GB = 1e9
 OVERHEAD_GB = 4.0  # CUDA context + workspaces + NCCL buffers + fragmentation
 LOGIT_BYTES = 10  # per element of [2*mbs, s, v/tp], see the module docstring
+MOE_IMBALANCE = 1.25  # the busiest EP rank receives this times its uniform share of token copies
+ROUTER_BYTES = 10  # per token x expert: fp32 logits and softmax output, the top-k probabilities
+COPY_BYTES = 12  # per routed token copy: its fp32 probability and int64 permutation index
+DISPATCH_BUFFERS = 3  # [n, h] token buffers of the MoE layer being (re)computed, beyond saved ones
 # lora.py's column-parallel targets (output split over TP: A whole, B split); the rest are row
 # targets (input split over TP: A split, B whole). lora.py imports torch, this module must not.
 LORA_COLUMN_TARGETS = lora_targets.COLUMN
@@ -84,16 +109,19 @@ class MemoryBreakdown:
     logits: float  # output-layer / log-prob buffers (last stage only)
     overhead: float  # fixed: CUDA context, workspaces, NCCL buffers, fragmentation
     stage: int = 0  # pipeline rank these numbers are for (the one with the highest total)
+    imbalance: float = 0.0  # MoE: routed-token activations above uniform routing (MOE_IMBALANCE)
 
     @property
     def total(self) -> float:
         """Sum of the parts, GB."""
         return (self.weights + self.grads + self.optimizer + self.reference + self.activations
-                + self.logits + self.overhead)
+                + self.logits + self.overhead + self.imbalance)
 
     def to_dict(self) -> dict:
-        """GB per part plus ``total`` (rounded to 0.01 GB), without the stage."""
-        d = {k: round(v, 2) for k, v in asdict(self).items() if k != "stage"}
+        """GB per part plus ``total`` (rounded to 0.01 GB), without the stage (nor, for a dense
+        model, the MoE imbalance headroom)."""
+        d = {k: round(v, 2) for k, v in asdict(self).items()
+             if k != "stage" and (k != "imbalance" or v)}
         d["total"] = round(self.total, 2)
         return d
 
@@ -116,7 +144,20 @@ def lora_layer_parameters(model: ModelConfig, lora: Optional[LoraConfig], tp: in
         return 0.0
     shapes, r = layer_shapes(model), lora.rank
     return sum(r * (n_in + n_out / tp) if t in LORA_COLUMN_TARGETS else r * (n_in / tp + n_out)
-               for t in lora.targets for n_in, n_out in [lora_targets.gemm(shapes, t)])
+               for t in lora_targets_of(shapes, lora.targets)
+               for n_in, n_out in [lora_targets.gemm(shapes, t)])
+
+
+def lora_targets_of(shapes, targets) -> tuple:
+    """The ``targets`` a layer has: an MoE layer has no dense fc1/fc2 (adapters on its experts
+    are not priced here)."""
+    def has(t):
+        try:
+            lora_targets.gemm(shapes, t)
+        except KeyError:
+            return False
+        return True
+    return tuple(t for t in targets if has(t))
 
 
 def model_parameters(model: ModelConfig, lora: Optional[LoraConfig] = None) -> tuple[int, int]:
@@ -124,17 +165,52 @@ def model_parameters(model: ModelConfig, lora: Optional[LoraConfig] = None) -> t
     the adapters; without it all of them, twice."""
     if not lora_on(lora):
         return model.num_parameters, model.num_parameters
-    adapters = model.num_layers * layer_shapes(model).lora_parameters(lora.rank, lora.targets)
+    adapters = model.num_layers * layer_shapes(model).lora_parameters(
+        lora.rank, lora_targets_of(layer_shapes(model), lora.targets))
     return adapters, model.num_parameters + adapters
 
 
-def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int,
-                     layers: Optional[int] = None) -> float:
-    """Parameters held by one GPU of pipeline stage ``stage`` holding ``layers`` transformer
-    layers (None: an even split, num_layers / pp)."""
-    sharded, replicated = layer_parameters(model)
+def layer_kinds(model: ModelConfig) -> tuple:
+    """(dense layer, MoE layer) LayerShapes of ``model``, None for a kind it has none of."""
+    moe = [i for i in range(model.num_layers) if i not in model.dense_layers] if model.is_moe else []
+    dense = [i for i in range(model.num_layers) if not model.is_moe or i in model.dense_layers]
+    return (layer_shapes(model, dense[0]) if dense else None,
+            layer_shapes(model, moe[0]) if moe else None)
+
+
+def stage_moe_layers(model: ModelConfig, counts: tuple, stage: int,
+                     vpp: Optional[int] = None) -> int:
+    """MoE layers among pipeline stage ``stage``'s (``counts``: layers per stage). Model chunk c
+    of stage r holds the (c x pp + r)-th run of count/vpp layers (Megatron's interleaving; an
+    uneven split with vpp is counted as its contiguous runs)."""
+    if not model.is_moe:
+        return 0
+    v, pp = vpp or 1, len(counts)
+    if v > 1 and len(set(counts)) == 1:
+        per = counts[0] // v
+        own = [(c * pp + stage) * per + j for c in range(v) for j in range(per)]
+    else:
+        start = sum(counts[:stage])
+        own = range(start, start + counts[stage])
+    return sum(1 for i in own if i not in model.dense_layers)
+
+
+def stage_parameter_parts(model: ModelConfig, tp: int, pp: int, stage: int,
+                          layers: Optional[int] = None, *, moe_layers: int = 0, ep: int = 1,
+                          etp: Optional[int] = None) -> tuple:
+    """(dense, expert) parameters held by one GPU of pipeline stage ``stage`` holding ``layers``
+    transformer layers (None: an even split, num_layers / pp), ``moe_layers`` of them MoE
+    layers, experts split over ``ep`` x ``etp`` (None: tp)."""
+    dense_shapes, moe_shapes = layer_kinds(model)
     layers = model.num_layers // pp if layers is None else layers
-    params = layers * (sharded / tp + replicated)
+    params, experts = 0.0, 0.0
+    if layers - moe_layers:
+        params += (layers - moe_layers) * (dense_shapes.sharded_parameters / tp
+                                           + dense_shapes.replicated_parameters)
+    if moe_layers:
+        params += moe_layers * (moe_shapes.sharded_parameters / tp
+                                + moe_shapes.replicated_parameters)
+        experts = moe_layers * moe_shapes.expert_parameters / (ep * (etp or tp))
     embedding = padded_vocab_size(model.vocab_size) * model.hidden_size / tp
     if stage == 0:
         params += embedding
@@ -142,29 +218,44 @@ def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int,
         params += model.hidden_size  # final norm
         if pp > 1 or not model.tie_word_embeddings:
             params += embedding  # output layer (a tied copy on the last stage when pp > 1)
-    return params
+    return params, experts
+
+
+def stage_parameters(model: ModelConfig, tp: int, pp: int, stage: int,
+                     layers: Optional[int] = None, **experts) -> float:
+    """Parameters held by one GPU of pipeline stage ``stage`` holding ``layers`` transformer
+    layers (None: an even split, num_layers / pp); ``experts``: moe_layers, ep, etp of
+    :func:`stage_parameter_parts`."""
+    return sum(stage_parameter_parts(model, tp, pp, stage, layers, **experts))
 
 
 def layer_activation_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence_parallel: bool,
                            recompute: bool, seq: int = 0, attention_backend: str = "te",
-                           lora: Optional[LoraConfig] = None, cp: int = 1) -> float:
+                           lora: Optional[LoraConfig] = None, cp: int = 1, moe: bool = False,
+                           etp: int = 1, imbalance: float = 1.0, working: bool = False) -> float:
     """Saved activations of one layer for ``tokens`` = ``seq`` (s/cp) x sequences, bytes on one
     GPU. ``attention_backend`` "unfused" adds Megatron's saved score matrices (see
     :func:`attention_score_bytes`), "sdpa" with ``cp`` > 1 the all-gathered K and V (see
-    :func:`cp_gather_bytes`), ``lora`` the adapters' (see :func:`lora_saved_per_token`)."""
+    :func:`cp_gather_bytes`), ``lora`` the adapters' (see :func:`lora_saved_per_token`); ``moe``
+    prices an MoE layer's router and experts instead of the dense MLP (:func:`moe_layer_bytes`,
+    experts split over ``etp``, routed token copies times ``imbalance``, and when ``working``
+    the dispatcher's buffers of the layer being computed)."""
     h, f = model.hidden_size, model.ffn_hidden_size
     split = tp if sequence_parallel else 1
     if recompute:
         return 2 * tokens * h / split  # the layer input only
     g = model.num_query_groups / model.num_attention_heads
     # QKV output (Q, K, V), rotary Q and K, attention output, SwiGLU input
-    sharded = (6 + 6 * g) * h + 4 * f
+    sharded = (6 + 6 * g) * h + (0 if moe else 4 * f)
     if lora_on(lora):
         replicated, adapted, whole = lora_saved_per_token(model, lora, attention_backend, split)
         sharded += adapted
     else:
-        replicated, whole = 8 * h, 0.0  # norm inputs (2), QKV input, fc1 input: split by SP only
-        sharded += 2 * f  # fc2 input (the SwiGLU output)
+        # norm inputs (2), QKV input, fc1 (MoE: router) input: split by SP only
+        replicated, whole = 8 * h, 0.0
+        sharded += 0 if moe else 2 * f  # fc2 input (the SwiGLU output)
+    if moe:
+        whole += moe_layer_bytes(model, tokens / split, etp, imbalance, working) / tokens
     # bf16: the factor 2 is in the counts
     saved = tokens * (replicated / split + sharded / tp + whole)
     if attention_backend == "unfused":
@@ -172,6 +263,19 @@ def layer_activation_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence
     if attention_backend == "sdpa" and cp > 1:
         saved += cp_gather_bytes(model, tokens=tokens, seq=seq, tp=tp, cp=cp)
     return saved
+
+
+def moe_layer_bytes(model: ModelConfig, tokens: float, etp: int, imbalance: float = 1.0,
+                    working: bool = False) -> float:
+    """What an MoE layer's router and experts save for ``tokens`` tokens of this rank (after the
+    SP split), bytes: ``ROUTER_BYTES`` per token x expert, and per routed token copy (n = tokens x
+    k x ``etp`` x ``imbalance``) the experts' saved GEMM/SwiGLU inputs and ``COPY_BYTES``; when
+    ``working``, the dispatcher's ``DISPATCH_BUFFERS`` [n, h] buffers too (module docstring)."""
+    shapes = layer_kinds(model)[1]
+    h, F = shapes.hidden, shapes.expert_ffn / etp
+    copies = tokens * shapes.topk * etp * imbalance
+    per_copy = 2 * h + (4 + 2 + 2) * F + COPY_BYTES + (DISPATCH_BUFFERS * 2 * h if working else 0)
+    return ROUTER_BYTES * tokens * shapes.experts + copies * per_copy
 
 
 def cp_gather_bytes(model: ModelConfig, *, tokens: int, seq: int, tp: int, cp: int) -> float:
@@ -194,7 +298,7 @@ def lora_saved_per_token(model: ModelConfig, lora: LoraConfig, attention_backend
     shapes, r = layer_shapes(model), lora.rank
     keep = 3 if lora.dropout else 2
     replicated, sharded, whole = 4.0 * model.hidden_size, 0.0, 0.0  # the two norm inputs
-    for t in lora.targets:
+    for t in lora_targets_of(shapes, lora.targets):
         n_in = lora_targets.gemm(shapes, t)[0]
         if t in LORA_COLUMN_TARGETS:
             # per-projection members of one projection share its input (and its TE
@@ -236,21 +340,42 @@ def stage_memory(model: ModelConfig, *, tp: int, pp: int, vpp: Optional[int], cp
                  ref: str = "live", logprob_chunk: int = LOGPROB_CHUNK,
                  attention_backend: str = "te",
                  lora: Optional[LoraConfig] = None,
-                 layers: Optional[int] = None) -> MemoryBreakdown:
+                 layers: Optional[int] = None, moe_layers: Optional[int] = None, ep: int = 1,
+                 etp: Optional[int] = None) -> MemoryBreakdown:
     """Predicted memory of one GPU on pipeline stage ``stage``, which holds ``layers``
-    transformer layers (None: num_layers / pp), see the module docstring."""
+    transformer layers (None: num_layers / pp), ``moe_layers`` of them MoE layers (None: those
+    of an even split's stage) with experts over ``ep`` x ``etp`` (None: tp), see the module
+    docstring."""
     layers = model.num_layers // pp if layers is None else layers
-    params = stage_parameters(model, tp, pp, stage, layers)
+    if moe_layers is None:
+        moe_layers = stage_moe_layers(model, (layers,) * pp, stage, vpp) if model.is_moe else 0
+    etp = etp or tp
+    params, experts = stage_parameter_parts(model, tp, pp, stage, layers, moe_layers=moe_layers,
+                                            ep=ep, etp=etp)
     adapters = layers * lora_layer_parameters(model, lora, tp)
-    trainable = adapters if lora_on(lora) else params
+    trainable = adapters if lora_on(lora) else params + experts
+    expert_dp = tp * cp * dp // (ep * etp)  # world / (etp x ep x pp)
+    optimizer = (12 * adapters / (dp * cp) if lora_on(lora)
+                 else 12 * params / (dp * cp) + 12 * experts / max(expert_dp, 1))
     tokens = seq_length // cp * 2 * micro_batch_size
     per_layer = dict(tokens=tokens, tp=tp, sequence_parallel=sequence_parallel,
                      seq=seq_length // cp, attention_backend=attention_backend, lora=lora, cp=cp)
-    stored = layer_activation_bytes(model, recompute=recompute, **per_layer)
-    working = layer_activation_bytes(model, recompute=False, **per_layer)
-    layers_per_chunk = layers // (vpp or 1)
+    layers_per_chunk = layers / (vpp or 1)
     chunks = in_flight_chunks(pp, vpp, stage, num_microbatches)
-    activations = chunks * layers_per_chunk * stored + working
+
+    def saved(imbalance):
+        stored = layer_activation_bytes(model, recompute=recompute, **per_layer)
+        working = layer_activation_bytes(model, recompute=False, **per_layer)
+        if moe_layers:
+            moe = dict(moe=True, etp=etp, imbalance=imbalance)
+            mixed = layer_activation_bytes(model, recompute=recompute, **per_layer, **moe)
+            stored += moe_layers / layers * (mixed - stored)
+            working = max(working if moe_layers < layers else 0.0, layer_activation_bytes(
+                model, recompute=False, working=True, **per_layer, **moe))
+        return chunks * layers_per_chunk * stored + working
+
+    activations = saved(1.0)
+    imbalance = saved(MOE_IMBALANCE) - activations if moe_layers else 0.0
     if attention_backend == "sdpa" and cp > 1:  # model.context_parallel_mask: bf16 [s/cp, s]
         activations += chunks * 2 * seq_length // cp * seq_length
     logits = 0.0
@@ -269,11 +394,12 @@ def stage_memory(model: ModelConfig, *, tp: int, pp: int, vpp: Optional[int], cp
         logits += inputs
     # a live reference with LoRA is the same weights with the adapters off: no copy
     live_copy = loss in REFERENCE_LOSSES and ref == "live" and not lora_on(lora)
-    reference = 2 * params if live_copy else 0.0
-    return MemoryBreakdown(weights=2 * (params + adapters) / GB, grads=4 * trainable / GB,
-                           optimizer=12 * trainable / (dp * cp) / GB, reference=reference / GB,
-                           activations=activations / GB, logits=logits / GB,
-                           overhead=OVERHEAD_GB, stage=stage)
+    reference = 2 * (params + experts) if live_copy else 0.0
+    return MemoryBreakdown(weights=2 * (params + experts + adapters) / GB,
+                           grads=4 * trainable / GB, optimizer=optimizer / GB,
+                           reference=reference / GB, activations=activations / GB,
+                           logits=logits / GB, overhead=OVERHEAD_GB, stage=stage,
+                           imbalance=imbalance / GB)
 
 
 def stage_breakdowns(model: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optional[int] = None,
@@ -283,7 +409,8 @@ def stage_breakdowns(model: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optio
                      recompute: bool = False, ref: str = "live",
                      logprob_chunk: int = LOGPROB_CHUNK, attention_backend: str = "te",
                      lora: Optional[LoraConfig] = None, first_stage_layers: Optional[int] = None,
-                     last_stage_layers: Optional[int] = None) -> tuple:
+                     last_stage_layers: Optional[int] = None, ep: int = 1,
+                     etp: Optional[int] = None) -> tuple:
     """Memory of the first and (when pp > 1) the last pipeline stage, each priced with its own
     layer count (``pipeline_split.stage_layer_counts``); of an uneven split also the first
     middle stage (stage 1: the most in-flight micro-batches of the middle ones, which hold the
@@ -291,7 +418,8 @@ def stage_breakdowns(model: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optio
 
     ``sequence_parallel`` None means on when tp > 1; ``num_microbatches`` None means plenty
     (at least pp x vpp, the pipeline is full); ``lora`` a LoraConfig (None or rank 0: full
-    fine-tuning); ``first/last_stage_layers`` an uneven split (None: even).
+    fine-tuning); ``first/last_stage_layers`` an uneven split (None: even); ``ep`` and ``etp``
+    (None: tp) the expert layout of an MoE model.
     """
     sp = tp > 1 if sequence_parallel is None else sequence_parallel
     nm = num_microbatches or pp * (vpp or 1)
@@ -301,7 +429,8 @@ def stage_breakdowns(model: ModelConfig, *, tp: int = 1, pp: int = 1, vpp: Optio
                               seq_length=seq_length, micro_batch_size=micro_batch_size,
                               num_microbatches=nm, loss=loss, recompute=recompute, stage=s, ref=ref,
                               logprob_chunk=logprob_chunk, attention_backend=attention_backend,
-                              lora=lora, layers=counts[s])
+                              lora=lora, layers=counts[s], ep=ep, etp=etp,
+                              moe_layers=stage_moe_layers(model, counts, s, vpp))
                  for s in sorted({0, pp - 1} | ({1} if uneven and pp > 2 else set())))
 
 

@@ -1,7 +1,8 @@
 """``megasimpo plan``: the layout and per-GPU memory the planner picks, as a table or JSON.
 
     python -m megasimpo plan (--hf-config FILE | --load CKPT) --gpus N [--gpus-per-node 8]
-        [--gpu-mem-gb 80] [--seq-length N] [--loss simpo|dpo] [--lora-rank R [--lora-alpha A]
+        [--gpu-mem-gb 80] [--seq-length N] [--loss simpo|dpo] [--ep N] [--etp N]
+        [--moe-dispatcher alltoall|allgather] [--lora-rank R [--lora-alpha A]
         [--lora-targets T ...]] [--json] [--simulate [--rank R]]
 
 Nothing is started: no GPU, no process group. Impossible requests print
@@ -21,7 +22,8 @@ PARTS = (("weights", "weights (bf16)"), ("grads", "gradients (fp32, trainable)")
          ("optimizer", "optimizer (fp32 master + Adam, / DP*CP)"),
          ("reference", "reference model (bf16, live DPO)"),
          ("activations", "activations (in-flight micro-batches)"),
-         ("logits", "logits / log-prob buffers"), ("overhead", "CUDA context, NCCL, slack"))
+         ("logits", "logits / log-prob buffers"), ("overhead", "CUDA context, NCCL, slack"),
+         ("imbalance", "MoE routing imbalance headroom"))
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -43,6 +45,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     for name in ("tp", "pp", "vpp", "cp", "micro-batch-size", "first-stage-layers",
                  "last-stage-layers"):
         p.add_argument(f"--{name}", type=int, help="fix this part of the layout, plan the rest")
+    p.add_argument("--ep", type=int, help="fix the expert-parallel size of an MoE model (default: "
+                   "planned; it must divide the experts)")
+    p.add_argument("--etp", type=int, help="fix the expert tensor-parallel size (default 1)")
+    p.add_argument("--moe-dispatcher", choices=("alltoall", "allgather"), default=None,
+                   help="MoE token dispatcher (default alltoall)")
     p.add_argument("--recompute", action=argparse.BooleanOptionalAction, default=None,
                    help="force full activation recompute on/off")
     p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
@@ -99,13 +106,17 @@ def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> s
     lines = [
         f"model   {m.architecture}: {m.num_layers} layers, hidden {m.hidden_size}, "
         f"ffn {m.ffn_hidden_size}, {m.num_attention_heads} heads / {m.num_query_groups} KV heads, "
-        f"vocab {m.vocab_size}, {parameter_count(m.num_parameters)} parameters",
+        f"vocab {m.vocab_size}, {parameter_count(m.num_parameters)} parameters"
+        + (f"; {m.num_experts} experts of width {m.moe_ffn_hidden_size}, top-"
+           f"{m.experts_per_token}" if m.num_experts else ""),
         f"train   {_trainable(plan)}",
         f"world   {plan.world_size} GPUs ({gpus_per_node} per node, {plan.gpu_mem_gb:g} GB each), "
         f"seq {plan.seq_length}, loss {plan.loss}, attention {plan.attention_backend}",
         f"layout  TP={lay.tp}  PP={lay.pp}  VPP={lay.vpp or '-'}  CP={lay.cp}  DP={lay.dp}  "
         f"SP={'on' if lay.sequence_parallel else 'off'}  "
         f"recompute={'full' if plan.recompute else 'off'}"
+        + (f"  EP={lay.ep}  ETP={lay.expert_tp}  dispatcher {lay.moe_dispatcher}"
+           if m.num_experts else "")
         + (f"  layers/stage {'+'.join(map(str, lay.stage_layers(m.num_layers)))}"
            if lay.first_stage_layers else ""),
         f"batch   {plan.micro_batch_size} pair(s) per micro-batch x {plan.num_microbatches} "
@@ -119,6 +130,8 @@ def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> s
     width = max(len(label) for _, label in PARTS)
     lines.append(f"{'memory, GB per GPU':<{width + 2}}" + "".join(f"{n:>13}" for n in names))
     for key, label in PARTS:
+        if key == "imbalance" and not m.num_experts:
+            continue
         lines.append(f"  {label:<{width}}" + "".join(f"{getattr(s, key):13.2f}" for s in stages))
     budget = planner.MEMORY_FRACTION * plan.gpu_mem_gb
     lines.append(f"  {'total':<{width}}" + "".join(f"{s.total:13.2f}" for s in stages))
@@ -194,8 +207,8 @@ def refuse(args, model: ModelConfig, result: planner.Plan, simulated: dict) -> s
     except ValueError:
         return why + "; no other layout fits either"
     flags = (f"--tp {nxt.layout.tp} --pp {nxt.layout.pp} --vpp {nxt.layout.vpp or 1} "
-             f"--cp {nxt.layout.cp} "
-             f"--micro-batch-size {nxt.micro_batch_size}"
+             f"--cp {nxt.layout.cp} " + (f"--ep {nxt.layout.ep} " if model.num_experts else "")
+             + f"--micro-batch-size {nxt.micro_batch_size}"
              + (" --recompute" if nxt.recompute else " --no-recompute"))
     return why + f"; the next layout is {flags} ({nxt.memory.total:.1f} GB predicted): simulate it"
 
@@ -219,6 +232,9 @@ def format_simulation(plan: planner.Plan, sims: list) -> str:
     """Simulated (measured on fake tensors) against predicted memory, per simulated rank."""
     by_stage = {m.stage: m for m in (plan.stages or (plan.memory,))}
     lines = ["", "simulated (one real step on fake tensors) vs memory model, GB"]
+    if plan.memory.imbalance:
+        lines.append("  MoE: simulated under uniform routing (every expert gets tokens x top-k / "
+                     "experts); compared with the model without its imbalance headroom")
     for r in sims:
         sim, model = simulated_gb(r), by_stage.get(r["stage"], plan.memory)
         lines.append(f"  rank {r['rank']} (pipeline stage {r['stage']})"
@@ -227,9 +243,10 @@ def format_simulation(plan: planner.Plan, sims: list) -> str:
             pred = getattr(model, key)
             ratio = f"{sim[key] / pred:11.2f}" if pred else f"{'-':>11}"
             lines.append(f"    {key:<36}{sim[key]:10.2f}{pred:10.2f}{ratio}")
-        tensors = model.total - model.overhead
+        tensors = model.total - model.overhead - model.imbalance
         lines.append(f"    {'total, tensors':<36}{sim['tensors']:10.2f}{tensors:10.2f}"
                      f"{sim['tensors'] / tensors:11.2f}")
+        predicted = model.total - model.imbalance  # uniform routing, as simulated
         lines.append(f"    {'total, + fixed overhead':<36}{sim['total']:10.2f}"
-                     f"{model.total:10.2f}{sim['total'] / model.total:11.2f}")
+                     f"{predicted:10.2f}{sim['total'] / predicted:11.2f}")
     return "\n".join(lines)

@@ -15,6 +15,17 @@ fastest one that fits in ``MEMORY_FRACTION`` of the GPU, by this preference orde
    ``VPP_STEP_COST`` per extra virtual stage (each adds a point-to-point hop per micro-batch);
 6. then more CP for long sequences (less TP otherwise), larger TP, less memory.
 
+Mixture-of-experts models (``ModelConfig.num_experts``) also get an expert layout: EP dividing
+the experts, ETP 1 unless fixed (``--etp``), with ETP x EP x PP dividing the world (the expert-DP
+group, world / (ETP x EP x PP), shards the experts' optimizer state). EP is not part of the
+model-parallel size above (it takes its ranks from TP x CP x DP); right after recompute (1.) a
+layout ranks by whether its all-to-all stays inside a node (ETP x EP <= ``gpus_per_node``: EP
+across nodes only when no in-node layout fits), then, after TP x PP x CP, by the largest EP
+inside a node (fewest expert weights, gradients and
+optimizer state per GPU) or the smallest one across nodes. The memory model prices MoE layers'
+dispatcher buffers under uniform routing plus its ``MOE_IMBALANCE`` headroom (dropless routing
+is never uniform). The dispatcher is alltoall unless fixed (``--moe-dispatcher``).
+
 Memory per layout comes from ``megasimpo.memory_model`` (its docstring has the model), the reasons
 text from ``megasimpo.planner_reasons``. With LoRA (``lora``) the base is frozen: bf16 weights
 only, gradients and optimizer state of the adapters, so a model plans on far fewer GPUs.
@@ -40,7 +51,7 @@ CP_SIZES = (1, 2, 4, 8, 16)
 MIN_TOKENS_PER_CP_RANK = 1024
 OVERRIDABLE = ("tp", "pp", "vpp", "cp", "micro_batch_size", "recompute", "sequence_parallel",
                "first_stage_layers", "last_stage_layers", "ep", "etp", "moe_dispatcher")
-EXPERT = ("ep", "etp", "moe_dispatcher")  # the expert layout (fixed by flags for now)
+EXPERT = ("ep", "etp", "moe_dispatcher")  # the expert layout (EP is planned unless fixed)
 SPLIT_MIDDLES = 3  # uneven splits: the fullest middle stages tried (``_choose_split``)
 SPLIT = ("first_stage_layers", "last_stage_layers")
 
@@ -106,7 +117,7 @@ def layout_key(layout) -> tuple:
         layout = {**dataclasses.asdict(layout.layout), "micro_batch_size": layout.micro_batch_size,
                   "recompute": layout.recompute}
     return tuple(layout.get(k) for k in ("tp", "pp", "vpp", "cp", "micro_batch_size",
-                                         "recompute", "sequence_parallel") + SPLIT)
+                                         "recompute", "sequence_parallel", "ep") + SPLIT)
 
 
 def _divisors(n: int) -> list:
@@ -150,10 +161,9 @@ def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq
                     continue  # the trainer needs whole, equal sequence shards
                 if gpus is not None and gpus % mp:
                     continue
-                if gpus is not None and gpus % ((fixed.get("etp") or tp) * fixed.get("ep", 1) * pp):
-                    continue  # the expert layout must tile the same ranks
                 dps = [gpus // mp] if gpus is not None else _divisors(global_batch_size)
-                for dp in dps:
+                for dp, (ep, etp) in ((d, e) for d in dps for e in _expert_layouts(
+                        model, mp * d, tp, pp, sp, fixed)):
                     for vpp in vpps:
                         if vpp and pp == 1:
                             continue
@@ -175,7 +185,21 @@ def _layouts(model: ModelConfig, gpus: Optional[int], *, gpus_per_node: int, seq
                             for rc in rcs:
                                 yield dict(tp=tp, pp=pp, vpp=vpp, cp=cp, dp=dp,
                                            sequence_parallel=sp, micro_batch_size=mbs,
-                                           num_microbatches=nm, recompute=rc, **split)
+                                           num_microbatches=nm, recompute=rc, ep=ep, etp=etp,
+                                           **split)
+
+
+def _expert_layouts(model: ModelConfig, world: int, tp: int, pp: int, sp: bool,
+                    fixed: dict) -> list:
+    """(ep, etp) pairs of a world of ``world`` ranks: dense models (1, None); MoE models every EP
+    dividing the experts (or the fixed one) with ETP 1 (or the fixed one) whose expert layout
+    etp x ep x pp tiles the world; Megatron needs sequence parallelism for TP > 1 with EP > 1."""
+    if not model.is_moe:
+        return [(1, None)]
+    etp = fixed.get("etp", 1)
+    eps = [fixed["ep"]] if "ep" in fixed else _divisors(model.num_experts)
+    return [(ep, etp) for ep in eps if world % (etp * ep * pp) == 0
+            and model.moe_ffn_hidden_size % etp == 0 and (sp or tp == 1 or ep == 1)]
 
 
 def _valid(num_layers: int, pp: int, vpp, split: dict) -> bool:
@@ -223,8 +247,10 @@ def _choose_split(model, layout: dict, work: dict) -> None:
     layout[SPLIT[0]], layout[SPLIT[1]] = best[1][0], best[1][2]
 
 
-def _rank(c: dict, seq_length: int, num_layers: int) -> tuple:
+def _rank(c: dict, seq_length: int, num_layers: int, gpus_per_node: int = 8) -> tuple:
     """Sort key: lower is faster (see the module docstring)."""
+    ep_ranks = c.get("ep", 1) * (c.get("etp") or c["tp"])
+    cross_node = c.get("ep", 1) > 1 and ep_ranks > gpus_per_node
     long_seq = seq_length >= LONG_SEQUENCE
     tokens = 2 * c["micro_batch_size"] * seq_length // c["cp"]
     vpp = c["vpp"] or 1
@@ -232,7 +258,8 @@ def _rank(c: dict, seq_length: int, num_layers: int) -> tuple:
     if c.get(SPLIT[0]) is not None:  # an uneven pipeline runs at its fullest stage's pace
         counts = stage_layer_counts(num_layers, c["pp"], c["vpp"], c[SPLIT[0]], c[SPLIT[1]])
         overhead += max(counts) * c["pp"] / sum(counts) - 1
-    return (c["recompute"], c["tp"] * c["pp"] * c["cp"], c["cp"] > 1 and not long_seq,
+    return (c["recompute"], cross_node, c["tp"] * c["pp"] * c["cp"],
+            ep_ranks if cross_node else -c.get("ep", 1), c["cp"] > 1 and not long_seq,
             -min(tokens, TARGET_TOKENS_PER_MICROBATCH), round(overhead, 6),
             -c["cp"] if long_seq else c["cp"], -c["tp"], c["memory"].total)
 
@@ -256,7 +283,9 @@ def _check_overrides(model: ModelConfig, gpus: int, overrides: dict) -> dict:
                          vpp=fixed.get("vpp") if "pp" in fixed else None, cp=fixed.get("cp", 1),
                          sequence_parallel=fixed.get("sequence_parallel") if "tp" in fixed
                          else None, **{k: fixed.get(k) for k in SPLIT},
-                         **{k: fixed[k] for k in EXPERT if k in fixed})
+                         **{k: fixed[k] for k in EXPERT if k in fixed and k != "etp"},
+                         **({"etp": fixed["etp"]} if "etp" in fixed else {}),
+                         **({"etp": 1} if model.is_moe and "etp" not in fixed else {}))
     if any(k in fixed for k in SPLIT):  # at PP=2 one count gives the other
         fixed.update({k: getattr(lay, k) for k in SPLIT})
     return fixed
@@ -366,7 +395,7 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
     feasible = [c for c in candidates if c["memory"].total <= budget]
     if not feasible:
         raise ValueError(_no_fit_message(model, gpus, budget, gpu_mem_gb, work, fixed, search))
-    best = min(feasible, key=lambda c: _rank(c, seq_length, model.num_layers))
+    best = min(feasible, key=lambda c: _rank(c, seq_length, model.num_layers, gpus_per_node))
     why = reasons(model, best, candidates, fixed, gpus=gpus, gpus_per_node=gpus_per_node,
                   budget=budget, gpu_mem_gb=gpu_mem_gb, seq_length=seq_length, loss=loss, ref=ref,
                   global_batch_size=global_batch_size, long_sequence=LONG_SEQUENCE, lora=lora,
@@ -375,9 +404,11 @@ def plan(model: ModelConfig, gpus: int, *, gpus_per_node: int = 8, gpu_mem_gb: f
     layout = {k: v for k, v in best.items() if k != "memory"}
     split = {k: layout.pop(k) for k in ("tp", "pp", "vpp", "cp", "dp", "sequence_parallel")
              + SPLIT}
-    expert = {k: fixed[k] for k in EXPERT if k in fixed}
-    return Plan(layout=Layout(**split, **expert), **layout, global_batch_size=global_batch_size,
+    expert = {k: layout.pop(k) for k in ("ep", "etp")}
+    dispatcher = {"moe_dispatcher": fixed["moe_dispatcher"]} if "moe_dispatcher" in fixed else {}
+    return Plan(layout=Layout(**split, **expert, **dispatcher), **layout, global_batch_size=global_batch_size,
                 seq_length=seq_length, loss=loss, gpu_mem_gb=gpu_mem_gb, memory=best["memory"],
-                stages=stage_breakdowns(model, **work, **split, **layout), reasons=tuple(why),
+                stages=stage_breakdowns(model, **work, **split, **expert, **layout),
+                reasons=tuple(why),
                 ref=ref, logprob_chunk=logprob_chunk, attention_backend=attention_backend,
                 lora=lora, trainable_parameters=trainable, total_parameters=total)

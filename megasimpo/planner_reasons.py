@@ -35,8 +35,32 @@ def describe(c: dict) -> str:
     vpp = f" vpp={c['vpp']}" if c["vpp"] else ""
     if c.get("first_stage_layers") not in (None, "?"):
         vpp += f" layers {c['first_stage_layers']}/../{c['last_stage_layers']}"
+    if c.get("ep", 1) > 1:
+        vpp += f" ep={c['ep']}"
     return (f"tp={c['tp']} pp={c['pp']}{vpp} cp={c['cp']} dp={c['dp']}, micro-batch "
             f"{c['micro_batch_size']}{', full recompute' if c['recompute'] else ''}")
+
+def expert_reason(model: ModelConfig, best: dict, candidates: list, fixed: dict, gpus: int,
+                  gpus_per_node: int, budget: float) -> str:
+    """EP (and ETP) of an MoE plan in words: the rule that chose it (``planner`` docstring)."""
+    ep, etp, pp = best["ep"], best["etp"] or best["tp"], best["pp"]
+    edp = gpus // (etp * ep * pp)
+    if "ep" in fixed:
+        why = "fixed by override"
+    elif ep * etp > gpus_per_node:
+        why = (f"no layout with the expert all-to-all inside one node of {gpus_per_node} GPUs "
+               "fits, so the smallest EP across nodes that does")
+    else:
+        why = (f"the largest EP that divides the {model.num_experts} experts and keeps each "
+               f"all-to-all inside a node of {gpus_per_node} GPUs at this TP x PP x CP (fewest "
+               "expert weights, gradients and optimizer state per GPU)")
+    return (f"EP={ep} ETP={etp}{' (fixed by override)' if 'etp' in fixed else ''}: "
+            f"{model.num_experts // ep} of the {model.num_experts} experts per GPU, each "
+            f"{model.moe_ffn_hidden_size // etp} wide; {why}; expert parameters are "
+            f"data-parallel over {gpus} / (ETP x EP x PP) = {edp} ranks, which shard their "
+            f"optimizer state; dropless routing: {best['memory'].imbalance:.1f} GB of headroom "
+            "for uneven routing")
+
 
 def leanest(candidates: list, keep) -> Optional[dict]:
     """The candidate of least memory among those ``keep`` accepts; None when there is none."""
@@ -63,8 +87,11 @@ def reasons(model: ModelConfig, best: dict, candidates: list, fixed: dict, *, gp
         return c["memory"].total <= budget
 
     out = []
-    smaller = leanest(candidates,
-                       lambda c: c["tp"] * c["pp"] * c["cp"] < mp and c["recompute"] == rc)
+    def cross_node(c):  # EP across nodes ranks after EP inside one (planner docstring)
+        return c.get("ep", 1) > 1 and c.get("ep", 1) * (c.get("etp") or c["tp"]) > gpus_per_node
+
+    smaller = leanest(candidates, lambda c: c["tp"] * c["pp"] * c["cp"] < mp
+                      and c["recompute"] == rc and cross_node(c) == cross_node(best))
     if smaller:
         out.append(f"TP x PP x CP = {mp} GPUs per model replica is the smallest split that fits: "
                    f"the leanest smaller one ({describe(smaller)}) needs "
@@ -103,6 +130,8 @@ def reasons(model: ModelConfig, best: dict, candidates: list, fixed: dict, *, gp
         out.append(f"CP=1{tag('cp')}: " + ("the activations fit without splitting sequences"
                                            if seq_length < long_sequence else
                                            "no context-parallel split fits or helps here"))
+    if model.num_experts:
+        out.append(expert_reason(model, best, candidates, fixed, gpus, gpus_per_node, budget))
     out.append(f"DP={dp} = {gpus} GPUs / {mp}; the distributed optimizer shards fp32 master "
                f"weights and Adam moments{' of the adapters' if lora_on(lora) else ''} over "
                f"DP x CP = {dp * cp} ranks")

@@ -15,6 +15,16 @@ the layer spec is the local one with SDPA attention (a flash kernel on CPU too: 
 log-sum-exp saved, no score matrix), and data-dependent scalars of fake tensors read 1.0 (the
 gradient norm, the metrics) or 0.0 (Megatron's found-inf flag, so the update runs). Only the
 allocator's own slack is not seen (``memory_model.OVERHEAD_GB``).
+
+Mixture-of-experts ranks run Megatron's MoELayer with the alltoall dispatcher, but fake tensors
+cannot route: the dispatcher reads per-expert token counts on the host to size its all-to-all
+and split the tokens among the local experts. The simulation therefore states its routing:
+**uniform routing** -- every expert receives exactly ``tokens x top-k / experts`` token copies
+from every rank (``_uniform_routing``: the counts the dispatcher reads are these, and its
+permutation is the static capacity-shaped one, which for a perfectly balanced router is the
+dropless one). The router itself (gating GEMM, softmax, top-k) runs as built. A real router is
+never this even: the memory model's ``MOE_IMBALANCE`` headroom (its own line of the plan) is what
+the planner keeps for that, and is not simulated.
 """
 
 import contextlib
@@ -61,7 +71,9 @@ def train_config(plan, model: ModelConfig, workdir: str, *, loss: LossConfig, re
         gpu_mem_gb=plan.gpu_mem_gb, global_batch_size=plan.global_batch_size,
         seq_length=plan.seq_length, steps=SIM_STEPS, precision=precision, pack=False,
         logprob_chunk=logprob_chunk, attention_backend=attention_backend,
-        lora=plan.lora or LoraConfig())  # a LoRA plan simulates LoRA
+        lora=plan.lora or LoraConfig(),  # a LoRA plan simulates LoRA
+        **({"ep": lay.ep, "etp": lay.etp, "moe_dispatcher": lay.moe_dispatcher}
+           if model.num_experts else {}))
 
 
 def _label(trainer, tracker: MemoryTracker) -> None:
@@ -169,6 +181,60 @@ def _l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
 
 
 @contextlib.contextmanager
+def _uniform_routing(fake: bool):
+    """While simulating an MoE rank on fake tensors: the alltoall dispatcher's host-side token
+    counts are those of uniform routing (each expert gets ``tokens x topk // experts`` copies from
+    every rank of its TP x EP group) and its first permutation is the capacity-shaped one (static
+    shapes; for balanced routing exactly the dropless result). See the module docstring."""
+    if not fake:
+        yield
+        return
+    import numpy as np
+    import torch
+    from megatron.core.transformer.moe import token_dispatcher as td
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    cls = td.MoEAlltoAllTokenDispatcher
+    orig_preprocess, orig_permute, orig_sort = cls.preprocess, td.permute, td.sort_chunks_by_idxs
+    chunk = [0]  # token copies per (source rank, local expert) chunk: all equal when uniform
+
+    def preprocess(self, routing_map):
+        orig_preprocess(self, routing_map)  # the same tensors (and sync points) as a real rank
+        per = routing_map.size(0) * self.config.moe_router_topk // self.num_experts
+        local, ranks = self.num_local_experts, self.tp_size * self.ep_size
+        self.num_out_tokens, chunk[0] = per * self.num_experts, per
+        with unset_fake_temporarily():
+            self.input_splits = np.full(self.ep_size, per * local)
+            self.output_splits = np.full(self.ep_size, per * local)
+            self.output_splits_tp = np.full(self.tp_size, per * local * self.ep_size)
+            if local > 1:
+                self.num_global_tokens_per_local_expert = torch.full((ranks, local), per)
+            return torch.full((local,), per * ranks)
+
+    def permute(tokens, routing_map, probs=None, num_out_tokens=None, fused=False,
+                drop_and_pad=False):
+        return orig_permute(tokens, routing_map, probs, num_out_tokens, fused, True)
+
+    def sort_chunks_by_idxs(input, split_sizes, sorted_idxs, probs=None, fused=False):
+        # the dispatcher's count matrix and chunk order are fake tensors here; equal chunks
+        # make every order the same shapes
+        with unset_fake_temporarily():
+            sizes = torch.full(tuple(split_sizes.shape), chunk[0], dtype=torch.long)
+            order = torch.arange(sorted_idxs.numel())
+        return orig_sort(input, sizes, order, probs=probs, fused=fused)
+
+    patches = dict(permute=permute, sort_chunks_by_idxs=sort_chunks_by_idxs)
+    cls.preprocess = preprocess
+    for name, fn in patches.items():
+        setattr(td, name, fn)
+    try:
+        yield
+    finally:
+        cls.preprocess = orig_preprocess
+        td.permute, td.sort_chunks_by_idxs = orig_permute, orig_sort
+
+
+@contextlib.contextmanager
 def _fake_safe_kernels(fake: bool):
     """While simulating: ``Module.bfloat16`` by ``.data =`` (``Module._apply`` swaps fake
     parameters in place, which they refuse while the fake mode holds weak references to them)
@@ -206,7 +272,11 @@ def measure(cfg: TrainConfig, model: ModelConfig, *, fake: bool, steps: int = SI
     tracker = MemoryTracker(scalar=lambda t: 0.0 if any(t is f for f in flags) else 1.0,
                             overrides=_fake_op_overrides() if fake else None)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-    with fake_mode, tracker, _fake_safe_kernels(fake):
+    if fake and model.num_experts and cfg.moe_dispatcher != "alltoall":
+        raise ValueError(f"--moe-dispatcher {cfg.moe_dispatcher}: the simulation routes MoE "
+                         "tokens with the alltoall dispatcher only; simulate with "
+                         "--moe-dispatcher alltoall")
+    with fake_mode, tracker, _fake_safe_kernels(fake), _uniform_routing(fake and model.is_moe):
         with tracker.phase("other"):  # what _label does not claim stays "other"
             trainer = Trainer(cfg, random_init=model)
         with tracker.phase("optimizer"):  # torch's Adam makes its moments lazily: make them now

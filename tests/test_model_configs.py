@@ -26,7 +26,25 @@ PUBLISHED = {
     "qwen2.5_7b": ("Qwen2ForCausalLM", 7.62), "qwen2.5_72b": ("Qwen2ForCausalLM", 72.71),
     "qwen3_8b": ("Qwen3ForCausalLM", 8.19), "qwen3_32b": ("Qwen3ForCausalLM", 32.76),
     "mistral_nemo_12b": ("MistralForCausalLM", 12.25),
+    "qwen3_30b_a3b": ("Qwen3MoeForCausalLM", 30.53), "qwen3_235b_a22b": ("Qwen3MoeForCausalLM", 235.09),
+    "mixtral_8x7b": ("MixtralForCausalLM", 46.70), "mixtral_8x22b": ("MixtralForCausalLM", 140.63),
 }
+# MoE model cards give total and activated parameters to two or three digits (billions)
+PUBLISHED_MOE = {"qwen3_30b_a3b": (30.5, 3.3), "qwen3_235b_a22b": (235, 22),
+                 "mixtral_8x7b": (46.7, 12.9), "mixtral_8x22b": (141, 39)}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MOE))
+def test_bundled_moe_config_has_the_published_total_and_active_size(name):
+    from megasimpo.shapes import layer_shapes
+
+    total, active = PUBLISHED_MOE[name]
+    m = ModelConfig.from_hf(os.path.join(CONFIGS, f"{name}.json"))
+    layers = [layer_shapes(m, i) for i in range(m.num_layers)]
+    used = (sum(s.active_gemm_weights + s.replicated_parameters - s.router_parameters
+                for s in layers) + m.hidden_size + 2 * m.vocab_size * m.hidden_size)
+    assert m.num_parameters / 1e9 == pytest.approx(total, rel=0.01)
+    assert used / 1e9 == pytest.approx(active, rel=0.025)  # 3.37 B for "3.3 B"
 
 
 def test_every_bundled_config_is_covered():

@@ -157,3 +157,29 @@ def test_uneven_pipeline_stages_are_simulated_with_their_own_layers():
     sims = {r["stage"]: r for r in _simulated(plan, model)}
     for m in plan.stages:  # predicted weights of each stage, at its own layer count
         assert sims[m.stage]["static"]["weights"] == pytest.approx(m.weights, rel=0.02), m.stage
+
+
+def test_an_moe_rank_simulates_under_uniform_routing_as_predicted():
+    # A scaled-down Qwen3-MoE (one dense layer, 8 experts, top-2) at EP=2: the fake tensors
+    # cannot route, so the simulation gives the dispatcher uniform routing; the memory model
+    # without its imbalance headroom prices the same. Expert weights, gradients and optimizer
+    # state (sharded by EP, the optimizer's over expert-DP) are exactly the predicted bytes.
+    from megasimpo.config import ModelConfig
+    from megasimpo.plan_cmd import simulated_gb
+
+    moe = ModelConfig(architecture="Qwen3MoeForCausalLM", num_layers=4, hidden_size=256,
+                      ffn_hidden_size=512, num_attention_heads=4, num_query_groups=2, head_dim=64,
+                      vocab_size=512, max_position_embeddings=1024, qk_norm=True, num_experts=8,
+                      experts_per_token=2, moe_ffn_hidden_size=128, dense_layers=(0,),
+                      dtype="bfloat16")
+    plan = planner.plan(moe, 4, gpus_per_node=4, seq_length=512, global_batch_size=8,
+                        attention_backend="sdpa",
+                        overrides=dict(tp=1, pp=1, ep=2, micro_batch_size=1))
+    assert plan.layout.ep == 2 and plan.memory.imbalance > 0
+    sim = simulated_gb(_simulated(plan, moe, ranks=[0])[0])
+    m = plan.memory
+    for key in ("weights", "grads", "optimizer"):
+        assert sim[key] == pytest.approx(getattr(m, key), rel=1e-3), key
+    uniform = m.total - m.imbalance
+    assert sim["total"] == pytest.approx(uniform, rel=0.05)
+    assert sim["tensors"] == pytest.approx(uniform - m.overhead, rel=0.15)
