@@ -39,6 +39,7 @@ gradients), and the padding mask travels as an argument of the recomputed functi
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from megasimpo.parallel.groups import all_reduce_host
 
@@ -80,7 +81,7 @@ class RouterStats:
         self.replicas = lay.tp * lay.cp
         self.share_replicas = 1 if lay.sequence_parallel else lay.tp
         self.counts = torch.zeros(model_cfg.num_layers, self.experts, dtype=torch.float64)
-        self.aux = 0.0
+        self.aux, self.fake = 0.0, False
         for chunk in chunks:
             for layer in unwrap(chunk).decoder.layers:
                 if hasattr(layer.mlp, "router"):
@@ -108,8 +109,11 @@ class RouterStats:
             torch.distributed.all_reduce(totals, group=group)
         counts, n = totals[:-1], totals[-1].clamp(min=1.0)
         share = self.experts * ((counts / n) * (soft * real[:, None]).sum(0) / n).sum()
-        self.counts[index] += counts.double().cpu()
-        self.aux += float(share.detach()) * self.pairs / self.num_moe_layers
+        if is_fake(share):  # plan --simulate: shapes only, nothing to count
+            self.fake = True
+        else:
+            self.counts[index] += counts.double().cpu()
+            self.aux += float(share.detach()) * self.pairs / self.num_moe_layers
         if self.coeff:
             scale = self.coeff * self.pairs * self.groups.layout.cp / self.num_moe_layers
             probs = self.autoscaler.apply(probs, share * scale)
@@ -117,7 +121,9 @@ class RouterStats:
 
     def step_metrics(self) -> dict:
         """This step's ``moe/aux_loss`` and ``moe/load_imbalance`` (collective: every rank calls
-        it), and the counters reset."""
+        it), and the counters reset. Nothing under ``plan --simulate``'s fake tensors."""
+        if self.fake:
+            return {}
         aux = all_reduce_host(torch.tensor([self.aux], dtype=torch.float64))[0].item()
         counts = all_reduce_host(self.counts.clone()) / self.replicas
         moe = counts[counts.sum(1) > 0]
