@@ -31,6 +31,12 @@ with its own ``A`` and its ``B`` split over TP as the member's rows are (q, k an
 rank's query groups; gate and up rows of this rank's slice), whose outputs are laid out as this
 rank's fused output (QKV interleaved per local query group, ``hf.mapping.qkv_to_mcore``; fc1 gate
 then up). A member that is not a target adds zeros.
+
+On a mixture-of-experts model only the attention projections are targets
+(``lora_targets.check_model``: its MLPs are routed experts). Its attention is not split over
+expert parallelism, so the adapters are sharded as in a dense model; its checkpoint keys are per
+layer (``decoder.layers.{i}.``), which Megatron's block passes as the prefix with no layer
+offset, so :meth:`LoraAdapter.sharded_state_dict` serves both key layouts unchanged.
 """
 
 import contextlib

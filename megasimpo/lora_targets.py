@@ -73,7 +73,8 @@ def check_model(targets, model) -> None:
     if not getattr(model, "num_experts", 0) or not mlp:
         return
     given = " ".join(targets) + (" (the default)" if tuple(targets) == FUSED else "")
-    raise ValueError(f"--lora-targets {given}: {', '.join(mlp)} adapt the MLP, but "
+    verb = "adapts" if len(mlp) == 1 else "adapt"
+    raise ValueError(f"--lora-targets {given}: {', '.join(mlp)} {verb} the MLP, but "
                      f"{model.architecture} is a mixture-of-experts model. {MOE_FIX}")
 
 

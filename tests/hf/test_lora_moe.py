@@ -117,5 +117,5 @@ def test_mlp_targets_on_moe_are_refused(tree, tmp_path):
                                "--out", str(tmp_path / "o"), "--global-batch-size", "8",
                                "--lora-rank", "4", "--lora-targets", "q_proj", "gate_proj"],
                  cwd=ROOT, timeout=120)
-    assert p.returncode != 0 and "gate_proj adapt the MLP" in p.stderr, p.stderr[-2000:]
+    assert p.returncode != 0 and "gate_proj adapts the MLP" in p.stderr, p.stderr[-2000:]
     assert "Traceback" not in p.stderr and not os.path.exists(tmp_path / "o")
