@@ -44,15 +44,11 @@ def _train(rank, world, ckpt, data, out, layout):
             lora.parameter_counts(trainer.model))
 
 
-def _megasimpo(*args, world=1):
-    p = run_main("megasimpo", list(args), world_size=world, cwd=ROOT, timeout=300)
+def _score(ckpt, data, out):
+    """``megasimpo score`` of ``ckpt`` (one rank): [(chosen, rejected)] log-prob sums."""
+    p = run_main("megasimpo", ["score", "--load", ckpt, "--data", data, "--out", out,
+                               "--precision", "fp32"], cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-def _score(ckpt, data, out, *flags):
-    _megasimpo("score", "--load", ckpt, "--data", data, "--out", out, "--precision", "fp32",
-               *flags, world=2 if flags else 1)
     return _scored([json.loads(line) for line in open(out)])
 
 
@@ -86,7 +82,6 @@ def test_lora_on_moe_at_ep2_equals_single_rank_and_exports_to_peft(tree, tmp_pat
     trained = os.path.join(run, "final_model")
     scored = _score(trained, data, str(tmp_path / "trained.jsonl"))
     assert _rel(scored, _sums(load(hf), pairs)) > 1e-3, "the adapters changed nothing"
-    assert _rel(_score(trained, data, str(tmp_path / "ep.jsonl"), "--ep", "2"), scored) <= 1e-5
     adapter = str(tmp_path / "adapter")
     assert "wrote" in cli("export", "--load", trained, "--out", adapter, "--adapter-only").stdout
     from peft import PeftModel
