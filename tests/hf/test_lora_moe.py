@@ -108,6 +108,21 @@ def test_mlp_targets_on_moe_are_refused(tree, tmp_path):
         with pytest.raises(ValueError, match="mixture-of-experts"):  # what the planner prices
             layer_shapes(model, 1).lora_parameters(4, cfg.targets)
     lora_targets.check_model(LoraConfig(rank=4, targets=TARGETS).targets, model)
+    # A PEFT adapter of an expert (and one of the dense layer 0's MLP) does not import.
+    import torch
+    from safetensors.torch import save_file
+
+    from megasimpo.hf import peft_adapter
+
+    for module in ("1.mlp.experts.0.gate_proj", "0.mlp.down_proj"):
+        peft = tmp_path / module
+        peft.mkdir()
+        (peft / "adapter_config.json").write_text(json.dumps(
+            {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["gate_proj"]}))
+        save_file({f"base_model.model.model.layers.{module}.lora_{w}.weight": torch.zeros(4, 4)
+                   for w in "AB"}, str(peft / "adapter_model.safetensors"))
+        with pytest.raises(ValueError, match=f"{module}, an MLP module of the mixture-of-experts"):
+            peft_adapter.read(str(peft), model)
     p = run_main("megasimpo", ["train", "--load", tree["ckpt"], "--data", tree["data"],
                                "--out", str(tmp_path / "o"), "--global-batch-size", "8",
                                "--lora-rank", "4", "--lora-targets", "q_proj", "gate_proj"],
