@@ -240,8 +240,9 @@ def read(adapter_dir: str, m: ModelConfig, *, hf_dir: Optional[str] = None) -> t
     r, shapes, found = cfg["r"], module_shapes(m), {}
     mlp = sorted({n.split(".lora_")[0] for n in tensors if ".mlp." in n})
     if m.num_experts and mlp:  # experts (``mlp.experts.{e}.gate_proj``) or a dense MLP
-        raise ValueError(f"{path}: adapts {mlp[0]}{f' and {len(mlp) - 1} more' if len(mlp) > 1 else ''}"
-                         f", an MLP module of the mixture-of-experts base {m.architecture}. "
+        more = f" and {len(mlp) - 1} more" if len(mlp) > 1 else ""
+        raise ValueError(f"{path}: adapts {mlp[0]}{more}, an MLP module of the "
+                         f"mixture-of-experts base {m.architecture}. "
                          f"{lora_targets.MOE_FIX}; or {_FIX}")
     for name, t in tensors.items():
         match = _KEY.fullmatch(name)
