@@ -31,6 +31,12 @@ with its own ``A`` and its ``B`` split over TP as the member's rows are (q, k an
 rank's query groups; gate and up rows of this rank's slice), whose outputs are laid out as this
 rank's fused output (QKV interleaved per local query group, ``hf.mapping.qkv_to_mcore``; fc1 gate
 then up). A member that is not a target adds zeros.
+
+On a mixture-of-experts model only the attention projections are targets
+(``lora_targets.check_model``: its MLPs are routed experts). Its attention is not split over
+expert parallelism, so the adapters are sharded as in a dense model; its checkpoint keys are per
+layer (``decoder.layers.{i}.``), which Megatron's block passes as the prefix with no layer
+offset, so :meth:`LoraAdapter.sharded_state_dict` serves both key layouts unchanged.
 """
 
 import contextlib
@@ -230,9 +236,12 @@ def _targets(layer):
 
 
 def check_fits(cfg: LoraConfig, model) -> None:
-    """ValueError when the rank exceeds a target's width (in or out features), naming it."""
+    """ValueError when a target does not exist in ``model`` (an MLP target of a
+    mixture-of-experts model: ``lora_targets.check_model``) or the rank exceeds a target's width
+    (in or out features), naming it."""
     from megasimpo.shapes import layer_shapes
 
+    lora_targets.check_model(cfg.targets, model)
     shapes = layer_shapes(model)
     for target in cfg.targets:
         n_in, n_out = lora_targets.gemm(shapes, target)
@@ -257,17 +266,20 @@ def apply(chunks: list, cfg: LoraConfig, *, seed: int, tp_group=None) -> list:
                   "up_proj": c.ffn_hidden_size}
         for layer in chunk.decoder.layers:
             for target, (parent, name) in _targets(layer).items():
-                base = getattr(parent, name)
+                if not lora_targets.members(target, cfg.targets):
+                    continue  # (an MoE layer's mlp has no linear_fc1: never looked up)
+                base = getattr(parent, name, None)
+                if base is None:
+                    raise ValueError(f"layer {layer.layer_number} has no {target} to adapt "
+                                     f"(its MLP is routed experts). {lora_targets.MOE_FIX}")
                 if lora_targets.is_split(cfg.targets, target):
                     adapter = SplitAdapter(base, target, cfg, tp_group=tp_group,
                                            layer=layer.layer_number, seed=seed, widths=widths,
                                            groups=c.num_query_groups)
-                elif target in cfg.targets:
+                else:
                     adapter = LoraAdapter(base, target, cfg, tp_group=tp_group,
                                           layer=layer.layer_number, seed=seed,
                                           gated=gated and target == "linear_fc1")
-                else:
-                    continue
                 parent.add_module(name + SUFFIX, adapter)
                 base.register_forward_hook(_hook(adapter))
     return chunks

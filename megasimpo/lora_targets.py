@@ -14,6 +14,11 @@ fused projections of Megatron's layer:
 ``linear_proj`` and ``linear_fc2`` are one projection each, so PEFT's ``o_proj`` and
 ``down_proj`` are the same targets and are mapped to them. PEFT's ``all-linear`` is every
 projection, per projection. Pure names and arithmetic: no torch, no megasimpo imports.
+
+On a mixture-of-experts model only the attention targets (:data:`ATTENTION`) exist: its MLPs
+are routed experts (and a router, never a target), and adapters on them are refused
+(:func:`check_model`), on its dense MLP layers too (Qwen3-MoE's ``mlp_only_layers``), so that
+every layer of an MoE model carries the same adapters.
 """
 
 FUSED = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")  # the default targets
@@ -29,6 +34,12 @@ HF_MODULE = {**{t: t for s in SPLIT.values() for t in s},
              **{v: k for k, v in ALIASES.items()}}
 PEFT_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COLUMN = ("linear_qkv", "linear_fc1") + tuple(t for s in SPLIT.values() for t in s)
+# The targets of the attention projections: those an MoE model takes (the rest adapt the MLP).
+ATTENTION = tuple(t for t in ORDER if PROJECTION[t] in ("linear_qkv", "linear_proj"))
+MOE_FIX = ("LoRA on a mixture-of-experts model adapts the attention projections only (not the "
+           "experts, the router, nor the model's dense MLP layers): pass --lora-targets "
+           "linear_qkv linear_proj (fused), or some of q_proj k_proj v_proj o_proj (per "
+           "projection, PEFT's names)")
 
 
 def normalize(targets) -> tuple:
@@ -55,6 +66,18 @@ def normalize(targets) -> tuple:
     return tuple(t for t in ORDER if t in out)
 
 
+def check_model(targets, model) -> None:
+    """ValueError when ``targets`` (normalized) adapt an MLP of a mixture-of-experts ``model``
+    (a ``ModelConfig``), naming them and the targets that work (:data:`MOE_FIX`)."""
+    mlp = [t for t in targets if t not in ATTENTION]
+    if not getattr(model, "num_experts", 0) or not mlp:
+        return
+    given = " ".join(targets) + (" (the default)" if tuple(targets) == FUSED else "")
+    verb = "adapts" if len(mlp) == 1 else "adapt"
+    raise ValueError(f"--lora-targets {given}: {', '.join(mlp)} {verb} the MLP, but "
+                     f"{model.architecture} is a mixture-of-experts model. {MOE_FIX}")
+
+
 def members(projection: str, targets) -> tuple:
     """The targets among ``targets`` that adapt ``projection`` (itself, or its members)."""
     return tuple(t for t in targets if PROJECTION[t] == projection)
@@ -67,6 +90,9 @@ def is_split(targets, projection: str) -> bool:
 
 def gemm(shapes, target: str) -> tuple:
     """(in, out) features of what ``target`` adapts (``shapes``: a ``shapes.LayerShapes``)."""
+    if shapes.experts and target not in ATTENTION:  # no dense MLP in this layer to adapt
+        raise ValueError(f"--lora-targets {target}: a mixture-of-experts layer has no dense MLP "
+                         f"projection to adapt. {MOE_FIX}")
     h, f, kv = shapes.hidden, shapes.ffn, shapes.kv // 2
     split = {"q_proj": (h, shapes.q), "k_proj": (h, kv), "v_proj": (h, kv),
              "gate_proj": (h, f), "up_proj": (h, f)}

@@ -13,7 +13,7 @@ import argparse
 import json
 import sys
 
-from megasimpo import planner
+from megasimpo import lora_targets, planner
 from megasimpo.config import (LOGPROB_CHUNK, LORA_TARGETS, LOSSES, REFERENCE_SOURCES, LoraConfig,
                               ModelConfig)
 from megasimpo.memory_model import OVERHEAD_GB, lora_on
@@ -93,11 +93,14 @@ def lora_config(args) -> LoraConfig:
 def make_plan(args, model: ModelConfig, exclude: tuple = ()) -> planner.Plan:
     """Runs the planner with the flags of ``args`` (never one of the ``exclude`` layouts)."""
     overrides = {k: getattr(args, k, None) for k in planner.OVERRIDABLE}
+    lora = lora_config(args)
+    if lora.enabled:  # MLP targets of an MoE model: refused by name, not priced
+        lora_targets.check_model(lora.targets, model)
     return planner.plan(model, args.gpus, gpus_per_node=args.gpus_per_node,
                         gpu_mem_gb=args.gpu_mem_gb, seq_length=args.seq_length, loss=args.loss,
                         ref=args.ref, global_batch_size=args.global_batch_size,
                         logprob_chunk=args.logprob_chunk, attention_backend=args.attention_backend,
-                        overrides=overrides, exclude=exclude, lora=lora_config(args))
+                        overrides=overrides, exclude=exclude, lora=lora)
 
 
 def format_plan(plan: planner.Plan, model: ModelConfig, gpus_per_node: int) -> str:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from megasimpo import checkpoint, lora, run_dir, score_meta
+from megasimpo import checkpoint, lora, lora_targets, run_dir, score_meta
 from megasimpo.config import ModelConfig, TrainConfig
 from megasimpo.data.batches import WINDOW, ConcatPairs, full_pass_windows, make_batch
 from megasimpo.data.indexed import check_token_range
@@ -48,6 +48,8 @@ class Trainer:
         rank, world = pgroups.init_distributed()
         self.is_rank0 = rank == 0
         self.model_cfg = random_init or checkpoint.model_config(cfg.load)
+        if cfg.lora.enabled:  # before anything is planned or built: targets the model has
+            lora_targets.check_model(cfg.lora.targets, self.model_cfg)
         self.lock = self._claim_run_dir()
         try:
             self._build(world)

@@ -1,10 +1,12 @@
 """LoRA checkpoints in HF conversion: merged export, PEFT adapter export and import.
 
-A LoRA checkpoint (megasimpo/lora_checkpoint.py) holds its adapters under stacked layer keys
-(``decoder.layers.self_attention.linear_qkv_lora.lora_a`` [L, r, in], ``...lora_b`` [L, out, r],
-B's rows laid out as the adapted weight's: Megatron's interleaved QKV rows, fc1's gate rows then
-up rows; a per-projection target under its projection's: ``...linear_qkv_lora.parts.q_proj.lora_a``
-[L, r, h], ``...lora_b`` [L, q rows in HF order, r]) and names its base checkpoint by path and
+A LoRA checkpoint (megasimpo/lora_checkpoint.py) holds its adapters under the layer keys of its
+model: stacked for a dense model (``decoder.layers.self_attention.linear_qkv_lora.lora_a``
+[L, r, in], ``...lora_b`` [L, out, r]), per layer for a mixture-of-experts model, as its weights
+(``decoder.layers.{i}.self_attention.linear_qkv_lora.lora_a`` [r, in]: ``families/moe.py``); B's
+rows laid out as the adapted weight's: Megatron's interleaved QKV rows, fc1's gate rows then up
+rows; a per-projection target under its projection's: ``...linear_qkv_lora.parts.q_proj.lora_a``
+[r, h], ``...lora_b`` [q rows in HF order, r]. It names its base checkpoint by path and
 fingerprint.
 
 * merged export (``export_hf`` of a LoRA checkpoint): the base is streamed piece by piece as
@@ -18,8 +20,10 @@ fingerprint.
 """
 
 import dataclasses
+import itertools
 import json
 import os
+import re
 from typing import Optional
 
 import torch
@@ -48,11 +52,28 @@ class LoraSource:
     model: ModelConfig
 
 
-def adapter_key(target: str, which: str) -> str:
-    """The stacked checkpoint key of ``target``'s ``lora_a`` / ``lora_b``."""
+_MODULE = re.compile(re.escape(mapping.LAYERS) + r"(?:\d+\.)?(.+)\.weight")  # stacked or per layer
+
+
+def stacked(m: ModelConfig) -> bool:
+    """Whether ``m``'s checkpoint stacks its layers on a leading axis of one key (dense models),
+    rather than a key per layer (MoE models): as its family's pieces say."""
+    return all(p.stacked for p in mapping.pieces(m) if p.layer == 0)
+
+
+def adapter_key(target: str, which: str, layer: Optional[int] = None) -> str:
+    """The checkpoint key of ``target``'s ``lora_a`` / ``lora_b``: stacked (``layer`` None), or
+    layer ``layer``'s own."""
     projection = lora_targets.PROJECTION[target]
     part = "" if target == projection else f".parts.{target}"
-    return f"{mapping.LAYERS}{MODULES[projection]}{SUFFIX}{part}.{which}"
+    own = mapping.LAYERS if layer is None else f"{mapping.LAYERS}{layer}."
+    return f"{own}{MODULES[projection]}{SUFFIX}{part}.{which}"
+
+
+def _stored_layers(m: ModelConfig) -> list:
+    """(layer or None, layer axis) of each adapter key family: one stacked key of L layers, or
+    one key per layer without a layer axis."""
+    return [(None, (m.num_layers,))] if stacked(m) else [(i, ()) for i in range(m.num_layers)]
 
 
 def adapter_shapes(m: ModelConfig, target: str, rank: int) -> tuple:
@@ -88,10 +109,10 @@ def stored_adapters(src: LoraSource) -> dict:
     meta = dist_checkpointing.load_tensors_metadata(src.ckpt)
     stored = {}
     for target in src.cfg.targets:
-        for which, shape in zip(("lora_a", "lora_b"), adapter_shapes(src.model, target,
-                                                                     src.cfg.rank)):
-            key = adapter_key(target, which)
-            want = (src.model.num_layers,) + shape
+        shapes = adapter_shapes(src.model, target, src.cfg.rank)
+        for (layer, axis), (which, shape) in itertools.product(
+                _stored_layers(src.model), zip(("lora_a", "lora_b"), shapes)):
+            key, want = adapter_key(target, which, layer), axis + shape
             if key not in meta:
                 raise ValueError(f"{key}: missing from LoRA checkpoint {src.ckpt}, whose "
                                  f"{META_FILE} lists {target} among its targets")
@@ -109,16 +130,20 @@ def read_layer(src: LoraSource, layer: int, stored: dict) -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     L, state = src.model.num_layers, {}
+    own = None if stacked(src.model) else layer  # per-layer keys: the whole tensor
     for target in src.cfg.targets:
         for which, shape in zip(("lora_a", "lora_b"), adapter_shapes(src.model, target,
                                                                      src.cfg.rank)):
-            key, dtype = adapter_key(target, which), stored[adapter_key(target, which)]
+            key = adapter_key(target, which, own)
+            axis, offset = ((1,), (layer,)) if own is None else ((), ())
             state[f"{target}.{which}"] = ShardedTensor(
-                key=key, data=torch.empty((1,) + shape, dtype=dtype), dtype=dtype,
-                local_shape=(1,) + shape, global_shape=(L,) + shape, global_offset=(layer, 0, 0),
-                axis_fragmentations=None, replica_id=0)
+                key=key, data=torch.empty(axis + shape, dtype=stored[key]), dtype=stored[key],
+                local_shape=axis + shape, global_shape=((L,) if axis else ()) + shape,
+                global_offset=offset + (0, 0), axis_fragmentations=None, replica_id=0)
     loaded = dist_checkpointing.load(state, src.ckpt, validate_access_integrity=False)
-    return {t: (loaded[f"{t}.lora_a"][0].float(), loaded[f"{t}.lora_b"][0].float())
+    return {t: tuple(loaded[f"{t}.{w}"].reshape(shape).float()
+                     for w, shape in zip(("lora_a", "lora_b"),
+                                         adapter_shapes(src.model, t, src.cfg.rank)))
             for t in src.cfg.targets}
 
 
@@ -126,8 +151,8 @@ def delta(p: mapping.Piece, adapters: dict, cfg: LoraConfig,
           m: Optional[ModelConfig] = None) -> Optional[torch.Tensor]:
     """``alpha / r * B A`` for weight piece ``p`` (fp32; B's rows of the piece), or None when
     ``p`` is not an adapted weight (``m``: the model, needed for per-projection QKV targets)."""
-    target = next((t for t, mod in MODULES.items()
-                   if p.key == f"{mapping.LAYERS}{mod}.weight"), None)
+    module = _MODULE.fullmatch(p.key)
+    target = next((t for t, mod in MODULES.items() if module and module.group(1) == mod), None)
     if target is None:
         return None
     if target in adapters:
@@ -195,24 +220,26 @@ def export_adapter(ckpt: str, out: str, *, force: bool = False,
 
 def _save_adapters(path: str, m: ModelConfig, cfg: LoraConfig, adapters: dict,
                    dtype: torch.dtype) -> None:
-    """Writes ``adapters`` ({(layer, target): (A, B)}) as a LoRA checkpoint's tensors in the
-    blocks Megatron's own save uses (fc1's B: gate rows, up rows), into the empty ``path``, with
+    """Writes ``adapters`` ({(layer, target): (A, B)}) as a LoRA checkpoint's tensors under the
+    model's layer keys (:func:`stacked`) in the blocks Megatron's own save uses (fc1's B: gate
+    rows, up rows), into the empty ``path``, with
     the converter's streaming save (no CUDA calls, unlike Megatron's file writer)."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
-    L, state, data = m.num_layers, {}, {}
+    L, state, data, stack = m.num_layers, {}, {}, stacked(m)
     for (layer, target), (a, b) in adapters.items():
         blocks = [("lora_a", a, None)]
         if target == "linear_fc1":  # as apply_swiglu_sharded_factory stores it
-            blocks += [("lora_b", part, (1, i, 2)) for i, part in enumerate(b.chunk(2))]
+            blocks += [("lora_b", part, (int(stack), i, 2)) for i, part in enumerate(b.chunk(2))]
         else:
             blocks.append(("lora_b", b, None))
-        for which, t, split in blocks:
-            offsets = [(0, layer, L)] + ([split] if split else [])
+        for which, t, split in blocks:  # stacked: layer axis 0 prepended; else a key per layer
+            offsets = ([(0, layer, L)] if stack else []) + ([split] if split else [])
             sh = ShardedTensor.from_rank_offsets(
-                adapter_key(target, which), torch.empty(t.shape, dtype=dtype, device="meta"),
-                *offsets, replica_id=0, prepend_axis_num=1)
+                adapter_key(target, which, None if stack else layer),
+                torch.empty(t.shape, dtype=dtype, device="meta"),
+                *offsets, replica_id=0, prepend_axis_num=int(stack))
             state[f"t{len(state)}"] = sh
             data[(sh.key, tuple(sh.global_offset))] = t.to(dtype).contiguous()
 

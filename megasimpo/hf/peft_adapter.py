@@ -12,6 +12,9 @@ module's output. megasimpo's targets (megasimpo/lora_targets.py) map to HF modul
   q_proj ... up_proj                     per projection: each its own A and B, as PEFT has them
   linear_proj -> o_proj,  linear_fc2 -> down_proj
 
+On a mixture-of-experts base only the attention modules (q/k/v/o_proj) are adapted: an adapter
+of its MLP modules (experts, router, dense MLP layers) is refused (``lora_targets.MOE_FIX``).
+
 Writing splits exactly. Reading picks, per fused projection, the fused target when every layer
 has all its members with one shared A (what megasimpo writes of fused targets), else the
 per-projection targets of the members present (what ``peft`` writes: a separate A per module,
@@ -235,6 +238,12 @@ def read(adapter_dir: str, m: ModelConfig, *, hf_dir: Optional[str] = None) -> t
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path}: truncated or not a safetensors file ({e})") from None
     r, shapes, found = cfg["r"], module_shapes(m), {}
+    mlp = sorted({n.split(".lora_")[0] for n in tensors if ".mlp." in n})
+    if m.num_experts and mlp:  # experts (``mlp.experts.{e}.gate_proj``) or a dense MLP
+        more = f" and {len(mlp) - 1} more" if len(mlp) > 1 else ""
+        raise ValueError(f"{path}: adapts {mlp[0]}{more}, an MLP module of the "
+                         f"mixture-of-experts base {m.architecture}. "
+                         f"{lora_targets.MOE_FIX}; or {_FIX}")
     for name, t in tensors.items():
         match = _KEY.fullmatch(name)
         module = match and match.group(3)
