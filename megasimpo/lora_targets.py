@@ -18,7 +18,8 @@ projection, per projection. Pure names and arithmetic: no torch, no megasimpo im
 On a mixture-of-experts model only the attention targets (:data:`ATTENTION`) exist: its MLPs
 are routed experts (and a router, never a target), and adapters on them are refused
 (:func:`check_model`), on its dense MLP layers too (Qwen3-MoE's ``mlp_only_layers``), so that
-every layer of an MoE model carries the same adapters.
+every layer of an MoE model carries the same adapters. There the default targets are
+``linear_qkv linear_proj`` (:func:`for_model`).
 """
 
 FUSED = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")  # the default targets
@@ -64,6 +65,21 @@ def normalize(targets) -> tuple:
                              f"{', '.join(members)}) and {both[0]} both adapt the same "
                              f"projection: choose {fused} or its members")
     return tuple(t for t in ORDER if t in out)
+
+
+MOE_DEFAULT = ("linear_qkv", "linear_proj")  # the default targets on a mixture of experts
+
+
+def for_model(targets, model) -> tuple:
+    """(targets, note): the default targets (:data:`FUSED`) on a mixture-of-experts ``model``
+    become the attention ones (:data:`MOE_DEFAULT`), with a note saying so; anything else is
+    returned as given (and checked by :func:`check_model`). The same list of four given by hand
+    is read as the default: the MLP ones do not exist on such a model."""
+    if getattr(model, "num_experts", 0) and tuple(targets) == FUSED:
+        return MOE_DEFAULT, (f"--lora-targets: {model.architecture} is a mixture of experts, so "
+                             f"the default targets are its attention projections: "
+                             f"{' '.join(MOE_DEFAULT)} (its MLPs are routed experts)")
+    return tuple(targets), None
 
 
 def check_model(targets, model) -> None:

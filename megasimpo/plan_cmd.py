@@ -10,6 +10,7 @@ Nothing is started: no GPU, no process group. Impossible requests print
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -94,7 +95,8 @@ def make_plan(args, model: ModelConfig, exclude: tuple = ()) -> planner.Plan:
     """Runs the planner with the flags of ``args`` (never one of the ``exclude`` layouts)."""
     overrides = {k: getattr(args, k, None) for k in planner.OVERRIDABLE}
     lora = lora_config(args)
-    if lora.enabled:  # MLP targets of an MoE model: refused by name, not priced
+    if lora.enabled:  # the MoE default; MLP targets of an MoE model: refused by name
+        lora = dataclasses.replace(lora, targets=lora_targets.for_model(lora.targets, model)[0])
         lora_targets.check_model(lora.targets, model)
     return planner.plan(model, args.gpus, gpus_per_node=args.gpus_per_node,
                         gpu_mem_gb=args.gpu_mem_gb, seq_length=args.seq_length, loss=args.loss,

@@ -49,6 +49,12 @@ class Trainer:
         self.is_rank0 = rank == 0
         self.model_cfg = random_init or checkpoint.model_config(cfg.load)
         if cfg.lora.enabled:  # before anything is planned or built: targets the model has
+            targets, note = lora_targets.for_model(cfg.lora.targets, self.model_cfg)
+            if note:
+                self.cfg = cfg = dataclasses.replace(
+                    cfg, lora=dataclasses.replace(cfg.lora, targets=targets))
+                if rank == 0:
+                    print(f"megasimpo train: note: {note}", flush=True)
             lora_targets.check_model(cfg.lora.targets, self.model_cfg)
         self.lock = self._claim_run_dir()
         try:

@@ -5,6 +5,7 @@ to a PEFT adapter that ``peft.PeftModel`` over the HF base scores like ``megasim
 does the merged export; the PEFT adapter imports back. Adapters on the MLP are refused before
 anything is built, naming the targets that work."""
 
+import dataclasses
 import json
 import os
 
@@ -108,6 +109,12 @@ def test_mlp_targets_on_moe_are_refused(tree, tmp_path):
         with pytest.raises(ValueError, match="mixture-of-experts"):  # what the planner prices
             layer_shapes(model, 1).lora_parameters(4, cfg.targets)
     lora_targets.check_model(LoraConfig(rank=4, targets=TARGETS).targets, model)
+    # The default targets become the attention ones on an MoE model, and say so; others stay.
+    default, note = lora_targets.for_model(LoraConfig(rank=4).targets, model)
+    assert default == ("linear_qkv", "linear_proj") and "mixture of experts" in note
+    assert lora_targets.for_model(("linear_fc1",), model) == (("linear_fc1",), None)
+    dense = dataclasses.replace(model, num_experts=0, experts_per_token=0, dense_layers=())
+    assert lora_targets.for_model(lora_targets.FUSED, dense) == (lora_targets.FUSED, None)
     # A PEFT adapter of an expert (and one of the dense layer 0's MLP) does not import.
     import torch
     from safetensors.torch import save_file
