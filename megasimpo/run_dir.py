@@ -344,3 +344,33 @@ def prepare(cfg: TrainConfig, model: dict) -> tuple:
     except BaseException:
         lock.release()
         raise
+
+
+def resolved_record(trainer) -> dict:
+    """Every derived choice of a ``trainer.Trainer``'s run (printed and saved as config.yaml)."""
+    t = trainer
+    lay = t.layout
+    return {
+        "run": replay_record(t.cfg),  # a valid --config
+        "model": t.model_cfg.to_dict(),
+        "layout": dataclasses.asdict(lay),
+        "plan": t.plan.to_dict(),
+        "derived": {
+            "world_size": lay.world_size, "precision": t.precision.name,
+            "seq_length": t.seq_length, "micro_batch_size": t.micro_batch_size,
+            "recompute": t.plan.recompute, "packed_sequences": t.pack,
+            "overlap_grad_reduce": t.overlap_grad_reduce,
+            "overlap_param_gather": t.overlap_param_gather,
+            "num_microbatches": t.num_microbatches, "steps": t.num_steps,
+            "warmup_steps": t.warmup_steps, "beta": t.cfg.loss.beta,
+            "train_pairs": len(t.train_data),
+            "eval_pairs": len(t.eval_data) if t.eval_data else 0,
+            "pairs_dropped_per_epoch": t.sampler.dropped_per_epoch,
+            "pairs_prompt_truncated": t.num_truncated,
+            "attention_backend": t.attention_backend,
+            "transformer_engine": t.attention_backend == "te",
+            "lora_rank": t.cfg.lora.rank,
+            "trainable_parameters": t.plan.trainable_parameters,
+            "total_parameters": t.plan.total_parameters,
+        },
+    }

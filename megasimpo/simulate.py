@@ -38,6 +38,7 @@ from megasimpo.memory_tracker import CATEGORIES, MemoryTracker
 
 GB = 1e9
 SIM_STEPS = 1  # the Adam moments are created first (as a resume does), so step 1 is steady
+SIM_MICROBATCHES_PER_STAGE = 2  # micro-batches simulated per pipeline stage (train_config)
 
 
 def stage_rank(layout, stage: int) -> int:
@@ -57,7 +58,11 @@ def train_config(plan, model: ModelConfig, workdir: str, *, loss: LossConfig, re
     from megasimpo.score import default_scores_path, write_scores
 
     prefix, lay = os.path.join(workdir, "pairs"), plan.layout
-    num_pairs = plan.global_batch_size * SIM_STEPS
+    # Peak memory is set by the micro-batches in flight, which 1F1B bounds by the pipeline depth
+    # (interleaved: x vpp): more of them only repeat the same passes, so at most twice that run.
+    microbatches = min(plan.num_microbatches, SIM_MICROBATCHES_PER_STAGE * lay.pp * (lay.vpp or 1))
+    global_batch = lay.dp * plan.micro_batch_size * microbatches
+    num_pairs = global_batch * SIM_STEPS
     write_pairs(prefix, random_pairs(num_pairs, plan.seq_length, model.vocab_size),
                 model.vocab_size)
     if loss.needs_reference and ref == "precomputed":
@@ -68,7 +73,7 @@ def train_config(plan, model: ModelConfig, workdir: str, *, loss: LossConfig, re
         tp=lay.tp, pp=lay.pp, vpp=lay.vpp, cp=lay.cp, sequence_parallel=lay.sequence_parallel,
         first_stage_layers=lay.first_stage_layers, last_stage_layers=lay.last_stage_layers,
         micro_batch_size=plan.micro_batch_size, recompute=plan.recompute,
-        gpu_mem_gb=plan.gpu_mem_gb, global_batch_size=plan.global_batch_size,
+        gpu_mem_gb=plan.gpu_mem_gb, global_batch_size=global_batch,
         seq_length=plan.seq_length, steps=SIM_STEPS, precision=precision, pack=False,
         logprob_chunk=logprob_chunk, attention_backend=attention_backend,
         lora=plan.lora or LoraConfig(),  # a LoRA plan simulates LoRA

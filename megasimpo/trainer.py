@@ -290,32 +290,9 @@ class Trainer:
                       flush=True)
 
     def resolved(self) -> dict:
-        """Every derived choice of this run (printed and saved as config.yaml)."""
-        lay = self.layout
-        return {
-            "run": run_dir.replay_record(self.cfg),  # a valid --config
-            "model": self.model_cfg.to_dict(),
-            "layout": dataclasses.asdict(lay),
-            "plan": self.plan.to_dict(),
-            "derived": {
-                "world_size": lay.world_size, "precision": self.precision.name,
-                "seq_length": self.seq_length, "micro_batch_size": self.micro_batch_size,
-                "recompute": self.plan.recompute, "packed_sequences": self.pack,
-                "overlap_grad_reduce": self.overlap_grad_reduce,
-                "overlap_param_gather": self.overlap_param_gather,
-                "num_microbatches": self.num_microbatches, "steps": self.num_steps,
-                "warmup_steps": self.warmup_steps, "beta": self.cfg.loss.beta,
-                "train_pairs": len(self.train_data),
-                "eval_pairs": len(self.eval_data) if self.eval_data else 0,
-                "pairs_dropped_per_epoch": self.sampler.dropped_per_epoch,
-                "pairs_prompt_truncated": self.num_truncated,
-                "attention_backend": self.attention_backend,
-                "transformer_engine": self.attention_backend == "te",
-                "lora_rank": self.cfg.lora.rank,
-                "trainable_parameters": self.plan.trainable_parameters,
-                "total_parameters": self.plan.total_parameters,
-            },
-        }
+        """Every derived choice of this run (printed and saved as config.yaml):
+        ``run_dir.resolved_record``."""
+        return run_dir.resolved_record(self)
 
     # ----- passes ---------------------------------------------------------------------------
 
