@@ -52,12 +52,14 @@ attention part and the router's input as in a dense layer (the pre-MLP norm's ou
 dense layer keeps its fc1 input), no dense SwiGLU/fc2 terms; the router's fp32 logits and
 softmax and the top-k probabilities, ``ROUTER_BYTES`` per token x expert; then under **uniform
 routing** (each EP rank receives its experts' share, T x k token copies, all-gathered over ETP to
-n = T x k x ETP) per token copy the expert fc1 input 2h, the SwiGLU input 4F/ETP, its output
-(kept for the routing probability's product) and the product (fc2 input) 2F/ETP each, the
-permuted probability and index (``COPY_BYTES``). The layer being (re)computed also holds the
-dispatcher's token buffers, ``DISPATCH_BUFFERS`` x n x 2h (permuted, exchanged, sorted tokens
-and the expert outputs on their way back). Dropless routing is never uniform, and the busiest
-rank's buffers set the peak: every token-copy-proportional byte above is multiplied by
+n = T x k x ETP) per token copy the expert fc1 input 2h and fc2 input 2F/ETP (none when LoRA
+freezes the experts: a frozen linear saves no input), the SwiGLU terms ``EXPERT_SWIGLU_BYTES`` x
+F/ETP (fitted to ``plan --simulate`` of Qwen3-30B-A3B; smaller shapes are over-predicted, a
+1024-wide toy by about 20%), the permuted probability and index (``COPY_BYTES``). The layer
+being (re)computed also holds the dispatcher's token buffers, ``DISPATCH_BUFFERS`` x n x 2h
+(permuted, exchanged, sorted tokens and the expert outputs on their way back). Dropless routing is
+never uniform, and the busiest rank's buffers set the peak: every token-copy-proportional byte
+above is multiplied by
 ``MOE_IMBALANCE`` and the excess over uniform is reported on its own line (``imbalance``), so
 ``plan --simulate`` (which routes uniformly) compares with the rest.
 
@@ -91,6 +93,11 @@ LOGIT_BYTES = 10  # per element of [2*mbs, s, v/tp], see the module docstring
 MOE_IMBALANCE = 1.25  # the busiest EP rank receives this times its uniform share of token copies
 ROUTER_BYTES = 10  # per token x expert: fp32 logits and softmax output, the top-k probabilities
 COPY_BYTES = 12  # per routed token copy: its fp32 probability and int64 permutation index
+# Per routed token copy and expert channel, besides the GEMM inputs: the SwiGLU input (4) and 5
+# for its output and the product with the fp32 routing probability. Fitted to `plan --simulate`
+# of Qwen3-30B-A3B (full fine-tuning and LoRA agree to 0.1% in activations; a first-principles 8
+# under-counted them by 14%).
+EXPERT_SWIGLU_BYTES = 9
 DISPATCH_BUFFERS = 3  # [n, h] token buffers of the MoE layer being (re)computed, beyond saved ones
 # lora.py's column-parallel targets (output split over TP: A whole, B split); the rest are row
 # targets (input split over TP: A split, B whole). lora.py imports torch, this module must not.
@@ -255,7 +262,8 @@ def layer_activation_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence
         replicated, whole = 8 * h, 0.0
         sharded += 0 if moe else 2 * f  # fc2 input (the SwiGLU output)
     if moe:
-        whole += moe_layer_bytes(model, tokens / split, etp, imbalance, working) / tokens
+        whole += moe_layer_bytes(model, tokens / split, etp, imbalance, working,
+                                 frozen=lora_on(lora)) / tokens
     # bf16: the factor 2 is in the counts
     saved = tokens * (replicated / split + sharded / tp + whole)
     if attention_backend == "unfused":
@@ -266,15 +274,18 @@ def layer_activation_bytes(model: ModelConfig, *, tokens: int, tp: int, sequence
 
 
 def moe_layer_bytes(model: ModelConfig, tokens: float, etp: int, imbalance: float = 1.0,
-                    working: bool = False) -> float:
+                    working: bool = False, frozen: bool = False) -> float:
     """What an MoE layer's router and experts save for ``tokens`` tokens of this rank (after the
     SP split), bytes: ``ROUTER_BYTES`` per token x expert, and per routed token copy (n = tokens x
-    k x ``etp`` x ``imbalance``) the experts' saved GEMM/SwiGLU inputs and ``COPY_BYTES``; when
-    ``working``, the dispatcher's ``DISPATCH_BUFFERS`` [n, h] buffers too (module docstring)."""
+    k x ``etp`` x ``imbalance``) the experts' SwiGLU terms (``EXPERT_SWIGLU_BYTES`` x F/ETP),
+    their GEMM inputs 2h + 2F/ETP unless the experts are ``frozen`` (LoRA: a frozen linear saves
+    no input) and ``COPY_BYTES``; when ``working``, the dispatcher's ``DISPATCH_BUFFERS`` [n, h]
+    buffers too (module docstring)."""
     shapes = layer_kinds(model)[1]
     h, F = shapes.hidden, shapes.expert_ffn / etp
     copies = tokens * shapes.topk * etp * imbalance
-    per_copy = 2 * h + (4 + 2 + 2) * F + COPY_BYTES + (DISPATCH_BUFFERS * 2 * h if working else 0)
+    per_copy = (EXPERT_SWIGLU_BYTES * F + (0 if frozen else 2 * h + 2 * F) + COPY_BYTES
+                + (DISPATCH_BUFFERS * 2 * h if working else 0))
     return ROUTER_BYTES * tokens * shapes.experts + copies * per_copy
 
 

@@ -65,7 +65,8 @@ def test_the_planner_chooses_ep_inside_a_node_that_divides_the_experts():
                           first_stage_layers=lay.first_stage_layers,
                           last_stage_layers=lay.last_stage_layers).ep == lay.ep
     fixed = planner.plan(m, 64, overrides={"ep": 4, "tp": 8, "pp": 8})
-    assert fixed.layout.ep == 4 and fixed.memory.grads > p.memory.grads
+    wider = planner.plan(m, 64, overrides={"ep": 8, "tp": 8, "pp": 8})
+    assert fixed.layout.ep == 4 and fixed.memory.grads > wider.memory.grads
     d = fixed.to_dict()
     assert d["ep"] == 4 and d["moe_dispatcher"] == "alltoall"
     with pytest.raises(ValueError, match="--ep 3 does not divide the model's 8 experts"):
