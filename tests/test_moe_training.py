@@ -11,14 +11,13 @@ checkpoint saved at EP=2 loads at EP=1.
 """
 
 import dataclasses
-import json
-import os
 
 import pytest
 import torch
 
 from fixtures import TINY
-from multirank import run_main, run_ranks
+from multirank import run_ranks
+from test_resume import _final_params, _losses, _train_in_ranks
 
 MOE = dataclasses.replace(TINY, architecture="Qwen3MoeForCausalLM", qk_norm=True, num_experts=4,
                           experts_per_token=2, moe_ffn_hidden_size=32, dense_layers=(0,))
@@ -116,56 +115,31 @@ def test_moe_layout_matches_single_rank(name, loss, inputs, single, tmp_path):
 
 
 def _cmd(ckpt, data, out, *flags):
-    return ["train", "--load", ckpt, "--data", data, "--out", str(out), "--steps", "6",
-            "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-2", "--seed", "3",
-            "--precision", "fp32", "--ep", "2", "--moe-aux-loss-coeff", str(AUX), *flags]
-
-
-def _run(argv):
-    p = run_main("megasimpo", argv, world_size=2, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p.stdout
-
-
-def _losses(out):
-    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
-def _params(rank, world, path):
-    """Every parameter of a saved model, loaded on one rank (EP=1)."""
-    from megasimpo import checkpoint
-    from megasimpo.config import Layout
-    from megasimpo.model import Precision, build_chunks
-    from megasimpo.parallel import groups
-
-    model = checkpoint.model_config(path)
-    groups.initialize(Layout.resolve(model, 1), 0)
-    chunks = build_chunks(model, Layout.resolve(model, 1), Precision(name="fp32"))
-    checkpoint.load_model(chunks, path)
-    return {k: v.clone() for k, v in chunks[0].state_dict().items() if "extra_state" not in k}
+    return ["megasimpo", "train", "--load", ckpt, "--data", data, "--out", str(out), "--steps",
+            "6", "--global-batch-size", "8", "--micro-batch-size", "2", "--lr", "1e-2", "--seed",
+            "3", "--precision", "fp32", "--ep", "2", "--moe-aux-loss-coeff", str(AUX), *flags]
 
 
 def test_stop_resume_at_ep2_is_bit_exact_and_loads_at_ep1(inputs, tmp_path):
     ckpt, data, _ = inputs
-    _run(_cmd(ckpt, data, tmp_path / "straight"))
+    _train_in_ranks(_cmd(ckpt, data, tmp_path / "straight"))
     resumed = tmp_path / "resumed"
     cmd = _cmd(ckpt, data, resumed, "--exit-interval", "3")
-    assert "stopping after step 3" in _run(cmd)
-    assert "after step 3" in _run(cmd)  # the same command resumes
+    assert "stopping after step 3" in _train_in_ranks(cmd)
+    assert "after step 3" in _train_in_ranks(cmd)  # the same command resumes
     straight, again = _losses(tmp_path / "straight"), _losses(resumed)
     for step in (4, 5, 6):
         assert again[step] == straight[step], (step, again[step], straight[step])
     # Saved at EP=2 (each rank wrote its two experts), loaded whole on one rank.
-    a = run_ranks(_params, 1, str(tmp_path / "straight" / "final_model"))[0]
-    b = run_ranks(_params, 1, str(resumed / "final_model"))[0]
+    a = run_ranks(_final_params, 1, str(tmp_path / "straight" / "final_model"))[0]
+    b = run_ranks(_final_params, 1, str(resumed / "final_model"))[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     experts = [k for k in a if ".mlp.experts.local_experts." in k]
     assert len(experts) == 2 * MOE.num_experts * (MOE.num_layers - len(MOE.dense_layers))
     # The EP=2 step-3 checkpoint (weights and optimizer state) resumes at EP=1, DP=2.
     relayout = tmp_path / "relayout"
-    _run(_cmd(ckpt, data, relayout, "--exit-interval", "3"))
-    _run(_cmd(ckpt, data, relayout, "--ep", "1"))
+    _train_in_ranks(_cmd(ckpt, data, relayout, "--exit-interval", "3"))
+    _train_in_ranks(_cmd(ckpt, data, relayout, "--ep", "1"))
     again = _losses(relayout)
     for step in (4, 5, 6):
         assert again[step] == pytest.approx(straight[step], rel=1e-5), step
