@@ -70,7 +70,7 @@ class RouterStats:
         from megasimpo.model import unwrap
 
         self.autoscaler = MoEAuxLossAutoScaler
-        self.experts, self.k = model_cfg.num_experts, model_cfg.experts_per_token
+        self.experts, self.layers = model_cfg.num_experts, model_cfg.num_layers
         self.num_moe_layers = model_cfg.num_layers - len(model_cfg.dense_layers)
         self.coeff, self.pairs, self.pairs_per_step = coeff, pairs_per_microbatch, pairs_per_step
         self.groups, lay = groups, groups.layout
@@ -80,8 +80,9 @@ class RouterStats:
         # Ranks that hold the same counts after those reductions (or replicated without SP).
         self.replicas = lay.tp * lay.cp
         self.share_replicas = 1 if lay.sequence_parallel else lay.tp
-        self.counts = torch.zeros(model_cfg.num_layers, self.experts, dtype=torch.float64)
-        self.aux, self.fake = 0.0, False
+        # Per layer: routed real tokens per expert, then the pair-weighted aux share; kept on the
+        # device (created at the first routing) and read once per step, not per layer.
+        self.sums, self.fake = None, False
         for chunk in chunks:
             for layer in unwrap(chunk).decoder.layers:
                 if hasattr(layer.mlp, "router"):
@@ -112,8 +113,11 @@ class RouterStats:
         if is_fake(share):  # plan --simulate: shapes only, nothing to count
             self.fake = True
         else:
-            self.counts[index] += counts.double().cpu()
-            self.aux += float(share.detach()) * self.pairs / self.num_moe_layers
+            if self.sums is None:
+                self.sums = torch.zeros(self.layers, self.experts + 1, dtype=torch.float64,
+                                        device=x.device)
+            self.sums[index, :-1] += counts.double()
+            self.sums[index, -1] += share.detach().double() * self.pairs / self.num_moe_layers
         if self.coeff:
             scale = self.coeff * self.pairs * self.groups.layout.cp / self.num_moe_layers
             probs = self.autoscaler.apply(probs, share * scale)
@@ -124,11 +128,13 @@ class RouterStats:
         it), and the counters reset. Nothing under ``plan --simulate``'s fake tensors."""
         if self.fake:
             return {}
-        aux = all_reduce_host(torch.tensor([self.aux], dtype=torch.float64))[0].item()
-        counts = all_reduce_host(self.counts.clone()) / self.replicas
+        sums = (torch.zeros(self.layers, self.experts + 1, dtype=torch.float64)
+                if self.sums is None else self.sums.cpu())  # a stage without an MoE layer
+        sums = all_reduce_host(sums)
+        aux, counts = sums[:, -1].sum().item(), sums[:, :-1] / self.replicas
         moe = counts[counts.sum(1) > 0]
         imbalance = (moe.max(1).values / moe.mean(1)).max().item() if len(moe) else float("nan")
-        self.counts.zero_()
-        self.aux = 0.0
+        if self.sums is not None:
+            self.sums.zero_()
         return {"moe/aux_loss": aux / self.share_replicas / self.pairs_per_step,
                 "moe/load_imbalance": imbalance}
